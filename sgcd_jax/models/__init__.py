@@ -1,0 +1,16 @@
+"""Decoder model family, KV cache, loading (HF dir / GGUF / short names), tokenizer and chat rendering."""
+
+from sgcd_jax.models.cache import KVCache
+from sgcd_jax.models.config import ModelConfig
+from sgcd_jax.models.decoder import BLOCK_FACTORIES, AttentionContext, Decoder, register_block
+
+__all__ = ["ModelConfig", "Decoder", "KVCache", "AttentionContext", "register_block", "BLOCK_FACTORIES",
+           "load_model", "load_tokenizer"]
+
+
+def __getattr__(name: str):
+    # Loading pulls in transformers/gguf; import lazily so `from sgcd_jax.models import Decoder` stays light.
+    if name in ("load_model", "load_tokenizer"):
+        from sgcd_jax.models import loading
+        return getattr(loading, name)
+    raise AttributeError(f"module 'sgcd_jax.models' has no attribute {name!r}")

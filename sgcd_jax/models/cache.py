@@ -1,0 +1,67 @@
+"""KVCache: per-row slot cache for prefill, decode and multi-turn continuation.
+
+Row b holds its tokens in slots [0, end[b]); a call writes its chunk at slots end[b] + t and marks
+valid[b, slot] from the chunk's token_mask, then end[b] += number of real tokens. Padding written past
+end is overwritten by the next chunk. `extra` holds per-layer states of non-attention blocks (e.g. the
+recurrent state of a Gated DeltaNet layer) keyed by name; every array in it has batch on axis 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from sgcd_jax.models.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, Hkv, Dh] compute dtype
+    v: jax.Array  # [L, B, S, Hkv, Dh]
+    valid: jax.Array  # [B, S] bool: slot holds a real token
+    end: jax.Array  # [B] int32: first free slot of each row
+    extra: dict[str, jax.Array] = struct.field(default_factory=dict)  # [B, ...] per entry
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None,
+             extra: dict[str, jax.Array] | None = None) -> "KVCache":
+        """An empty cache with `max_len` slots per row (prompt + all generated and appended tokens)."""
+        dtype = cfg.dtype if dtype is None else dtype
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch_size, max_len), jnp.bool_),
+            end=jnp.zeros((batch_size,), jnp.int32),
+            extra=dict(extra or {}),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def take_rows(self, row_indices: jax.Array) -> "KVCache":
+        """Gather rows, e.g. copy one shared-prefix prefill to the G siblings: take_rows(jnp.repeat(idx, G))."""
+        row_indices = jnp.asarray(row_indices, jnp.int32)
+        return KVCache(
+            k=jnp.take(self.k, row_indices, axis=1),
+            v=jnp.take(self.v, row_indices, axis=1),
+            valid=jnp.take(self.valid, row_indices, axis=0),
+            end=jnp.take(self.end, row_indices, axis=0),
+            extra={name: jnp.take(state, row_indices, axis=0) for name, state in self.extra.items()},
+        )
+
+    def positions_for(self, token_mask: jax.Array) -> jax.Array:
+        """Positions of a right-padded chunk appended to this cache: end[b] + t (count of valid tokens so far).
+
+        Assumes the row has no holes (valid slots == [0, end)); the usual case for prefill/decode/append.
+        """
+        steps = jnp.arange(token_mask.shape[1], dtype=jnp.int32)[None, :]
+        return self.end[:, None] + steps  # [B, T]
