@@ -13,6 +13,9 @@ def get_config():
     cfg.loss.credit = "rlsd"
     cfg.loss.beta_pos = 1.0
     cfg.loss.beta_neg = 1.0
+    for key in ("eps_low_pos", "eps_high_pos", "eps_low_neg", "eps_high_neg"):
+        cfg.loss[key] = 0.2
+    cfg.loss.eta = 0.0
     cfg.loss.renormalize = False
     cfg.loss.granularity = "token"
     return cfg

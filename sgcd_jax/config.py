@@ -152,20 +152,24 @@ class LossSpec:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
-    credit: str = "none"  # none | sgcd | rlsd
-    credit_lambda: float = 1.0
-    lambda_decay_iterations: int = 0  # linear decay of λ to 0 over this many iterations; 0 = const
+    dual_clip: float = 3.0  # dual-clip constant for negative advantages; 0 = off
+    credit: str = "none"  # none | sgcd | rlsd (rlsd = the sgcd family with RLSD's values, see configs/rlsd.py)
+    credit_lambda: float = 1.0  # λ: Ã = A·((1−λ) + λ·w)
+    lambda_schedule: str = "constant"  # constant | linear | cosine decay to lambda_final
+    lambda_final: float = 0.0
+    lambda_decay_steps: int = 1000
     beta_pos: float = 1.0
     beta_neg: float = 1.0
     eps_low_pos: float = 0.5
-    eps_high_pos: float = 0.5
+    eps_high_pos: float = 1.0
     eps_low_neg: float = 0.5
-    eps_high_neg: float = 0.5
-    bounded: bool = True
+    eps_high_neg: float = 1.0
+    bounded: bool = True  # False: bounds widened to [0.01, 100] (the "no bounds" ablation)
     renormalize: bool = True
     granularity: str = "token"  # token | step
-    kl_feature_coef: float = 0.0  # η · D_t in the signed score
-    entropy_gate: float = 0.0  # 0 = off
+    eta: float = 0.1  # η · D_t (reverse KL) in the signed score
+    entropy_gate: str = "none"  # none | hard | soft
+    entropy_threshold: float = 0.5
     sdpo_coef: float = 0.0  # >0 adds the direct self-distillation actor loss (SDPO baseline)
     sdpo_mode: str = "token"  # token | full
     vocab_chunk: int = 128  # sequence chunk for the chunked vocab math
@@ -178,11 +182,15 @@ class LossSpec:
         _one_of("loss.credit", self.credit, ("none", "sgcd", "rlsd"))
         _one_of("loss.granularity", self.granularity, ("token", "step"))
         _one_of("loss.sdpo_mode", self.sdpo_mode, ("token", "full"))
-        _check(0.0 <= self.credit_lambda <= 1.0, "loss.credit_lambda must be in [0, 1]")
+        _one_of("loss.lambda_schedule", self.lambda_schedule, ("constant", "linear", "cosine"))
+        _one_of("loss.entropy_gate", self.entropy_gate, ("none", "hard", "soft"))
+        _check(0.0 <= self.credit_lambda <= 1.0 and 0.0 <= self.lambda_final <= 1.0,
+               "loss.credit_lambda and loss.lambda_final must be in [0, 1]")
+        _check(self.lambda_decay_steps >= 1, "loss.lambda_decay_steps must be >= 1")
         _check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high must be >= 0")
         for key in ("eps_low_pos", "eps_low_neg"):
             _check(0 <= getattr(self, key) < 1, f"loss.{key} must be in [0, 1) (lower bound 1-eps > 0)")
-        for key in ("eps_high_pos", "eps_high_neg", "kl_coef", "entropy_gate", "sdpo_coef"):
+        for key in ("eps_high_pos", "eps_high_neg", "kl_coef", "sdpo_coef", "eta", "dual_clip"):
             _check(getattr(self, key) >= 0, f"loss.{key} must be >= 0")
         _check(self.vocab_chunk >= 1, "loss.vocab_chunk must be >= 1")
 

@@ -1,0 +1,143 @@
+"""Host-side packing of trajectories into static-shape arrays, the jitted scoring pass and the jitted
+train step.
+
+Alignment: row b holds the student conversation ``tokens[b]`` (prompt + response). Target position t
+is the hidden state at t predicting ``tokens[b, t+1]``; its loss mask is ``loss_mask[b, t+1]``. The
+teacher conversation (credit-reference prompt + the SAME response ids) sits in ``teacher_tokens[b]``
+and ``teacher_index[b, t]`` is the teacher hidden position that predicts the same token, so teacher
+features line up with the student's token by token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgcd_jax.losses.vocab import VocabConfig, pair_stats, token_stats
+from sgcd_jax.rollout.trajectory import Trajectory
+
+
+def bucket(length: int, multiple: int = 64) -> int:
+    """Round up so jit sees few distinct shapes."""
+    return max(multiple, -(-length // multiple) * multiple)
+
+
+@flax.struct.dataclass
+class PackedBatch:
+    tokens: jax.Array  # [N, T] int32 student conversation
+    token_mask: jax.Array  # [N, T] bool, valid tokens
+    target_mask: jax.Array  # [N, T-1] float32, loss mask of the predicted token (policy tokens only)
+    step_ids: jax.Array  # [N, T-1] int32, assistant turn of the predicted token, -1 elsewhere
+    sampler_logprobs: jax.Array  # [N, T-1] float32
+    teacher_tokens: jax.Array  # [N, Tt] int32
+    teacher_mask: jax.Array  # [N, Tt] bool
+    teacher_index: jax.Array  # [N, T-1] int32 teacher hidden position aligned with target t
+    has_teacher: jax.Array  # [N] float32, 1 where a credit reference exists
+    row_valid: jax.Array  # [N] float32, 0 on padding rows
+
+
+def pack(trajectories: Sequence[Trajectory], teacher_prompts: Sequence[np.ndarray | None] | None = None,
+         *, rows_multiple: int = 1, length_multiple: int = 64, pad_id: int = 0) -> PackedBatch:
+    """Right-pad trajectories (and their teacher conversations) into a PackedBatch (numpy leaves).
+
+    ``teacher_prompts[i]``: token ids of the teacher prompt replacing ``token_ids[:prompt_len]`` of
+    trajectory i (None = no reference: the teacher row is the student row and ``has_teacher`` = 0).
+    """
+    n = len(trajectories)
+    rows = -(-max(n, 1) // rows_multiple) * rows_multiple
+    teacher_prompts = list(teacher_prompts) if teacher_prompts is not None else [None] * n
+    teacher_seqs = []
+    for traj, prompt in zip(trajectories, teacher_prompts):
+        response = np.asarray(traj.token_ids[traj.prompt_len:], np.int32)
+        prompt = np.asarray(traj.token_ids[:traj.prompt_len] if prompt is None else prompt, np.int32)
+        teacher_seqs.append((prompt, response))
+    length = bucket(max([len(t.token_ids) for t in trajectories] + [2]), length_multiple)
+    t_length = bucket(max([len(p) + len(r) for p, r in teacher_seqs] + [2]), length_multiple)
+    out = dict(tokens=np.full((rows, length), pad_id, np.int32), token_mask=np.zeros((rows, length), bool),
+               target_mask=np.zeros((rows, length - 1), np.float32),
+               step_ids=np.full((rows, length - 1), -1, np.int32),
+               sampler_logprobs=np.zeros((rows, length - 1), np.float32),
+               teacher_tokens=np.full((rows, t_length), pad_id, np.int32),
+               teacher_mask=np.zeros((rows, t_length), bool),
+               teacher_index=np.zeros((rows, length - 1), np.int32),
+               has_teacher=np.zeros((rows,), np.float32), row_valid=np.zeros((rows,), np.float32))
+    for i, traj in enumerate(trajectories):
+        size = len(traj.token_ids)
+        out["tokens"][i, :size] = traj.token_ids
+        out["token_mask"][i, :size] = True
+        out["target_mask"][i, :size - 1] = traj.loss_mask[1:]
+        out["step_ids"][i, :size - 1] = traj.step_ids[1:]
+        out["sampler_logprobs"][i, :size - 1] = traj.sampler_logprobs[1:]
+        prompt, response = teacher_seqs[i]
+        t_size = len(prompt) + len(response)
+        out["teacher_tokens"][i, :t_size] = np.concatenate([prompt, response])
+        out["teacher_mask"][i, :t_size] = True
+        shift = len(prompt) - traj.prompt_len
+        positions = np.arange(length - 1)
+        aligned = np.where(positions + 1 >= traj.prompt_len, positions + shift, 0)
+        out["teacher_index"][i] = np.clip(aligned, 0, t_length - 1)
+        out["has_teacher"][i] = float(teacher_prompts[i] is not None)
+        out["row_valid"][i] = 1.0
+    return PackedBatch(**out)
+
+
+def slice_rows(batch: PackedBatch, start: int, stop: int) -> PackedBatch:
+    return jax.tree.map(lambda x: x[start:stop], batch)
+
+
+def _positions(mask: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def forward_hidden(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    hidden, _ = model(tokens, _positions(mask), mask)
+    return hidden  # [N, T, D]
+
+
+def gather_rows(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden [N, Tt, D], index [N, T] → [N, T, D]."""
+    return jnp.take_along_axis(hidden, index[:, :, None], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """Static choices of the scoring pass (hashable; a jit static argument)."""
+
+    vocab: VocabConfig
+    with_teacher: bool
+    with_reference: bool
+
+
+@nnx.jit(static_argnames=("spec",))
+def score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, spec: ScoreSpec) -> dict[str, jax.Array]:
+    """No-grad features per target position ([N, T-1] float32 each): student logprobs and entropy,
+    and with a teacher: teacher logprobs, reverse KL(p_S‖q_T); with a reference: ref logprobs."""
+    targets = batch.tokens[:, 1:]
+    mask = batch.target_mask
+    student_hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
+    if spec.with_teacher:
+        teacher_hidden = forward_hidden(model, batch.teacher_tokens, batch.teacher_mask)
+        teacher_hidden = gather_rows(teacher_hidden, batch.teacher_index)
+        feats = pair_stats(student_hidden, teacher_hidden, model.lm_head_kernel(), targets, spec.vocab, mask,
+                           features=("student_logprobs", "student_entropy", "teacher_logprobs", "reverse_kl"))
+        # Rows without a reference: teacher == student, so the log-ratio and KL are exactly 0.
+        keep = batch.has_teacher[:, None] > 0
+        feats["teacher_logprobs"] = jnp.where(keep, feats["teacher_logprobs"], feats["student_logprobs"])
+        feats["reverse_kl"] = jnp.where(keep, feats["reverse_kl"], 0.0)
+    else:
+        feats = token_stats(student_hidden, model.lm_head_kernel(), targets, spec.vocab, mask)
+    if spec.with_reference and ref_model is not None:
+        ref_hidden = forward_hidden(ref_model, batch.tokens, batch.token_mask)[:, :-1]
+        feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, mask,
+                                            features=("student_logprobs",))["student_logprobs"]
+    return jax.tree.map(jax.lax.stop_gradient, feats)
+
+
+def to_device(batch: Any) -> Any:
+    return jax.tree.map(jnp.asarray, batch)

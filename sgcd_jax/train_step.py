@@ -1,0 +1,176 @@
+"""The jitted update: micro-batched gradient accumulation of the actor loss, AdamW, grad clipping,
+non-finite skip. Also the SFT (demonstration) step, which shares the machinery.
+
+Exactness: each loss returns (sum, denominator); denominators are computed once over the FULL
+batch masks, so Σ_micro ∇(sum_m / D) equals the gradient of the full-batch loss for every
+aggregation mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sgcd_jax.config import OptimSpec
+from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig, ppo_policy_loss
+from sgcd_jax.losses.types import aggregate
+from sgcd_jax.losses.vocab import VocabConfig, token_stats
+from sgcd_jax.scoring import PackedBatch, forward_hidden
+
+
+@flax.struct.dataclass
+class StepInputs:
+    batch: PackedBatch
+    token_advantages: jax.Array  # [N, T-1] Ã (credit-weighted GRPO advantages), detached
+    old_logprobs: jax.Array  # [N, T-1] log π_old from the scoring pass
+    ref_logprobs: jax.Array  # [N, T-1] reference-model logprobs (zeros when no KL)
+    teacher_logprobs: jax.Array  # [N, T-1] teacher logprobs (SDPO only; zeros otherwise)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static structure of the update (hashable)."""
+
+    policy: PolicyLossConfig
+    vocab: VocabConfig
+    micro_batch_size: int
+    sdpo_coef: float = 0.0
+    sdpo_loss: Callable | None = None  # fn(logprobs, teacher_logprobs, old_logprobs, mask) -> token losses
+    sft: bool = False
+
+
+def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | None = None) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine (or constant) schedule, after global-norm clipping."""
+    peak = optim.learning_rate if learning_rate is None else learning_rate
+    total_steps = max(total_steps, optim.warmup_steps + 1)
+    if optim.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if optim.warmup_steps else peak, peak_value=peak,
+            warmup_steps=optim.warmup_steps, decay_steps=total_steps, end_value=peak * optim.end_lr_fraction)
+    else:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, max(optim.warmup_steps, 1)),
+                                         optax.constant_schedule(peak)], [optim.warmup_steps]) \
+            if optim.warmup_steps else optax.constant_schedule(peak)
+    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+    return optax.chain(*parts)
+
+
+def _micro_loss(params, graphdef, rest, inputs: StepInputs, denominators: dict, spec: StepSpec):
+    model = nnx.merge(graphdef, params, rest)
+    batch = inputs.batch
+    mask = batch.target_mask * batch.row_valid[:, None]
+    hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
+    features = ("student_logprobs", "student_entropy") if spec.policy.entropy_coef > 0 else ("student_logprobs",)
+    stats = token_stats(hidden, model.lm_head_kernel(), batch.tokens[:, 1:], spec.vocab, mask, features=features)
+    logprobs = stats["student_logprobs"]
+    if spec.sft:
+        nll = -jnp.where(mask > 0, logprobs, 0.0).sum()
+        return nll / denominators["policy"], {"sft/nll_sum": nll}
+    policy = ppo_policy_loss(PolicyBatch(logprobs=logprobs, old_logprobs=inputs.old_logprobs,
+                                         advantages=inputs.token_advantages, loss_mask=mask,
+                                         ref_logprobs=inputs.ref_logprobs,
+                                         entropy=stats.get("student_entropy")), spec.policy)
+    total = policy.sum / denominators["policy"]
+    metrics = dict(policy.metrics)
+    if spec.sdpo_coef > 0:
+        distill_mask = mask * batch.has_teacher[:, None]
+        token_losses = spec.sdpo_loss(logprobs, inputs.teacher_logprobs, inputs.old_logprobs, distill_mask)
+        distill_sum = jnp.where(distill_mask > 0, token_losses, 0.0).sum()
+        total = total + spec.sdpo_coef * distill_sum / denominators["distill"]
+        metrics["sdpo/loss_sum"] = jax.lax.stop_gradient(distill_sum)
+    return total, metrics
+
+
+def full_batch_denominators(inputs: StepInputs, spec: StepSpec) -> dict[str, jax.Array]:
+    mask = inputs.batch.target_mask * inputs.batch.row_valid[:, None]
+    zeros = jnp.zeros_like(mask)
+    if spec.sft:
+        return {"policy": jnp.maximum(mask.sum(), 1.0)}
+    _, policy = aggregate(zeros, mask, spec.policy.agg_mode, spec.policy.norm_length)
+    distill = (mask * inputs.batch.has_teacher[:, None]).sum()
+    return {"policy": jnp.maximum(policy, 1.0), "distill": jnp.maximum(distill, 1.0)}
+
+
+def loss_and_grads(params, graphdef, rest, inputs: StepInputs, spec: StepSpec):
+    """Σ over micro-batches (lax.scan) of the loss and its gradient; returns (loss, grads, metrics)."""
+    rows = inputs.batch.tokens.shape[0]
+    micro = min(spec.micro_batch_size, rows)
+    if rows % micro:
+        raise ValueError(f"batch rows {rows} must be a multiple of optim.micro_batch_size={micro}: "
+                         "pack() with rows_multiple=micro_batch_size")
+    denominators = full_batch_denominators(inputs, spec)
+    stacked = jax.tree.map(lambda x: x.reshape((rows // micro, micro) + x.shape[1:]), inputs)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def body(carry, micro_inputs):
+        loss_acc, grad_acc = carry
+        (loss, metrics), grads = grad_fn(params, graphdef, rest, micro_inputs, denominators, spec)
+        return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), metrics
+
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_grads), stacked)
+    return loss, grads, jax.tree.map(jnp.mean, metrics)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+class Learner:
+    """Holds the policy's params and optimizer state; ``update`` is one jitted optimizer step.
+
+    Non-finite loss or gradients leave params and optimizer state untouched (``skipped`` = 1).
+    """
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, spec: StepSpec):
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.tx = tx
+        self.spec = spec
+        self.opt_state = tx.init(self.params)
+        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+
+    def _update_impl(self, params, opt_state, rest, inputs: StepInputs):
+        loss, grads, metrics = loss_and_grads(params, self.graphdef, rest, inputs, self.spec)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       skipped=1.0 - finite.astype(jnp.float32))
+        return new_params, new_opt_state, metrics
+
+    def update(self, inputs: StepInputs) -> dict[str, float]:
+        self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, inputs)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def state(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.params, self.opt_state = state["params"], state["opt_state"]
+
+
+def sdpo_token_loss(logprobs: jax.Array, teacher_logprobs: jax.Array, old_logprobs: jax.Array,
+                    mask: jax.Array, ratio_clip: float = 2.0) -> jax.Array:
+    """Sampled-token reverse-KL self-distillation toward the teacher (SDPO baseline), per token.
+
+    ∇ KL(p_S‖q_T) ≈ E_{y~p_old}[ρ · (log p_S(y) − log q_T(y)) · ∇ log p_S(y)], ρ = p_S/p_old clipped.
+    The teacher is detached but its log-probs enter the actor gradient directly — the opposite of
+    SGCD, where the teacher only shapes a bounded detached weight on the GRPO advantage.
+    """
+    ratio = jnp.clip(jnp.exp(jax.lax.stop_gradient(logprobs - old_logprobs)), 0.0, ratio_clip)
+    gap = jax.lax.stop_gradient(logprobs - teacher_logprobs)
+    return ratio * gap * logprobs * mask
