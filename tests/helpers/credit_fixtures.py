@@ -76,19 +76,20 @@ def make_trajectory(group_id: str, sample_index: int, reward: float,
                       reward=reward, info=info or {}, termination="agent_stop")
 
 
-def cancel_group(group_id: str = "g0") -> SiblingGroup:
+def cancel_group(group_id: str = "g0", task_id: str | None = None) -> SiblingGroup:
     """Siblings 0 and 2 succeed (look up, cancel the right reservation); sibling 1 looks up the
     wrong reservation and cancels it (fatal write); sibling 3 looks up correctly, then stops."""
     lookup = call("get_reservation_details", reservation_id="ABC123")
     cancel = call("cancel_reservation", reservation_id="ABC123")
     trajs = [
-        make_trajectory(group_id, 0, 1.0, [[lookup], [cancel], "Done, it is cancelled."]),
+        make_trajectory(group_id, 0, 1.0, [[lookup], [cancel], "Done, it is cancelled."], task_id=task_id),
         make_trajectory(group_id, 1, 0.0, [[call("get_reservation_details", reservation_id="XYZ999")],
                                            [call("cancel_reservation", reservation_id="XYZ999")],
-                                           "Done."]),
+                                           "Done."], task_id=task_id),
         make_trajectory(group_id, 2, 1.0, [[call("get_reservation_details", reservation_id=" abc123 ")],
-                                           "Shall I cancel it?", [cancel], "Cancelled."]),
-        make_trajectory(group_id, 3, 0.0, [[lookup], "I cannot cancel this reservation."]),
+                                           "Shall I cancel it?", [cancel], "Cancelled."], task_id=task_id),
+        make_trajectory(group_id, 3, 0.0, [[lookup], "I cannot cancel this reservation."],
+                        task_id=task_id),
     ]
     return group_siblings(trajs, 1.0)[0]
 

@@ -1,0 +1,92 @@
+"""ContrastAnnotator on hand-built siblings: the verdicts a careful human would give."""
+
+from helpers.credit_fixtures import call, cancel_group, make_trajectory
+from sgcd_jax.credit.contrast import (ContrastAnnotator, ContrastConfig, _Call, edit_alignment,
+                                      normalise_call)
+from sgcd_jax.credit.schema import Verdict
+from sgcd_jax.credit.selection import group_siblings
+
+D, H, N, X, F = Verdict.DECISIVE, Verdict.HELPFUL, Verdict.NEUTRAL, Verdict.HARMFUL, Verdict.FATAL
+
+
+def verdicts(reference, group):
+    return {t.sample_index: reference.verdicts(t.sample_index, t.num_steps) for t in group.trajectories}
+
+
+def test_marks_decisive_write_fatal_wrong_write_and_fatal_omission():
+    group = cancel_group()
+    result = ContrastAnnotator().annotate(group)
+    assert result.reason == "ok"
+    assert verdicts(result.reference, group) == {
+        0: [H, D, N],  # lookup shared with successes, the cancel all successes made, closing text
+        1: [X, F, N],  # looked up the wrong reservation, cancelled it (irreversible write)
+        2: [H, N, D, N],
+        3: [H, F],  # right lookup, then stopped without the cancel every success made
+    }
+    reasons = {s.step: s.reason for s in result.reference.for_sibling(1).steps}
+    assert "XYZ999" in reasons[1] and "ABC123" in reasons[1]  # names what it did and should have
+    assert "cancel_reservation" in result.reference.summary
+
+
+def test_write_tools_config_decides_fatal_versus_harmful():
+    group = cancel_group()
+    ref = ContrastAnnotator(ContrastConfig(write_tools=frozenset())).reference(group)
+    got = verdicts(ref, group)
+    assert got[1] == [X, X, N] and got[0] == [H, H, N] and got[3] == [H, X]
+
+
+def test_read_shared_with_every_sibling_is_helpful_and_extra_success_read_neutral():
+    lookup = call("get_user_details", user_id="u1")
+    book = call("book_reservation", flight="HAT001")
+    trajs = [make_trajectory("g", 0, 1.0, [[lookup], [call("search_flights", date="05-01")], [book]]),
+             make_trajectory("g", 1, 1.0, [[lookup], [book]]),
+             make_trajectory("g", 2, 0.0, [[lookup], [call("book_reservation", flight="HAT002")]])]
+    group = group_siblings(trajs, 1.0)[0]
+    got = verdicts(ContrastAnnotator().reference(group), group)
+    assert got == {0: [H, N, D], 1: [H, D], 2: [H, F]}
+
+
+def test_parse_error_step_is_harmful():
+    lookup = call("get_reservation_details", reservation_id="A")
+    trajs = [make_trajectory("g", 0, 1.0, [[lookup], "done"]),
+             make_trajectory("g", 1, 0.0, [[lookup], "<tool_call>{bad", "done"],
+                             parse_errors={1: "invalid JSON in tool call"})]
+    group = group_siblings(trajs, 1.0)[0]
+    assert verdicts(ContrastAnnotator().reference(group), group)[1] == [H, X, N]
+
+
+def test_reference_is_deterministic_and_order_independent():
+    group = cancel_group()
+    again = group_siblings(list(reversed(group.trajectories)), 1.0)[0]
+    first = ContrastAnnotator().reference(group).canonical_json()
+    assert first == ContrastAnnotator().reference(again).canonical_json()
+
+
+def test_non_mixed_group_gives_no_reference():
+    group = cancel_group()
+    group.successes = [False] * 4
+    result = ContrastAnnotator().annotate(group)
+    assert result.reference is None and result.reason == "not_mixed"
+
+
+def test_normalise_call_ignores_case_spacing_and_integral_floats():
+    a = call("Cancel_Reservation", reservation_id=" ABC123 ", nights=2.0)
+    b = call("cancel_reservation", nights=2, reservation_id="abc123")
+    assert normalise_call(a) == normalise_call(b)
+    assert normalise_call(a) != normalise_call(call("cancel_reservation", reservation_id="ABC124"))
+
+
+def _calls(*specs):
+    return [_Call(0, key, key.split("(")[0], key, False) for key in specs]
+
+
+def test_edit_alignment_matches_levenshtein_with_same_tool_substitution():
+    a, b = _calls("x(1)", "y(1)", "z(1)"), _calls("x(1)", "z(1)")
+    cost, pairs = edit_alignment(a, b)
+    assert cost == 1 and pairs == [(0, 0), (1, None), (2, 1)]
+    # same tool, other args: one substitution (cost 1), not delete+insert
+    a, b = _calls("x(1)", "y(1)"), _calls("x(1)", "y(2)")
+    assert edit_alignment(a, b) == (1, [(0, 0), (1, 1)])
+    # different tools: cost 2 either way
+    assert edit_alignment(_calls("p(1)"), _calls("q(1)"))[0] == 2
+    assert edit_alignment([], _calls("q(1)")) == (1, [(None, 0)])
