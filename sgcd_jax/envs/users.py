@@ -120,8 +120,8 @@ class _ChatUser:
             self.failures += 1
             log.warning("%s failed (%s: %s); using the scripted user for this turn",
                         type(self).__name__, type(exc).__name__, exc)
-            last_agent = next((m["content"] for m in reversed(self.history) if m["role"] == "user"), "")
-            text = self._fallback.first_message() if not last_agent else self._fallback.reply(last_agent)
+            opening = len(self.history) == 1
+            text = self._fallback.first_message() if opening else self._fallback.reply(self.history[-1]["content"])
         self.history.append({"role": "assistant", "content": text})
         return text
 

@@ -1,0 +1,105 @@
+"""airline_lite: oracle solves everything, every shortcut is rejected, generation is seeded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sgcd_jax.envs import make_factory
+from sgcd_jax.envs.airline_lite import demo_conversation, oracle_actions, shortcut_actions
+from sgcd_jax.envs.airline_lite.generator import FAMILIES, TOOLS
+from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS, play
+from sgcd_jax.envs.base import AgentAction, ToolCall
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return make_factory("airline_lite", difficulty="mixed", num_tasks=500, seed=3)
+
+
+def test_oracle_scores_one_on_500_generated_tasks(mixed):
+    tasks = mixed.tasks("train")
+    assert len(tasks) == 500 and {t.payload["family"] for t in tasks} == set(FAMILIES["mixed"])
+    failures = []
+    for task in tasks:
+        reward, info, _ = play(mixed.make(), task, oracle_actions(task))
+        if reward != 1.0:
+            failures.append((task.task_id, info["fail_reasons"]))
+    assert not failures, failures[:5]
+
+
+@pytest.mark.parametrize("kind", SHORTCUTS)
+def test_each_shortcut_scores_zero(mixed, kind):
+    applicable = [(t, a) for t in mixed.tasks("train") if (a := shortcut_actions(t, kind)) is not None]
+    assert len(applicable) >= 20, f"shortcut {kind} applies to too few tasks to test"
+    rewards = [play(mixed.make(), task, actions)[0] for task, actions in applicable]
+    assert sum(rewards) == 0.0
+
+
+def test_shortcut_failures_name_the_reason(mixed):
+    task = next(t for t in mixed.tasks("train") if shortcut_actions(t, "guess_id") is not None)
+    _, info, _ = play(mixed.make(), task, shortcut_actions(task, "guess_id"))
+    assert info["db_match"] and not all(info["required_reads"].values())
+    assert any("lookup skipped" in r for r in info["fail_reasons"])
+    task = next(t for t in mixed.tasks("train") if shortcut_actions(t, "cancel_nonrefundable") is not None)
+    _, info, _ = play(mixed.make(), task, shortcut_actions(task, "cancel_nonrefundable"))
+    assert not info["db_match"] and info["write_calls"] == info["write_calls_ok"] == 1
+
+
+def test_generation_is_deterministic_per_seed_and_differs_across_seeds_and_splits():
+    def dump(seed, split):
+        return json.dumps([t.payload for t in make_factory("airline_lite", difficulty="mixed", num_tasks=40,
+                                                           seed=seed).tasks(split)], sort_keys=True)
+    assert dump(7, "train") == dump(7, "train")
+    assert dump(7, "train") != dump(8, "train")
+    assert dump(7, "train") != dump(7, "test")
+
+
+@pytest.mark.parametrize("difficulty,max_calls", [("easy", 2), ("medium", 3), ("hard", 8)])
+def test_difficulty_levels_bound_tool_calls_and_tools(difficulty, max_calls):
+    factory = make_factory("airline_lite", difficulty=difficulty, num_tasks=60, seed=0)
+    tasks = factory.tasks("train")
+    calls = [len(t.payload["actions"]) for t in tasks]
+    assert max(calls) <= max_calls and min(calls) >= 1
+    env = factory.make()
+    names = [s["function"]["name"] for s in env.reset(tasks[0]).tools]
+    assert names == list(TOOLS[difficulty])
+
+
+def test_easy_prompts_are_templated_and_observations_compact():
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=30, seed=0)
+    for task in factory.tasks("train"):
+        assert task.payload["opening"].split()[0] in ("What", "Please")
+        demo = demo_conversation(factory, task)
+        assert demo["reward"] == 1.0
+        for message in demo["messages"]:
+            if message["role"] == "tool":
+                assert len(message["content"]) < 600 and ": " not in message["content"]
+
+
+def test_write_call_counts_in_info():
+    factory = make_factory("airline_lite", difficulty="medium", num_tasks=20, seed=0)
+    task = next(t for t in factory.tasks("train") if t.payload["family"] == "baggage")
+    bad = AgentAction(tool_calls=(ToolCall("update_reservation_baggages", {
+        "reservation_id": "NOPE00", "total_baggages": 1, "nonfree_baggages": 1, "payment_id": "x"}, "b"),))
+    _, info, _ = play(factory.make(), task, [bad] + oracle_actions(task))
+    assert info["write_calls"] == 2 and info["write_calls_ok"] == 1 and info["tool_errors"] == 1
+    assert info["reward"] == 1.0  # a failed write changes nothing, so the episode can still succeed
+
+
+def test_tool_outside_the_difficulty_subset_is_an_error():
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=3, seed=0)
+    env = factory.make()
+    env.reset(factory.tasks("train")[0])
+    step = env.step(AgentAction(tool_calls=(ToolCall("send_certificate", {"user_id": "a", "amount": 1}),)))
+    assert step.tool_errors == 1 and "not found" in step.observations[0]["content"]
+
+
+def test_talking_before_acting_ends_the_episode_with_zero():
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=3, seed=0)
+    env = factory.make()
+    task = factory.tasks("train")[0]
+    env.reset(task)
+    step = env.step(AgentAction(content="Sure, let me check that."))
+    assert step.done and step.termination == "user_stop" and env.reward() == 0.0
