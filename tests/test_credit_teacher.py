@@ -108,3 +108,13 @@ def test_sdpo_single_success_has_no_self_demo_unless_allowed():
     assert [r.has_context for r in rows] == [False, True]
     rows = build_sdpo_teacher_batch([group], render_prompt_ids, TOOLS, allow_self=True)
     assert [r.has_context for r in rows] == [True, True]
+
+
+def test_verdict_token_codes_follow_step_ids():
+    from sgcd_jax.credit.teacher import verdict_token_codes
+    group = cancel_group()
+    traj = group.trajectories[1]  # verdicts: harmful, fatal, neutral
+    codes = verdict_token_codes(ContrastAnnotator().reference(group), traj)
+    expected = np.select([traj.step_ids == 0, traj.step_ids == 1], [-1, -2], 0)
+    np.testing.assert_array_equal(codes, expected)
+    assert not verdict_token_codes(None, traj).any()

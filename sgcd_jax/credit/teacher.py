@@ -47,6 +47,22 @@ def render_credit_text(reference: CreditReference, traj: Trajectory, *,
     return "\n".join(lines)
 
 
+VERDICT_CODES = {"fatal": -2, "harmful": -1, "neutral": 0, "helpful": 1, "decisive": 2}
+
+
+def verdict_token_codes(reference: CreditReference | None, traj: Trajectory) -> np.ndarray:
+    """[T] int8 per-token verdict code of the step that generated the token (-2 fatal … 2
+    decisive; 0 on non-generated tokens or without a reference): for reports and heatmaps."""
+    codes = np.zeros(len(traj.token_ids), np.int8)
+    if reference is None:
+        return codes
+    per_step = np.array([VERDICT_CODES[v.value] for v in reference.verdicts(traj.sample_index,
+                                                                            traj.num_steps)]
+                        + [0], np.int8)  # the extra 0 serves step_id -1 and unknown steps
+    step_ids = np.where((traj.step_ids >= 0) & (traj.step_ids < traj.num_steps), traj.step_ids, -1)
+    return per_step[step_ids]
+
+
 def render_demonstration_text(demo: Trajectory, *, max_observation_chars: int = 400,
                               max_assistant_text_chars: int = 600) -> str:
     body = render_sibling(demo, True, max_observation_chars, max_assistant_text_chars, 0)
