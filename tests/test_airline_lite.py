@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sgcd_jax.envs import make_factory
-from sgcd_jax.envs.airline_lite import demo_conversation, oracle_actions, shortcut_actions
+from sgcd_jax.envs.airline_lite import demo_conversation, oracle_actions, oracle_demos, shortcut_actions
 from sgcd_jax.envs.airline_lite.generator import FAMILIES, TOOLS
 from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS, play
 from sgcd_jax.envs.base import AgentAction, ToolCall
@@ -103,3 +103,13 @@ def test_talking_before_acting_ends_the_episode_with_zero():
     env.reset(task)
     step = env.step(AgentAction(content="Sure, let me check that."))
     assert step.done and step.termination == "user_stop" and env.reward() == 0.0
+
+
+def test_oracle_demos_are_full_successful_conversations():
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=10, seed=0)
+    demos = oracle_demos(factory, "train", 4)
+    assert len(demos) == 4
+    for demo in demos:
+        roles = [m["role"] for m in demo["messages"]]
+        assert roles[:2] == ["system", "user"] and "assistant" in roles and "tool" in roles
+        assert demo["reward"] == 1.0 and demo["tools"]

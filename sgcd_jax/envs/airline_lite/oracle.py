@@ -82,3 +82,17 @@ def demo_conversation(factory: EnvFactory, task: Task) -> dict[str, Any]:
     """{"messages", "tools", "reward", "info"}: the oracle's full chat, for SFT warm-up demonstrations."""
     reward, info, chat = play(factory.make(), task, oracle_actions(task))
     return {**chat, "reward": reward, "info": info}
+
+
+def oracle_demos(factory: EnvFactory, split: str = "train", num_demos: int | None = None) -> list[dict[str, Any]]:
+    """Oracle conversations for the first ``num_demos`` tasks of ``split`` (SFT warm-up data)."""
+    tasks = factory.tasks(split)[:num_demos]
+    return [{**demo_conversation(factory, task), "task_id": task.task_id} for task in tasks]
+
+
+def oracle_policy(env: Env, task: Task) -> None:
+    """A ``metrics.evaluate`` policy that plays the oracle (eval smoke tests, upper bound)."""
+    env.reset(task)
+    for action in oracle_actions(task):
+        if env.step(action).done:
+            return
