@@ -207,3 +207,12 @@ def test_api_key_never_leaks(server, make_annotator, caplog, tmp_path):
     assert all(SECRET not in text for text in texts)
     assert len(caplog.records) > 5  # the failures were logged (by us, google-genai, httpx)
     assert all(r["headers"].get("x-goog-api-key") == SECRET for r in server.requests)
+
+
+def test_missing_key_or_vertex_project_is_a_clear_config_error(monkeypatch):
+    monkeypatch.delenv("SGCD_TEST_MISSING_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    with pytest.raises(ValueError, match="SGCD_TEST_MISSING_KEY"):
+        GeminiAnnotator(GeminiConfig(api_key_env="SGCD_TEST_MISSING_KEY"))
+    with pytest.raises(ValueError, match="GOOGLE_CLOUD_PROJECT"):
+        GeminiAnnotator(GeminiConfig(vertexai=True))

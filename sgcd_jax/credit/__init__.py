@@ -15,4 +15,12 @@ from sgcd_jax.credit.selection import (OversamplingConfig, OversamplingPolicy, S
 from sgcd_jax.credit.teacher import (TeacherInputs, build_sdpo_teacher_batch, build_teacher_batch,
                                      build_teacher_inputs, pad_teacher_batch, render_credit_text)
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "AnnotationResult", "Annotator", "AnnotatorStats", "FallbackAnnotator", "Usage",
+    "AsyncAnnotationQueue", "CachingAnnotator", "ReferenceCache", "ReplayAnnotator", "cache_key",
+    "ContrastAnnotator", "ContrastConfig", "AnnotatorConfig", "build_annotator", "PROMPT_VERSION",
+    "PromptConfig", "render_annotation_prompt", "CreditReference", "SiblingCredit", "StepCredit",
+    "Verdict", "validate_reply", "OversamplingConfig", "OversamplingPolicy", "SelectionConfig",
+    "SelectionResult", "SiblingGroup", "select_groups", "TeacherInputs", "build_sdpo_teacher_batch",
+    "build_teacher_batch", "build_teacher_inputs", "pad_teacher_batch", "render_credit_text",
+]
