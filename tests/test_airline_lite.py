@@ -113,3 +113,16 @@ def test_oracle_demos_are_full_successful_conversations():
         roles = [m["role"] for m in demo["messages"]]
         assert roles[:2] == ["system", "user"] and "assistant" in roles and "tool" in roles
         assert demo["reward"] == 1.0 and demo["tools"]
+
+
+def test_train_and_test_splits_share_no_entities():
+    factory = make_factory("airline_lite", difficulty="mixed", num_tasks=100, seed=0)
+
+    def entities(split):
+        found = set()
+        for task in factory.tasks(split):
+            for action in task.payload["actions"]:
+                args = action["arguments"]
+                found.update(str(args[k]) for k in ("user_id", "reservation_id") if k in args)
+        return found
+    assert entities("train") and not entities("train") & entities("test")

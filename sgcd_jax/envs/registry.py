@@ -33,3 +33,12 @@ def make_factory(name: str, **kwargs: Any) -> EnvFactory:
     if name not in FACTORIES:
         raise ValueError(f"unknown env {name!r}; registered: {sorted(FACTORIES)}")
     return FACTORIES[name](**kwargs)
+
+
+def make_factory_from_spec(spec: Any, **overrides: Any) -> EnvFactory:
+    """``make_factory(spec.name, **other fields of spec, **overrides)`` for a dataclass spec
+    (e.g. ``config.EnvSpec``); fields a factory does not use are ignored."""
+    import dataclasses
+    fields = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(vars(spec))
+    name = fields.pop("name")
+    return make_factory(name, **{**fields, **overrides})

@@ -53,7 +53,7 @@ class AirlineLiteEnv(ToolConversation):
 
     def _setup(self, task: Task):
         difficulty = task.payload["difficulty"]
-        self.db = CowDB(generate_db(self.seed))
+        self.db = CowDB(generate_db(task.payload["db_seed"], task.payload["db_split"]))
         self.tools = AirlineTools(self.db, now=NOW, names=frozenset(TOOLS[difficulty]))
         self.user = ScriptedUser({"opening": task.payload["opening"], "stop_on_any_reply": True},
                                  max_turns=self.max_turns)
@@ -124,7 +124,8 @@ class _GoldCache:
     def get(self, task: Task) -> CowDB:
         with self._lock:
             if task.task_id not in self._dbs:
-                db, errors = replay_gold(generate_db(self.seed), task.payload["actions"], NOW)
+                base = generate_db(task.payload["db_seed"], task.payload["db_split"])
+                db, errors = replay_gold(base, task.payload["actions"], NOW)
                 if errors:
                     raise RuntimeError(f"airline_lite gold actions of {task.task_id} failed: {errors}")
                 self._dbs[task.task_id] = db

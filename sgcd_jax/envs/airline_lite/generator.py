@@ -45,9 +45,10 @@ def refundable(reservation: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def generate_db(seed: int) -> dict[str, dict[str, Any]]:
-    """Shared read-only base DB for ``seed`` (cached; wrap in CowDB per episode)."""
-    rng = random.Random(f"airline_lite-db-{seed}")
+def generate_db(seed: int, split: str = "train") -> dict[str, dict[str, Any]]:
+    """Shared read-only base DB for (``seed``, ``split``) (cached; wrap in CowDB per episode). Each
+    split has its own users, flights and reservations, so test tasks never repeat training entities."""
+    rng = random.Random(f"airline_lite-db-{seed}-{split}")
     routes = rng.sample([(o, d) for o in AIRPORTS for d in AIRPORTS if o != d], 24)
     flights, number = {}, 100
     for origin, destination in routes:
@@ -138,7 +139,7 @@ def generate_tasks(seed: int, split: str, num_tasks: int, difficulty: str) -> li
     """``num_tasks`` task payloads for ``split``, deterministic in (seed, split, num_tasks, difficulty)."""
     if difficulty not in FAMILIES:
         raise ValueError(f"airline_lite difficulty {difficulty!r}; choose one of {sorted(FAMILIES)}")
-    db = generate_db(seed)
+    db = generate_db(seed, split)
     rng = random.Random(f"airline_lite-tasks-{seed}-{split}-{difficulty}")
     families = FAMILIES[difficulty]
     out = []
@@ -146,7 +147,7 @@ def generate_tasks(seed: int, split: str, num_tasks: int, difficulty: str) -> li
         family = families[len(out) % len(families)]
         task = _MAKERS[family](rng, db)
         if task is not None:
-            task.update(family=family, difficulty=difficulty, index=len(out))
+            task.update(family=family, difficulty=difficulty, index=len(out), db_seed=seed, db_split=split)
             out.append(task)
     return out
 
