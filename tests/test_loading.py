@@ -62,9 +62,15 @@ def test_logits_equal_transformers_on_padded_batch(hf_checkpoint):
     model, _ = load_model(path, with_tokenizer=False)
     tokens, mask = padded_batch()
     positions = np.broadcast_to(np.arange(10), tokens.shape)
-    hidden, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
-    ours, theirs = np.asarray(model.logits(hidden)), hf_logits(ref, tokens, mask)
+    _, ours, _ = forward_logits(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask), None)
+    ours, theirs = np.asarray(ours), hf_logits(ref, tokens, mask)
     assert np.abs(ours - theirs)[mask].max() <= 1e-4
+
+
+@nnx.jit
+def forward_logits(model: Decoder, tokens, positions, mask, cache):
+    hidden, cache = model(tokens, positions, mask, cache)
+    return hidden, model.logits(hidden), cache
 
 
 def greedy_with_cache(model: Decoder, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -73,14 +79,15 @@ def greedy_with_cache(model: Decoder, prompts: list[list[int]], steps: int) -> l
     tokens = np.array([p + [0] * (width - len(p)) for p in prompts])
     mask = np.arange(width)[None] < np.array([len(p) for p in prompts])[:, None]
     cache = KVCache.init(model.cfg, len(prompts), width + steps)
-    hidden, cache = model(jnp.asarray(tokens), cache.positions_for(jnp.asarray(mask)), jnp.asarray(mask), cache)
-    last = hidden[jnp.arange(len(prompts)), jnp.asarray(mask.sum(1) - 1)][:, None]  # [B, 1, D]
+    _, logits, cache = forward_logits(model, jnp.asarray(tokens), cache.positions_for(jnp.asarray(mask)),
+                                      jnp.asarray(mask), cache)
+    last = logits[jnp.arange(len(prompts)), jnp.asarray(mask.sum(1) - 1)][:, None]  # [B, 1, V]
     generated = []
     for _ in range(steps):
-        next_tokens = jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32)  # [B, 1]
+        next_tokens = jnp.argmax(last, axis=-1).astype(jnp.int32)  # [B, 1]
         generated.append(np.asarray(next_tokens[:, 0]))
         ones = jnp.ones_like(next_tokens, dtype=bool)
-        last, cache = model(next_tokens, cache.positions_for(ones), ones, cache)
+        _, last, cache = forward_logits(model, next_tokens, cache.positions_for(ones), ones, cache)
     return np.stack(generated, 1).tolist()
 
 
@@ -99,8 +106,9 @@ def test_bf16_compute_stays_close_to_fp32(hf_checkpoint):
     path, ref = hf_checkpoint
     model, _ = load_model(path, dtype="bfloat16", with_tokenizer=False)
     tokens, mask = padded_batch()
-    hidden, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(10), tokens.shape), jnp.asarray(mask))
-    ours, theirs = np.asarray(model.logits(hidden)), hf_logits(ref, tokens, mask)
+    hidden, ours, _ = forward_logits(model, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(10), tokens.shape),
+                                     jnp.asarray(mask), None)
+    ours, theirs = np.asarray(ours), hf_logits(ref, tokens, mask)
     assert hidden.dtype == jnp.bfloat16
     # bf16 has an 8-bit mantissa: relative error ~1e-2 of the logit scale after a few layers
     assert np.abs(ours - theirs)[mask].max() <= 0.05 * np.abs(theirs).max()
@@ -119,8 +127,9 @@ def test_export_round_trip_loads_in_transformers_with_same_logits(tmp_path):
     assert (tmp_path / "export" / "model.safetensors.index.json").exists()
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32).eval()
     tokens, mask = padded_batch()
-    hidden, _ = model(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(10), tokens.shape), jnp.asarray(mask))
-    assert np.abs(np.asarray(model.logits(hidden)) - hf_logits(ref, tokens, mask))[mask].max() <= 1e-4
+    _, ours, _ = forward_logits(model, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(10), tokens.shape),
+                                jnp.asarray(mask), None)
+    assert np.abs(np.asarray(ours) - hf_logits(ref, tokens, mask))[mask].max() <= 1e-4
     reloaded, _ = load_model(str(tmp_path / "export"), with_tokenizer=False)
     np.testing.assert_array_equal(np.asarray(reloaded.lm_head_kernel()), np.asarray(model.lm_head_kernel()))
 
