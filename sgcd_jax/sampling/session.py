@@ -1,0 +1,305 @@
+"""Host side of generation: batching, bucketing, shared-prefix prefill, multi-turn KV-cache continuation.
+
+    sampler = Sampler(model, params=SamplingParams(temperature=1.0), stop_token_ids=(im_end_id,))
+    outs = sampler.generate([prompt_ids_a, prompt_ids_b], max_new_tokens=128, rng=jax.random.key(0))
+
+    session = sampler.session()
+    turn1 = session.step({"ep0": prompt0, "ep1": prompt1}, max_new_tokens=256, rng=k1)  # prefill + decode
+    turn2 = session.step({"ep0": observation0}, max_new_tokens=256, rng=k2)  # append + decode; ep1 released
+
+A session keeps one KV cache whose rows are the live episodes. `step` receives, per episode key, the
+token chunk that follows what the cache already holds: the whole prompt for a key it has not seen, the
+observation suffix for a key it has. Keys missing from a step are released and their rows dropped
+(compaction to the next power-of-two batch), so finished episodes stop costing compute. New keys
+whose prompts share everything but the last token (G siblings of a task) are prefilled once and the
+cache rows copied (`KVCache.take_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sgcd_jax.models.cache import KVCache
+from sgcd_jax.sampling.kernels import append_chunk, decode_chunk, grow_cache, next_bucket, truncate_rows
+from sgcd_jax.sampling.rules import SamplingParams
+
+
+@dataclasses.dataclass
+class TurnOutput:
+    token_ids: np.ndarray  # [n] int32, exactly the sampled ids (ends with the stop token if one was hit)
+    logprobs: np.ndarray  # [n] float32, see sampling.rules for which distribution
+    finish_reason: str  # "stop_token" | "stop_string" | "length"
+
+
+@dataclasses.dataclass
+class SessionStats:
+    prefill_tokens: int = 0  # real tokens written by append calls (prompts, observations)
+    shared_prefix_tokens_saved: int = 0  # prompt tokens not recomputed thanks to sibling sharing
+    generated_tokens: int = 0
+    decode_row_steps: int = 0  # batch rows × decode steps actually run (incl. idle rows)
+
+
+class Sampler:
+    """Jitted batched generation for a `Decoder`. Stateless across calls except compiled functions."""
+
+    def __init__(self, model: nnx.Module, *, params: SamplingParams = SamplingParams(),
+                 stop_token_ids: Sequence[int] = (), decode_steps_per_chunk: int = 32,
+                 min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
+                 data_axis: str = "data", decode_text: Callable[[Sequence[int]], str] | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+        self.params = params
+        self.stop_token_ids = tuple(int(t) for t in (stop_token_ids or self.cfg.eos_token_ids))
+        self.decode_steps_per_chunk = decode_steps_per_chunk
+        self.min_cache_len = min_cache_len
+        self.min_chunk_len = min_chunk_len
+        self.mesh = mesh
+        self.data_axis = data_axis
+        self.decode_text = decode_text  # needed only for stop strings
+
+    def update_weights(self, model: nnx.Module) -> None:
+        """Use new policy weights (after a train step) for the next sessions."""
+        self.graphdef, self.state = nnx.split(model)
+
+    def session(self, *, reuse_cache: bool = True, compact: bool = True) -> "GenerationSession":
+        return GenerationSession(self, reuse_cache=reuse_cache, compact=compact)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], rng: jax.Array,
+                 stop_strings: Sequence[str] = ()) -> list[TurnOutput]:
+        """One-shot batched generation: prompts (token ids, any lengths) → one TurnOutput per prompt."""
+        budgets = max_new_tokens if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)
+        outs = self.session().step({i: p for i, p in enumerate(prompts)}, max_new_tokens=dict(enumerate(budgets)),
+                                   rng=rng, stop_strings=stop_strings)
+        return [outs[i] for i in range(len(prompts))]
+
+    # --- sharding helpers: rows on the data axis, everything else replicated
+    @property
+    def batch_multiple(self) -> int:
+        return 1 if self.mesh is None else self.mesh.shape[self.data_axis]
+
+    def shard_rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
+        if self.mesh is None:
+            return x
+        spec = [None] * x.ndim
+        spec[axis] = self.data_axis
+        return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+
+    def shard_cache(self, cache: KVCache) -> KVCache:
+        if self.mesh is None:
+            return cache
+        return cache.replace(k=self.shard_rows(cache.k, 1), v=self.shard_rows(cache.v, 1),
+                             valid=self.shard_rows(cache.valid), end=self.shard_rows(cache.end),
+                             extra={n: self.shard_rows(s) for n, s in cache.extra.items()})
+
+
+def _concat_caches(caches: list[KVCache]) -> KVCache:
+    caches = [c for c in caches if c is not None]
+    if len(caches) == 1:
+        return caches[0]
+    max_len = max(c.max_len for c in caches)
+    caches = [grow_cache(c, max_len) for c in caches]
+    return KVCache(k=jnp.concatenate([c.k for c in caches], 1), v=jnp.concatenate([c.v for c in caches], 1),
+                   valid=jnp.concatenate([c.valid for c in caches], 0), end=jnp.concatenate([c.end for c in caches], 0),
+                   extra={n: jnp.concatenate([c.extra[n] for c in caches], 0) for n in caches[0].extra})
+
+
+class GenerationSession:
+    """One KV cache whose rows are live episodes; see the module docstring."""
+
+    def __init__(self, sampler: Sampler, *, reuse_cache: bool, compact: bool):
+        self.sampler = sampler
+        self.reuse_cache = reuse_cache
+        self.compact = compact
+        self.cache: KVCache | None = None
+        self.row_keys: list[Hashable | None] = []  # row i of the cache belongs to row_keys[i] (None = free)
+        self.history: dict[Hashable, list[int]] = {}  # all ids of a key so far (re-prefill mode only)
+        self.stats = SessionStats()
+
+    # ------------------------------------------------------------------ public
+    def step(self, chunks: dict[Hashable, Sequence[int]], *, max_new_tokens: int | dict[Hashable, int],
+             rng: jax.Array, stop_strings: Sequence[str] = ()) -> dict[Hashable, TurnOutput]:
+        """Append each key's chunk and generate one turn for every key in `chunks`; release the others."""
+        if not chunks:
+            self.cache, self.row_keys = None, []
+            return {}
+        if stop_strings and self.sampler.decode_text is None:
+            raise ValueError("stop_strings need Sampler(decode_text=tokenizer.decode)")
+        chunks = {key: [int(t) for t in ids] for key, ids in chunks.items()}
+        if not self.reuse_cache:  # baseline: forget the cache, re-prefill the whole conversation
+            for key, ids in chunks.items():
+                self.history[key] = self.history.get(key, []) + ids
+            chunks = {key: list(self.history[key]) for key in chunks}
+            self.cache, self.row_keys = None, []
+        budgets = max_new_tokens if isinstance(max_new_tokens, dict) else dict.fromkeys(chunks, max_new_tokens)
+        empty = [key for key, ids in chunks.items() if not ids]
+        if empty:
+            raise ValueError(f"empty chunk for keys {empty[:3]}: every step must append at least one token "
+                             "(the observation / generation prompt)")
+        append_ids = self._arrange_rows(chunks)
+        next_logits = self._append(append_ids)
+        outputs = self._decode(next_logits, budgets, rng, stop_strings)
+        if not self.reuse_cache:
+            for key, out in outputs.items():
+                self.history[key] += out.token_ids.tolist()
+        return outputs
+
+    # ------------------------------------------------------------------ rows
+    def _arrange_rows(self, chunks: dict[Hashable, list[int]]) -> list[list[int]]:
+        """Build the cache for this step's keys (compaction + shared-prefix prefill of new keys); return the
+        ids each row still has to append, row-aligned with self.row_keys."""
+        sampler = self.sampler
+        old_row = {key: i for i, key in enumerate(self.row_keys) if key is not None}
+        new_keys = [key for key in chunks if key not in old_row]
+        # siblings: prompts equal up to the last token share one prefill of prompt[:-1]
+        prefix_rows: dict[tuple[int, ...], int] = {}
+        for key in new_keys:
+            prefix = tuple(chunks[key][:-1])
+            if prefix and prefix not in prefix_rows:
+                prefix_rows[prefix] = len(prefix_rows)
+        prefix_cache = self._prefill_prefixes(list(prefix_rows)) if prefix_rows else None
+        if prefix_cache is not None:
+            saved = sum(len(chunks[k]) - 1 for k in new_keys if len(chunks[k]) > 1) - sum(map(len, prefix_rows))
+            self.stats.shared_prefix_tokens_saved += saved
+
+        if self.compact or self.cache is None:
+            keys = [key for key in chunks if key in old_row] + new_keys
+        else:  # keep released rows in place (idle), put new keys in free rows first
+            keys = [key if key in chunks else None for key in self.row_keys]
+            for key in new_keys:
+                if None in keys:
+                    keys[keys.index(None)] = key
+                else:
+                    keys.append(key)
+        num_rows = next_bucket(max(len(keys), 1), 1)
+        num_rows = -(-num_rows // sampler.batch_multiple) * sampler.batch_multiple
+        keys = keys + [None] * (num_rows - len(keys))
+
+        # sources: old cache rows [0, n_old), then prefix rows, then one empty row (for keys with no prefix)
+        n_old = 0 if self.cache is None else self.cache.batch_size
+        n_prefix = 0 if prefix_cache is None else prefix_cache.batch_size
+        empty_row = KVCache.init(sampler.cfg, 1, max(self.cache.max_len if self.cache is not None else 0,
+                                                      prefix_cache.max_len if prefix_cache is not None else 0,
+                                                      sampler.min_cache_len))
+        if self.cache is not None and self.cache.extra:
+            empty_row = empty_row.replace(extra={n: jnp.zeros_like(s[:1]) for n, s in self.cache.extra.items()})
+        source = _concat_caches([self.cache, prefix_cache, empty_row])
+        gather, append_ids = [], []
+        for row, key in enumerate(keys):
+            if key is None:  # idle row: keep the old one in place when not compacting (no copy)
+                gather.append(row if not self.compact and row < n_old else n_old + n_prefix)
+                append_ids.append([])
+            elif key in old_row:
+                gather.append(old_row[key])
+                append_ids.append(chunks[key])
+            elif len(chunks[key]) > 1:
+                gather.append(n_old + prefix_rows[tuple(chunks[key][:-1])])
+                append_ids.append(chunks[key][-1:])
+            else:
+                gather.append(n_old + n_prefix)
+                append_ids.append(chunks[key])
+        if self.cache is not None and gather == list(range(len(gather))) and n_prefix == 0 and \
+                len(gather) == n_old:
+            cache = self.cache  # same rows, same order: no copy
+        else:
+            cache = source.take_rows(jnp.asarray(gather, jnp.int32))
+        self.cache = sampler.shard_cache(cache)
+        self.row_keys = keys
+        return append_ids
+
+    def _prefill_prefixes(self, prefixes: list[tuple[int, ...]]) -> KVCache:
+        sampler = self.sampler
+        rows = next_bucket(len(prefixes), 1)
+        rows = -(-rows // sampler.batch_multiple) * sampler.batch_multiple
+        longest = max(map(len, prefixes))
+        cache = KVCache.init(sampler.cfg, rows, next_bucket(longest + 1, sampler.min_cache_len))
+        padded = [list(p) for p in prefixes] + [[]] * (rows - len(prefixes))
+        cache, _ = self._run_append(sampler.shard_cache(cache), padded)
+        return cache
+
+    # ------------------------------------------------------------------ device calls
+    def _run_append(self, cache: KVCache, append_ids: list[list[int]]) -> tuple[KVCache, jax.Array]:
+        sampler = self.sampler
+        width = next_bucket(max(max(map(len, append_ids)), 1), sampler.min_chunk_len)
+        tokens = np.zeros((len(append_ids), width), np.int32)
+        mask = np.zeros((len(append_ids), width), bool)
+        for row, ids in enumerate(append_ids):
+            tokens[row, :len(ids)] = ids
+            mask[row, :len(ids)] = True
+        ends = np.asarray(cache.end)
+        needed = int((ends + mask.sum(1)).max()) + 1
+        cache = sampler.shard_cache(grow_cache(cache, next_bucket(needed, cache.max_len)))
+        self.stats.prefill_tokens += int(mask.sum())
+        return append_chunk(sampler.graphdef, sampler.state, cache, sampler.shard_rows(jnp.asarray(tokens)),
+                            sampler.shard_rows(jnp.asarray(mask)))
+
+    def _append(self, append_ids: list[list[int]]) -> jax.Array:
+        self.cache, next_logits = self._run_append(self.cache, append_ids)
+        return next_logits
+
+    def _decode(self, next_logits: jax.Array, budgets: dict[Hashable, int], rng: jax.Array,
+                stop_strings: Sequence[str]) -> dict[Hashable, TurnOutput]:
+        sampler = self.sampler
+        num_rows = len(self.row_keys)
+        live = np.array([key is not None and key in budgets for key in self.row_keys])
+        remaining = np.array([budgets[key] if live[i] else 0 for i, key in enumerate(self.row_keys)], np.int32)
+        active = live & (remaining > 0)
+        generated = [[] for _ in range(num_rows)]
+        logprobs = [[] for _ in range(num_rows)]
+        finish = ["length"] * num_rows
+        steps = sampler.decode_steps_per_chunk
+        while active.any():
+            ends = np.asarray(self.cache.end)
+            self.cache = sampler.shard_cache(grow_cache(self.cache, next_bucket(int(ends.max()) + steps + 1,
+                                                                                self.cache.max_len)))
+            rng, chunk_key = jax.random.split(rng)
+            (self.cache, next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
+             num_generated) = decode_chunk(
+                sampler.graphdef, sampler.state, self.cache, next_logits, sampler.shard_rows(jnp.asarray(active)),
+                sampler.shard_rows(jnp.asarray(remaining)), chunk_key, params=sampler.params, num_steps=steps,
+                stop_ids=sampler.stop_token_ids)
+            tokens, token_logprobs = np.asarray(tokens), np.asarray(token_logprobs)
+            num_generated = np.asarray(num_generated)
+            self.stats.decode_row_steps += num_rows * int(num_generated.max())
+            self.stats.generated_tokens += int(num_generated.sum())
+            new_active, remaining = np.asarray(active_dev).copy(), np.asarray(remaining_dev).copy()
+            truncate_to = None
+            for row in np.flatnonzero(active):
+                n = int(num_generated[row])
+                generated[row] += tokens[row, :n].tolist()
+                logprobs[row] += token_logprobs[row, :n].tolist()
+                if n and generated[row][-1] in sampler.stop_token_ids:
+                    finish[row] = "stop_token"
+                elif stop_strings:
+                    cut = _stop_string_cut(generated[row], n, stop_strings, sampler.decode_text)
+                    if cut is not None:
+                        dropped = len(generated[row]) - cut
+                        del generated[row][cut:], logprobs[row][cut:]
+                        finish[row], new_active[row] = "stop_string", False
+                        if dropped:
+                            truncate_to = np.asarray(self.cache.end).copy() if truncate_to is None else truncate_to
+                            truncate_to[row] -= dropped
+            if truncate_to is not None:
+                self.cache = truncate_rows(self.cache, jnp.asarray(truncate_to))
+            active = new_active
+        return {key: TurnOutput(np.asarray(generated[i], np.int32), np.asarray(logprobs[i], np.float32), finish[i])
+                for i, key in enumerate(self.row_keys) if live[i]}
+
+
+def _stop_string_cut(ids: list[int], num_new: int, stop_strings: Sequence[str],
+                     decode: Callable[[Sequence[int]], str]) -> int | None:
+    """Smallest token count whose decoded text contains a stop string, if the new tokens completed one."""
+    text = decode(ids)
+    if not any(s in text for s in stop_strings):
+        return None
+    for cut in range(max(len(ids) - num_new, 0) + 1, len(ids) + 1):
+        prefix = decode(ids[:cut])
+        if any(s in prefix for s in stop_strings):
+            return cut
+    return len(ids)

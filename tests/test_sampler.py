@@ -1,0 +1,187 @@
+"""Sampler on a tiny random Decoder: greedy vs no-cache argmax, continuation vs fresh prefill, shared
+prefixes, compaction, stop tokens/strings, determinism and data-parallel sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgcd_jax.models import Decoder, KVCache, ModelConfig
+from sgcd_jax.sampling.kernels import append_chunk, decode_chunk
+from sgcd_jax.sampling.rules import SamplingParams
+from sgcd_jax.sampling.session import Sampler
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_position_embeddings=512)
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    # sharpen the random init so greedy choices have clear margins (float noise cannot flip them)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p * 8.0 if p.ndim == 2 else p, params))
+    return model
+
+
+REF_LEN = 48  # the reference pads every sequence to one length so it compiles once
+
+
+@jax.jit
+def _full_logits(state, tokens, mask):
+    model = nnx.merge(_GRAPHDEF[0], state)
+    hidden, _ = model(tokens, jnp.arange(tokens.shape[1])[None], mask)
+    return model.logits(hidden)  # [1, REF_LEN, V]
+
+
+_GRAPHDEF = []
+
+
+def full_logits(model, ids):
+    """Logits [len(ids), V] of one cache-free forward over ids (right padding is causal-invisible)."""
+    graphdef, state = nnx.split(model)
+    _GRAPHDEF[:] = [graphdef]
+    tokens = np.zeros((1, REF_LEN), np.int32)
+    tokens[0, :len(ids)] = ids
+    return _full_logits(state, jnp.asarray(tokens), jnp.asarray(np.arange(REF_LEN) < len(ids))[None])[0, :len(ids)]
+
+
+def no_cache_greedy(model, prompt, num_new):
+    ids = list(prompt)
+    for _ in range(num_new):
+        ids.append(int(jnp.argmax(full_logits(model, ids)[-1])))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[1, 5, 9, 3], [7, 2], [4, 4, 8, 12, 33, 17, 2]]
+
+
+def test_greedy_equals_step_by_step_argmax_without_cache(model):
+    sampler = Sampler(model, params=GREEDY, decode_steps_per_chunk=5)  # several chunks per turn
+    outs = sampler.generate(PROMPTS, max_new_tokens=12, rng=jax.random.key(0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids.tolist() == no_cache_greedy(model, prompt, 12)
+        assert out.finish_reason == "length"
+
+
+def test_stop_token_ends_row_and_is_kept(model):
+    expected = no_cache_greedy(model, PROMPTS[0], 12)
+    stop = expected[3]
+    sampler = Sampler(model, params=GREEDY, stop_token_ids=(stop,))
+    out = sampler.generate(PROMPTS[:1], max_new_tokens=12, rng=jax.random.key(0))[0]
+    first = expected.index(stop)
+    assert out.token_ids.tolist() == expected[:first + 1] and out.finish_reason == "stop_token"
+
+
+def test_per_row_max_tokens(model):
+    sampler = Sampler(model, params=GREEDY)
+    outs = sampler.generate(PROMPTS, max_new_tokens=[3, 7, 1], rng=jax.random.key(0))
+    assert [len(o.token_ids) for o in outs] == [3, 7, 1]
+
+
+def test_stop_string_truncates_and_rolls_back_cache(model):
+    decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)  # noqa: E731
+    expected = no_cache_greedy(model, PROMPTS[0], 12)
+    stop_string = decode(expected[4:6])
+    cut = next(c for c in range(1, 13) if stop_string in decode(expected[:c]))
+    sampler = Sampler(model, params=GREEDY, decode_text=decode, decode_steps_per_chunk=16)
+    session = sampler.session()
+    out = session.step({"a": PROMPTS[0]}, max_new_tokens=12, rng=jax.random.key(0), stop_strings=[stop_string])["a"]
+    assert out.token_ids.tolist() == expected[:cut] and out.finish_reason == "stop_string"
+    assert int(session.cache.end[0]) == len(PROMPTS[0]) + cut  # tokens past the stop string forgotten
+    # continuing after the cut behaves as if the dropped tokens were never generated
+    nxt = session.step({"a": [3]}, max_new_tokens=4, rng=jax.random.key(1))["a"]
+    assert nxt.token_ids.tolist() == no_cache_greedy(model, PROMPTS[0] + expected[:cut] + [3], 4)
+
+
+def test_continuation_logits_equal_fresh_prefill(model):
+    prompt, observation = [3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7, 9]
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(CFG, 1, 64)
+    cache, logits = append_chunk(graphdef, state, cache, jnp.asarray([prompt]), jnp.ones((1, 6), bool))
+    cache, _, _, _, _, generated, _, num = decode_chunk(
+        graphdef, state, cache, logits, jnp.array([True]), jnp.array([5]), jax.random.key(3),
+        params=SamplingParams(temperature=1.0), num_steps=8, stop_ids=())
+    generated = np.asarray(generated)[0, :int(num[0])].tolist()
+    assert len(generated) == 5
+    padded = jnp.asarray([observation + [0, 0, 0]])
+    cache, cont_logits = append_chunk(graphdef, state, cache, padded, padded > -1 & (jnp.arange(10) < 7)[None])
+    full = prompt + generated + observation
+    _, fresh_logits = append_chunk(graphdef, state, KVCache.init(CFG, 1, 64), jnp.asarray([full]),
+                                   jnp.ones((1, len(full)), bool))
+    np.testing.assert_allclose(np.asarray(cont_logits), np.asarray(fresh_logits), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(cont_logits[0]), np.asarray(full_logits(model, full)[-1]), atol=2e-4,
+                               rtol=1e-4)
+
+
+def test_multi_turn_session_equals_fresh_generation_and_reprefill(model):
+    obs = {"a": [[9, 9, 1], [2, 3]], "b": [[5], [6, 7, 8, 9]]}
+    prompts = {"a": PROMPTS[0], "b": PROMPTS[2]}
+    sampler = Sampler(model, params=GREEDY, decode_steps_per_chunk=4)
+    cached, reprefill = sampler.session(), sampler.session(reuse_cache=False)
+    convo = {k: list(p) for k, p in prompts.items()}
+    outs = [cached.step(prompts, max_new_tokens=6, rng=jax.random.key(0)),
+            reprefill.step(prompts, max_new_tokens=6, rng=jax.random.key(0))]
+    for turn in range(2):
+        for key in prompts:
+            expected = no_cache_greedy(model, convo[key], 6)
+            assert outs[0][key].token_ids.tolist() == expected == outs[1][key].token_ids.tolist()
+            convo[key] += expected + obs[key][turn]
+        chunks = {key: obs[key][turn] for key in prompts}
+        outs = [cached.step(chunks, max_new_tokens=6, rng=jax.random.key(1)),
+                reprefill.step(chunks, max_new_tokens=6, rng=jax.random.key(1))]
+    assert reprefill.stats.prefill_tokens > cached.stats.prefill_tokens
+
+
+def test_shared_prefix_siblings_and_compaction(model):
+    sampler = Sampler(model, params=GREEDY)
+    session = sampler.session()
+    group = {("t0", g): PROMPTS[0] for g in range(3)} | {("t1", g): PROMPTS[2] for g in range(3)}
+    outs = session.step(group, max_new_tokens=5, rng=jax.random.key(0))
+    assert session.stats.shared_prefix_tokens_saved == 2 * (len(PROMPTS[0]) - 1) + 2 * (len(PROMPTS[2]) - 1)
+    for (task, _), out in outs.items():
+        assert out.token_ids.tolist() == no_cache_greedy(model, PROMPTS[0] if task == "t0" else PROMPTS[2], 5)
+    assert session.cache.batch_size == 8
+    # only two episodes continue: the cache shrinks to two rows and they continue correctly
+    keep = {("t0", 1): [4], ("t1", 2): [6, 6]}
+    outs2 = session.step(keep, max_new_tokens=4, rng=jax.random.key(1))
+    assert session.cache.batch_size == 2 and set(outs2) == set(keep)
+    expected = no_cache_greedy(model, PROMPTS[2] + outs[("t1", 2)].token_ids.tolist() + [6, 6], 4)
+    assert outs2[("t1", 2)].token_ids.tolist() == expected
+
+
+def test_sampling_is_deterministic_given_key(model):
+    sampler = Sampler(model, params=SamplingParams(temperature=1.0, top_p=0.9))
+    a = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(5))
+    b = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(5))
+    c = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(6))
+    assert all((x.token_ids == y.token_ids).all() and np.allclose(x.logprobs, y.logprobs) for x, y in zip(a, b))
+    assert any((x.token_ids != y.token_ids).any() for x, y in zip(a, c))
+    assert all((o.logprobs <= 0).all() and (o.logprobs > -30).all() for o in a)
+
+
+def test_sampler_logprobs_match_model_at_temperature_one(model):
+    sampler = Sampler(model, params=SamplingParams(temperature=1.0))
+    out = sampler.generate(PROMPTS[:1], max_new_tokens=6, rng=jax.random.key(2))[0]
+    full = PROMPTS[0] + out.token_ids.tolist()
+    logp = jax.nn.log_softmax(full_logits(model, full), -1)
+    expected = [float(logp[len(PROMPTS[0]) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+
+
+def test_sharded_rows_give_same_greedy_output(model):
+    if jax.device_count() < 4:
+        pytest.skip("needs >= 4 devices (tests/conftest.py forces 8 CPU devices)")
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    plain = Sampler(model, params=GREEDY).generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
+    sharded_sampler = Sampler(model, params=GREEDY, mesh=mesh)
+    sharded_sampler.state = jax.device_put(sharded_sampler.state, jax.sharding.NamedSharding(mesh, jax.P()))
+    session = sharded_sampler.session()
+    outs = session.step(dict(enumerate(PROMPTS)), max_new_tokens=6, rng=jax.random.key(0))
+    assert session.cache.batch_size % 4 == 0
+    assert len(session.cache.k.sharding.device_set) == 4
+    for i, out in enumerate(plain):
+        assert outs[i].token_ids.tolist() == out.token_ids.tolist()
