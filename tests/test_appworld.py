@@ -135,3 +135,24 @@ def test_pool_lifecycle_health_and_exhaustion():
 def test_setup_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(REPO / "launch" / "appworld_setup.sh")], capture_output=True)
     assert result.returncode == 0, result.stderr
+
+
+REAL_VENV = Path(__import__("os").environ.get("APPWORLD_VENV", Path.home() / ".venvs" / "appworld"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_VENV / "bin" / "appworld").exists(),
+                    reason="real AppWorld venv absent (create it with launch/appworld_setup.sh)")
+def test_real_appworld_server_lifecycle_up_to_the_data_line(root):
+    """The real `appworld serve environment` starts, answers health, rejects a task whose data is a
+    stub, and is stopped; with real data this is where an episode would begin."""
+    from sgcd_jax.envs.appworld.server import AppWorldCallError
+    factory = make_factory("appworld", root=str(root), venv=str(REAL_VENV), pool_size=1,
+                           startup_timeout_s=120)
+    server = factory.pool.acquire()
+    assert server.healthy()
+    with pytest.raises(AppWorldCallError):
+        server.call("initialize", {"task_id": "aaa_1", "experiment_name": "t"}, timeout_s=60)
+    factory.pool.release(server)
+    factory.close()
+    assert not server.alive()

@@ -169,7 +169,7 @@ class AppWorldFactory:
                  startup_timeout_s: float = 180.0, request_timeout_s: float = 120.0,
                  experiment_name: str = "sgcd", log_dir: str | None = None, **_: Any):
         self.root = data_root(root)
-        command = command or default_command(venv)
+        command = command or default_command(venv, self.root)
         server_env = {"APPWORLD_ROOT": str(self.root)}
         self.pool = ServerPool(pool_size, lambda: AppWorldServer(
             command, env=server_env, startup_timeout_s=startup_timeout_s,

@@ -39,15 +39,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def default_command(venv: str | os.PathLike | None = None) -> Callable[[int], list[str]]:
-    """``<venv>/bin/appworld serve environment --port N`` (venv from $APPWORLD_VENV or ~/.venvs/appworld,
-    created by launch/appworld_setup.sh)."""
+def default_command(venv: str | os.PathLike | None = None,
+                    root: str | os.PathLike | None = None) -> Callable[[int], list[str]]:
+    """``<venv>/bin/appworld serve environment --port N [--root ROOT]`` (venv from $APPWORLD_VENV or
+    ~/.venvs/appworld, created by launch/appworld_setup.sh; the CLI defaults its root to the cwd)."""
     venv = Path(venv or os.environ.get("APPWORLD_VENV", Path.home() / ".venvs" / "appworld"))
     exe = venv / "bin" / "appworld"
     if not exe.exists():
         raise FileNotFoundError(f"{exe} not found: run `bash launch/appworld_setup.sh` to create the AppWorld "
                                 f"venv (appworld pins pydantic<2, so it lives apart from sgcd_jax)")
-    return lambda port: [str(exe), "serve", "environment", "--port", str(port)]
+    root_args = ["--root", str(root)] if root else []
+    return lambda port: [str(exe), "serve", "environment", "--port", str(port), *root_args]
 
 
 class AppWorldServer:
