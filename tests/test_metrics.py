@@ -6,7 +6,7 @@ import pytest
 
 from sgcd_jax.envs import make_factory
 from sgcd_jax.envs.airline_lite import oracle_actions
-from sgcd_jax.envs.metrics import (evaluate, mean_over_tasks, pass_at_k, pass_hat_k,
+from sgcd_jax.envs.metrics import (evaluate, save_eval, mean_over_tasks, pass_at_k, pass_hat_k,
                                    scenario_goal_completion, task_goal_completion, appworld_scenario)
 
 
@@ -69,3 +69,13 @@ def test_evaluate_counts_successes_per_trial_and_survives_crashes():
     assert summary["pass_hat_k"][2] == pytest.approx(1 / 3)  # C(2,2)/C(3,2)
     assert summary["pass_at_k"][2] == pytest.approx(1.0)
     assert summary["episode_errors"] == 2 and "sampler exploded" in rows[0]["errors"][0]
+
+
+def test_save_eval_writes_jsonl_rows_and_summary(tmp_path):
+    import json
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=3, seed=0)
+    rows, summary = evaluate(_oracle_policy, factory, "test", n_trials=1)
+    rows_path, summary_path = save_eval(rows, summary, tmp_path / "eval")
+    lines = rows_path.read_text().splitlines()
+    assert [json.loads(line)["task_id"] for line in lines] == [r["task_id"] for r in rows]
+    assert json.loads(summary_path.read_text())["pass_hat_k"] == {"1": 1.0}

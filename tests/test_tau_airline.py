@@ -305,7 +305,8 @@ def test_user_stop_and_transfer_are_proper_ends(factory):
                                     "payment_id": CARD}, "must be one of"),
     ("update_reservation_passengers", {"reservation_id": R, "passengers": [{"first_name": "A"}]},
      "missing field(s): last_name, dob"),
-    ("book_reservation", "not a dict", "arguments must be a JSON object"),
+    ("book_reservation", ["not", "a", "dict"], "arguments must be a JSON object"),
+    ("get_user_details", "{not json", "arguments are not valid JSON"),
     ("cancel_reservation", {"reservation_id": "ZZZZZZ"}, "Reservation ZZZZZZ not found"),
 ])
 def test_bad_calls_become_error_observations_never_exceptions(factory, name, args, expected):

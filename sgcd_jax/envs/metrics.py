@@ -8,7 +8,9 @@ SGC = fraction of scenarios all of whose tasks pass.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -127,3 +129,15 @@ def summarize(rows: list[dict[str, Any]], env_name: str, split: str,
         summary["tgc"] = task_goal_completion(first_trial)
         summary["sgc"] = scenario_goal_completion(first_trial, appworld_scenario)
     return summary
+
+
+def save_eval(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``per_task.jsonl`` (one row per task) and ``summary.json`` under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path, summary_path = out / "per_task.jsonl", out / "summary.json"
+    with rows_path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, default=str) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    return rows_path, summary_path

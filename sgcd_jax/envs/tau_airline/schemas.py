@@ -6,6 +6,7 @@ Descriptions paraphrase the official tool docs; argument names, required sets an
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 _STR = {"type": "string"}
@@ -113,6 +114,11 @@ def validate_arguments(name: str, arguments: Any) -> dict[str, Any]:
     Raises ToolArgumentError naming the bad argument."""
     if name not in TOOL_SPECS:
         raise ToolArgumentError(f"Tool '{name}' not found. Available tools: {', '.join(TOOL_SPECS)}")
+    if isinstance(arguments, str):  # a parser that left the JSON undecoded
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise ToolArgumentError(f"{name}: arguments are not valid JSON ({exc.msg})") from None
     if not isinstance(arguments, dict):
         raise ToolArgumentError(f"{name}: arguments must be a JSON object, got {type(arguments).__name__}")
     _, properties, required = TOOL_SPECS[name]
