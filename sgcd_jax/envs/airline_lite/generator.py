@@ -21,8 +21,8 @@ templated final message.
 
 from __future__ import annotations
 
-import functools
 import random
+import threading
 from typing import Any
 
 AIRPORTS = ("JFK", "LAX", "SFO", "ORD", "BOS", "MIA", "SEA", "DEN")
@@ -44,10 +44,20 @@ def refundable(reservation: dict[str, Any]) -> bool:
     return reservation["insurance"] == "yes" or reservation["cabin"] == "business"
 
 
-@functools.cache
+_DB_LOCK = threading.Lock()
+_DBS: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+
+
 def generate_db(seed: int, split: str = "train") -> dict[str, dict[str, Any]]:
     """Shared read-only base DB for (``seed``, ``split``) (cached; wrap in CowDB per episode). Each
     split has its own users, flights and reservations, so test tasks never repeat training entities."""
+    with _DB_LOCK:
+        if (seed, split) not in _DBS:
+            _DBS[(seed, split)] = _build_db(seed, split)
+        return _DBS[(seed, split)]
+
+
+def _build_db(seed: int, split: str) -> dict[str, dict[str, Any]]:
     rng = random.Random(f"airline_lite-db-{seed}-{split}")
     routes = rng.sample([(o, d) for o in AIRPORTS for d in AIRPORTS if o != d], 24)
     flights, number = {}, 100

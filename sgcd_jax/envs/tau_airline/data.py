@@ -5,7 +5,6 @@ Loaded once per process and shared read-only by every episode (see ``CowDB``).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import threading
@@ -23,11 +22,16 @@ def data_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "tau2" / "domains" / "airline"
 
 
-@functools.cache
+_CACHE: dict[str, Any] = {}
+
+
 def _load(name: str) -> Any:
-    path = data_dir() / name
+    """Each file is parsed once per process (under a lock: every episode must share one base DB)."""
     with _LOCK:
-        return path.read_text(encoding="utf-8") if name.endswith(".md") else json.loads(path.read_text())
+        if name not in _CACHE:
+            text = (data_dir() / name).read_text(encoding="utf-8")
+            _CACHE[name] = text if name.endswith(".md") else json.loads(text)
+        return _CACHE[name]
 
 
 def base_db() -> dict[str, dict[str, Any]]:
