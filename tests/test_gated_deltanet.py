@@ -1,5 +1,6 @@
 """Gated DeltaNet math: chunked form == recurrent form == a naive loop == transformers' torch fallback; gradients."""
 
+import functools
 import math
 
 import jax
@@ -14,22 +15,17 @@ from sgcd_jax.models.gated_deltanet import (GatedDeltaNet, causal_depthwise_conv
                                             gated_delta_rule_recurrent, l2_normalize, next_conv_state)
 
 
+@jax.jit
 def naive_gated_delta_rule(q, k, v, g, beta, state):
-    """The defining recurrence written as plainly as possible, one head at a time (numpy-like jnp)."""
-    batch, steps, heads, _ = k.shape
-    outputs = []
-    for t in range(steps):
-        per_head = []
-        new_states = []
-        for h in range(heads):
-            s = state[:, h] * jnp.exp(g[:, t, h])[:, None, None]  # [B,Dk,Dv]
-            error = v[:, t, h] - jnp.einsum("bkv,bk->bv", s, k[:, t, h], precision="highest")
-            s = s + beta[:, t, h][:, None, None] * k[:, t, h][:, :, None] * error[:, None, :]
-            new_states.append(s)
-            per_head.append(jnp.einsum("bkv,bk->bv", s, q[:, t, h], precision="highest"))
-        state = jnp.stack(new_states, 1)
-        outputs.append(jnp.stack(per_head, 1))
-    return jnp.stack(outputs, 1), state
+    """The defining recurrence, one token per step, exactly as written in the module docstring."""
+    def step(state, t):
+        state = state * jnp.exp(g[:, t])[..., None, None]  # [B,H,Dk,Dv]
+        error = v[:, t] - jnp.einsum("bhkv,bhk->bhv", state, k[:, t], precision="highest")
+        state = state + beta[:, t][..., None, None] * k[:, t][..., :, None] * error[..., None, :]
+        return state, jnp.einsum("bhkv,bhk->bhv", state, q[:, t], precision="highest")
+
+    state, outputs = jax.lax.scan(step, state, jnp.arange(k.shape[1]))
+    return jnp.moveaxis(outputs, 0, 1), state
 
 
 def random_inputs(seed, batch=2, steps=13, heads=3, key_dim=8, value_dim=6, with_state=True):
@@ -43,7 +39,7 @@ def random_inputs(seed, batch=2, steps=13, heads=3, key_dim=8, value_dim=6, with
     return q, k, v, g, beta, state
 
 
-@pytest.mark.parametrize("steps,chunk", [(13, 4), (16, 8), (5, 8), (37, 16)])
+@pytest.mark.parametrize("steps,chunk", [(13, 4), (37, 16)])
 def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
     q, k, v, g, beta, state = random_inputs(0, steps=steps)
     naive_out, naive_state = naive_gated_delta_rule(q, k, v, g, beta, state)
@@ -58,9 +54,10 @@ def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
 def test_chunked_matches_recurrent_token_by_token_from_a_carried_state():
     q, k, v, g, beta, _ = random_inputs(1, steps=21)
     chunk_out, chunk_state = gated_delta_rule_chunked(q, k, v, g, beta, None, chunk_size=8)
-    state = None
+    state = jnp.zeros((2, 3, 8, 6))
+    recurrent = jax.jit(gated_delta_rule_recurrent)
     for t in range(21):
-        out_t, state = gated_delta_rule_recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+        out_t, state = recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
                                                   beta[:, t:t + 1], state)
         np.testing.assert_allclose(out_t[:, 0], chunk_out[:, t], atol=1e-4)
     np.testing.assert_allclose(state, chunk_state, atol=1e-4)
@@ -145,8 +142,14 @@ def tiny_deltanet_config(**extra) -> ModelConfig:
                        num_kv_heads=1, extra=settings)
 
 
+def jitted(module):
+    graphdef, params = nnx.split(module)
+    run = jax.jit(lambda params, *args: nnx.merge(graphdef, params)(*args))
+    return functools.partial(run, params)
+
+
 def test_layer_split_into_padded_chunks_equals_one_pass_and_padding_does_not_touch_state():
-    layer = GatedDeltaNet(tiny_deltanet_config(), rngs=nnx.Rngs(0))
+    layer = jitted(GatedDeltaNet(tiny_deltanet_config(), rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(0), (2, 23, 16))
     full_mask = jnp.ones((2, 23), bool)
     full, full_conv, full_state = layer(x, full_mask)
@@ -165,10 +168,12 @@ def test_layer_split_into_padded_chunks_equals_one_pass_and_padding_does_not_tou
 
 
 def test_layer_decode_token_by_token_equals_chunked_pass():
-    layer = GatedDeltaNet(tiny_deltanet_config(deltanet_recurrent_max_len=1), rngs=nnx.Rngs(1))
+    module = GatedDeltaNet(tiny_deltanet_config(deltanet_recurrent_max_len=1), rngs=nnx.Rngs(1))
+    layer = jitted(module)
     x = jax.random.normal(jax.random.key(1), (2, 19, 16))
     full, _, _ = layer(x, jnp.ones((2, 19), bool))
-    conv, state, outs = None, None, []
+    conv, state = (jnp.zeros(shape, dtype) for shape, dtype in module.state_shapes(2).values())
+    outs = []
     for t in range(19):
         out, conv, state = layer(x[:, t:t + 1], jnp.ones((2, 1), bool), conv, state)
         outs.append(out)
