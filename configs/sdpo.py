@@ -13,5 +13,5 @@ def get_config():
     cfg.run.name = "sdpo"
     cfg.loss.credit = "none"
     cfg.loss.sdpo_coef = 1.0
-    cfg.loss.sdpo_mode = "token"
+    cfg.loss.sdpo_mode = "sampled"
     return cfg

@@ -68,6 +68,19 @@ class TrainCheckpointer:
         state = jax.tree.map(_rewrap_key, abstract_state, restored.state)
         return state, dict(restored.meta)
 
+    def has_reference(self) -> bool:
+        return os.path.isdir(os.path.join(self.directory, "reference"))
+
+    def save_reference(self, params: Any) -> None:
+        """The frozen KL reference (written once, synchronously)."""
+        with ocp.StandardCheckpointer() as writer:
+            writer.save(os.path.join(self.directory, "reference"), _to_host_tree(params))
+
+    def restore_reference(self, abstract_params: Any) -> Any:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
+        with ocp.StandardCheckpointer() as reader:
+            return reader.restore(os.path.join(self.directory, "reference"), target)
+
     def wait(self) -> None:
         self._latest.wait_until_finished()
         self._best.wait_until_finished()

@@ -171,7 +171,7 @@ class LossSpec:
     entropy_gate: str = "none"  # none | hard | soft
     entropy_threshold: float = 0.5
     sdpo_coef: float = 0.0  # >0 adds the direct self-distillation actor loss (SDPO baseline)
-    sdpo_mode: str = "token"  # token | full
+    sdpo_mode: str = "sampled"  # sampled (token log-ratio surrogate) | full (vocab reverse KL)
     vocab_chunk: int = 128  # sequence chunk for the chunked vocab math
 
     def __post_init__(self):
@@ -181,7 +181,7 @@ class LossSpec:
         _one_of("loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _one_of("loss.credit", self.credit, ("none", "sgcd", "rlsd"))
         _one_of("loss.granularity", self.granularity, ("token", "step"))
-        _one_of("loss.sdpo_mode", self.sdpo_mode, ("token", "full"))
+        _one_of("loss.sdpo_mode", self.sdpo_mode, ("sampled", "full"))
         _one_of("loss.lambda_schedule", self.lambda_schedule, ("constant", "linear", "cosine"))
         _one_of("loss.entropy_gate", self.entropy_gate, ("none", "hard", "soft"))
         _check(0.0 <= self.credit_lambda <= 1.0 and 0.0 <= self.lambda_final <= 1.0,

@@ -9,7 +9,7 @@ aggregation mode.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -18,10 +18,11 @@ import optax
 from flax import nnx
 
 from sgcd_jax.config import OptimSpec
+from sgcd_jax.losses.distill import DistillBatch, DistillConfig, sdpo_loss
 from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig, ppo_policy_loss
 from sgcd_jax.losses.types import aggregate
-from sgcd_jax.losses.vocab import VocabConfig, token_stats
-from sgcd_jax.scoring import PackedBatch, forward_hidden
+from sgcd_jax.losses.vocab import VocabConfig, pair_stats, token_stats
+from sgcd_jax.scoring import PackedBatch, forward_hidden, gather_rows
 
 
 @flax.struct.dataclass
@@ -40,8 +41,7 @@ class StepSpec:
     policy: PolicyLossConfig
     vocab: VocabConfig
     micro_batch_size: int
-    sdpo_coef: float = 0.0
-    sdpo_loss: Callable | None = None  # fn(logprobs, teacher_logprobs, old_logprobs, mask) -> token losses
+    distill: DistillConfig | None = None  # SDPO baseline: actor loss toward the teacher
     sft: bool = False
 
 
@@ -79,12 +79,19 @@ def _micro_loss(params, graphdef, rest, inputs: StepInputs, denominators: dict, 
                                          entropy=stats.get("student_entropy")), spec.policy)
     total = policy.sum / denominators["policy"]
     metrics = dict(policy.metrics)
-    if spec.sdpo_coef > 0:
-        distill_mask = mask * batch.has_teacher[:, None]
-        token_losses = spec.sdpo_loss(logprobs, inputs.teacher_logprobs, inputs.old_logprobs, distill_mask)
-        distill_sum = jnp.where(distill_mask > 0, token_losses, 0.0).sum()
-        total = total + spec.sdpo_coef * distill_sum / denominators["distill"]
-        metrics["sdpo/loss_sum"] = jax.lax.stop_gradient(distill_sum)
+    if spec.distill is not None:
+        divergence = None
+        if spec.distill.mode == "full":  # full-vocabulary divergence to the detached teacher
+            teacher_hidden = jax.lax.stop_gradient(gather_rows(
+                forward_hidden(model, batch.teacher_tokens, batch.teacher_mask), batch.teacher_index))
+            divergence = pair_stats(hidden, teacher_hidden, model.lm_head_kernel(), batch.tokens[:, 1:],
+                                    spec.vocab, mask, features=(spec.distill.divergence,))[spec.distill.divergence]
+        distill = sdpo_loss(DistillBatch(loss_mask=mask * batch.has_teacher[:, None], logprobs=logprobs,
+                                         old_logprobs=inputs.old_logprobs,
+                                         teacher_logprobs=inputs.teacher_logprobs, divergence=divergence),
+                            spec.distill)
+        total = total + distill.sum / denominators["distill"]  # distill.sum already carries coef
+        metrics.update(distill.metrics)
     return total, metrics
 
 
@@ -94,8 +101,12 @@ def full_batch_denominators(inputs: StepInputs, spec: StepSpec) -> dict[str, jax
     if spec.sft:
         return {"policy": jnp.maximum(mask.sum(), 1.0)}
     _, policy = aggregate(zeros, mask, spec.policy.agg_mode, spec.policy.norm_length)
-    distill = (mask * inputs.batch.has_teacher[:, None]).sum()
-    return {"policy": jnp.maximum(policy, 1.0), "distill": jnp.maximum(distill, 1.0)}
+    out = {"policy": jnp.maximum(policy, 1.0)}
+    if spec.distill is not None:
+        _, distill = aggregate(zeros, mask * inputs.batch.has_teacher[:, None], spec.distill.agg_mode,
+                               spec.distill.norm_length)
+        out["distill"] = jnp.maximum(distill, 1.0)
+    return out
 
 
 def loss_and_grads(params, graphdef, rest, inputs: StepInputs, spec: StepSpec):
@@ -161,16 +172,3 @@ class Learner:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.params, self.opt_state = state["params"], state["opt_state"]
-
-
-def sdpo_token_loss(logprobs: jax.Array, teacher_logprobs: jax.Array, old_logprobs: jax.Array,
-                    mask: jax.Array, ratio_clip: float = 2.0) -> jax.Array:
-    """Sampled-token reverse-KL self-distillation toward the teacher (SDPO baseline), per token.
-
-    ∇ KL(p_S‖q_T) ≈ E_{y~p_old}[ρ · (log p_S(y) − log q_T(y)) · ∇ log p_S(y)], ρ = p_S/p_old clipped.
-    The teacher is detached but its log-probs enter the actor gradient directly — the opposite of
-    SGCD, where the teacher only shapes a bounded detached weight on the GRPO advantage.
-    """
-    ratio = jnp.clip(jnp.exp(jax.lax.stop_gradient(logprobs - old_logprobs)), 0.0, ratio_clip)
-    gap = jax.lax.stop_gradient(logprobs - teacher_logprobs)
-    return ratio * gap * logprobs * mask

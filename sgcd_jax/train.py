@@ -1,0 +1,184 @@
+"""``python -m sgcd_jax.train [--config configs/x.py] [--config.key=value …]`` — the training loop.
+
+One iteration (DESIGN.md): grain task stream → rollouts (G siblings per task) → verifier rewards →
+sibling selection → annotation (async queue) → teacher contexts → one jitted scoring pass
+(student, teacher-with-reference, optional reference logprobs, divergence features; chunked) →
+group advantages → bounded detached credit weights → jitted train step → metrics. Periodic eval of
+the bare student, orbax checkpoints (exact resume), report at the end. With no ``--config`` it runs
+the quickstart (configs/quickstart.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgcd_jax import config as config_lib
+from sgcd_jax import train_parts as parts
+from sgcd_jax.checkpoint import TrainCheckpointer
+from sgcd_jax.config import TrainConfig
+from sgcd_jax.data import TaskStream
+from sgcd_jax.metrics_log import MetricsLogger, Progress
+from sgcd_jax.train_step import Learner, make_optimizer
+
+
+class _Preemption:
+    """SIGTERM → finish the current iteration, checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary with the run dir, report path and final eval."""
+    run_dir = config.run_dir
+    config_lib.save_resolved(config, run_dir)
+    progress = Progress(config.run.progress)
+    process_index, process_count = jax.process_index(), jax.process_count()
+
+    # ---- world: env, tasks, model, tokenizer, chat renderer
+    env_factory = parts.build_env(config.env)
+    train_tasks = env_factory.tasks(config.env.train_split)
+    eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
+    model, tokenizer = parts.build_model(config.model, seed=config.run.seed)
+    chat = parts.ChatRenderer(tokenizer)
+
+    total_updates = config.run.num_iterations * config.optim.updates_per_iteration
+    learner = Learner(model, make_optimizer(config.optim, total_updates), parts.step_spec(config))
+    stream = TaskStream(train_tasks, seed=config.run.seed, process_index=process_index,
+                        process_count=process_count)
+    checkpointer = TrainCheckpointer(run_dir, keep=config.run.keep_checkpoints)
+    rng = jax.random.key(config.run.seed)
+    counters = parts.Counters()
+    start_iteration, best_eval = 0, -1.0
+
+    # ---- resume exactly, or start fresh (with the optional SFT warm-up)
+    latest = checkpointer.latest_step() if config.run.resume else None
+    if latest is not None:
+        state, meta = checkpointer.restore(latest, {**learner.state(), "rng": rng})
+        learner.load_state(state)
+        rng = state["rng"]
+        stream.set_state(meta["data"])
+        counters = parts.Counters(**meta["counters"])
+        start_iteration, best_eval = int(meta["iteration"]), float(meta["best_eval"])
+        progress.print(f"resumed from {checkpointer.directory} at iteration {start_iteration}")
+    elif config.sft.enabled:
+        sft_metrics = parts.run_sft(learner, env_factory, chat, config, progress)
+        progress.print(f"SFT warm-up: {sft_metrics}")
+    # KL reference = the policy RL starts from (after SFT); on resume, rebuilt from it is not exact —
+    # the checkpointed params at iteration 0 are restored instead.
+    ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
+    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
+                           resume_step=start_iteration + 1 if latest is not None else None)
+    if latest is None:
+        checkpointer.save(0, {**learner.state(), "rng": rng}, parts.meta(0, stream, counters, best_eval),
+                          force=True)
+
+    annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
+    preemption = _Preemption()
+    progress.phase("iterations", config.run.num_iterations)
+    iteration = start_iteration
+    eval_result: dict[str, float] = {}
+    try:
+        while iteration < config.run.num_iterations:
+            rng, rollout_key = jax.random.split(rng)
+            metrics, samples = parts.iteration(iteration, learner, ref_model, stream, env_factory, chat,
+                                               annotator, rollout_key, config, counters)
+            iteration += 1
+            if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
+                eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
+                logger.log(iteration, eval_result, phase="eval")
+                if eval_result["success_rate"] > best_eval:
+                    best_eval = eval_result["success_rate"]
+                    checkpointer.save_best(iteration, {**learner.state(), "rng": rng},
+                                           parts.meta(iteration, stream, counters, best_eval), best_eval)
+            logger.log(iteration, {**metrics, **counters.as_metrics()})
+            if samples:
+                parts.write_samples(run_dir, samples)
+            progress.advance("iterations", iteration,
+                             f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
+            stop_now = preemption.requested or (config.run.stop_after_iterations and
+                                                iteration - start_iteration >= config.run.stop_after_iterations)
+            if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
+                checkpointer.save(iteration, {**learner.state(), "rng": rng},
+                                  parts.meta(iteration, stream, counters, best_eval), force=True)
+            if stop_now:
+                progress.print(f"stopping at iteration {iteration} (checkpoint saved)")
+                checkpointer.close()
+                return {"run_dir": run_dir, "iteration": iteration, "preempted": True}
+        # ---- final eval, checkpoint, export, report
+        eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
+        logger.log(iteration, eval_result, phase="eval")
+        checkpointer.save(iteration, {**learner.state(), "rng": rng},
+                          parts.meta(iteration, stream, counters, best_eval), force=True)
+        if eval_result["success_rate"] > best_eval:
+            checkpointer.save_best(iteration, {**learner.state(), "rng": rng},
+                                   parts.meta(iteration, stream, counters, eval_result["success_rate"]),
+                                   eval_result["success_rate"])
+        checkpointer.close()
+    finally:
+        preemption.restore()
+        logger.close()
+        progress.close()
+        if annotator is not None:
+            annotator.close(wait=False)
+    summary = {"run_dir": run_dir, "iteration": iteration, "preempted": False, "eval": eval_result}
+    if config.run.export_hf:
+        summary["export_dir"] = parts.export(learner.model(), tokenizer, os.path.join(run_dir, "export"))
+    if config.run.report:
+        from sgcd_jax.report import build_report
+        summary["report"] = build_report([run_dir])
+    return summary
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """``--config path.py`` plus ``--config.a.b=value`` overrides (ml_collections config_flags)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    default = os.path.join(config_lib.configs_dir(), "quickstart.py")
+    try:
+        config_flags.DEFINE_config_file("config", default, "experiment config file", flag_values=flag_values,
+                                        sys_argv=list(argv), lock_config=True)
+        flag_values(argv)
+        config_dict = flag_values.config
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        overrides = [a for a in argv[1:] if a.startswith("--config")]
+        raise config_lib.ConfigError(f"bad command line {overrides}: {err}. Keys and defaults: "
+                                     "configs/base.py") from None
+    return config_lib.from_config_dict(config_dict)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv if argv is None else argv
+    try:
+        config = parse_args(argv)
+    except config_lib.ConfigError as err:
+        sys.exit(f"config error: {err}")
+    started = time.time()
+    summary = train(config)
+    elapsed = time.time() - started
+    print(f"done in {elapsed:.0f}s: run dir {summary['run_dir']}")
+    if summary.get("report"):
+        print(f"report: {os.path.abspath(summary['report'])}")
+
+
+_ = (jnp, np)
+
+if __name__ == "__main__":
+    main()

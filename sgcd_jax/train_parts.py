@@ -1,0 +1,324 @@
+"""The pieces ``train.py`` strings together: building the world from the config, one RL iteration,
+the SFT warm-up, eval of the bare student, report samples. Host code only; the math is jitted in
+``scoring`` / ``train_step`` / ``losses``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgcd_jax import integration
+from sgcd_jax.config import CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
+from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
+                             build_sdpo_teacher_batch, build_teacher_batch, select_groups)
+from sgcd_jax.credit.selection import group_siblings
+from sgcd_jax.credit.teacher import render_credit_text
+from sgcd_jax.data import TaskStream
+from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig, compute_advantages
+from sgcd_jax.losses.credit import CreditBatch, CreditConfig, no_credit, sgcd_credit
+from sgcd_jax.losses.distill import DistillConfig
+from sgcd_jax.losses.policy import PolicyLossConfig
+from sgcd_jax.losses.vocab import VocabConfig
+from sgcd_jax.report import write_samples as _write_samples
+from sgcd_jax.rollout.trajectory import Trajectory
+from sgcd_jax.scoring import ScoreSpec, pack, score, to_device
+from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+
+ChatRenderer = integration.ChatAdapter
+build_env = integration.build_env
+build_model = integration.build_model
+export = integration.export_model
+
+
+@dataclasses.dataclass
+class Counters:
+    """Monotone counts that survive resume (saved in checkpoint meta)."""
+
+    updates: int = 0
+    skipped_updates: int = 0
+    episodes: int = 0
+    env_errors: int = 0
+    annotation_fallbacks: int = 0
+    groups_without_reference: int = 0
+    sft_steps: int = 0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"count/{k}": float(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def meta(iteration: int, stream: TaskStream, counters: Counters, best_eval: float) -> dict[str, Any]:
+    return {"iteration": iteration, "data": stream.get_state(), "counters": dataclasses.asdict(counters),
+            "best_eval": best_eval}
+
+
+def frozen_copy(model: nnx.Module) -> nnx.Module:
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+# ----------------------------------------------------------------------------- configs → loss objects
+def policy_config(loss: LossSpec) -> PolicyLossConfig:
+    return PolicyLossConfig(clip_low=loss.clip_low, clip_high=loss.clip_high,
+                            dual_clip=loss.dual_clip if loss.dual_clip > 0 else None,
+                            kl_coef=loss.kl_coef, kl_estimator=loss.kl_estimator,
+                            entropy_coef=loss.entropy_coef, agg_mode=loss.aggregation)
+
+
+def credit_config(loss: LossSpec) -> CreditConfig:
+    low_pos, high_pos, low_neg, high_neg = (loss.eps_low_pos, loss.eps_high_pos, loss.eps_low_neg,
+                                            loss.eps_high_neg)
+    if not loss.bounded:  # the "no bounds" ablation: bounds so wide they never bind in practice
+        low_pos = low_neg = 0.99
+        high_pos = high_neg = 99.0
+    return CreditConfig(beta_pos=loss.beta_pos, beta_neg=loss.beta_neg, eps_low_pos=low_pos,
+                        eps_high_pos=high_pos, eps_low_neg=low_neg, eps_high_neg=high_neg, eta=loss.eta,
+                        entropy_gate=loss.entropy_gate, entropy_threshold=loss.entropy_threshold,
+                        granularity=loss.granularity, renormalize=loss.renormalize, lam=loss.credit_lambda,
+                        lam_schedule=loss.lambda_schedule, lam_final=loss.lambda_final,
+                        lam_decay_steps=loss.lambda_decay_steps)
+
+
+def step_spec(config: TrainConfig) -> StepSpec:
+    loss = config.loss
+    distill = (DistillConfig(mode=loss.sdpo_mode, coef=loss.sdpo_coef, agg_mode=loss.aggregation)
+               if loss.sdpo_coef > 0 else None)
+    return StepSpec(policy=policy_config(loss), vocab=VocabConfig(chunk_size=loss.vocab_chunk),
+                    micro_batch_size=config.optim.micro_batch_size, distill=distill)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _advantages(rewards, group_ids, valid, cfg: AdvantageConfig):
+    return compute_advantages(AdvantageBatch(rewards=rewards, group_ids=group_ids, valid=valid), cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "enabled"))
+def _credit(batch: CreditBatch, cfg: CreditConfig, step, enabled: bool):
+    return sgcd_credit(batch, cfg, step) if enabled else no_credit(batch, cfg, step)
+
+
+# ----------------------------------------------------------------------------- annotation
+def build_annotation_queue(credit: CreditSpec, run_dir: str) -> AsyncAnnotationQueue | None:
+    if credit.annotator == "none":
+        return None
+    cache_dir = credit.cache_dir or f"{run_dir}/annotation_cache"
+    gemini = None
+    if credit.annotator == "gemini":
+        from sgcd_jax.credit.gemini import GeminiConfig
+        gemini = GeminiConfig(model=credit.gemini_model)
+    annotator = build_annotator(AnnotatorConfig(kind=credit.annotator, cache_dir=cache_dir, gemini=gemini))
+    return AsyncAnnotationQueue(annotator, max_workers=4)
+
+
+def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
+                    chat: "integration.ChatAdapter", counters: Counters) -> tuple[list, dict, dict]:
+    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references."""
+    metrics: dict[str, float] = {}
+    references: dict[str, Any] = {}
+    if config.loss.sdpo_coef > 0 and config.loss.credit == "none":  # SDPO: a successful sibling's demo
+        rows = build_sdpo_teacher_batch(groups, chat.render_prompt_ids, chat.tools_of(trajectories[0]),
+                                        verify=False)
+        by_key = {}
+        i = 0
+        for group in groups:
+            for traj in group.trajectories:
+                by_key[(traj.group_id, traj.sample_index)] = rows[i]
+                i += 1
+    else:
+        mixed = [g for g in groups if g.is_mixed]
+        start = time.perf_counter()
+        results = annotator.collect(annotator.submit(mixed), timeout_s=config.credit.timeout_s) if mixed else {}
+        metrics["time/annotation_wait_s"] = time.perf_counter() - start
+        references = {gid: r.reference for gid, r in results.items()}
+        missing = sum(r.reference is None for r in results.values())
+        counters.groups_without_reference += missing
+        counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
+        metrics.update(annotator.stats.as_metrics())
+        rows = build_teacher_batch(trajectories, references, chat.render_prompt_ids,
+                                   chat.tools_of(trajectories[0]), verify=False)
+        by_key = {(t.group_id, t.sample_index): r for t, r in zip(trajectories, rows)}
+    prompts = []
+    for traj in trajectories:
+        row = by_key.get((traj.group_id, traj.sample_index))
+        prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
+    return prompts, metrics, references
+
+
+# ----------------------------------------------------------------------------- one iteration
+def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarray | None], learner: Learner,
+                     ref_model, config: TrainConfig, iteration: int, pad_id: int) -> tuple[dict, dict]:
+    """Pack → jitted score pass → advantages → credit weights → jitted update. Returns metrics and
+    per-row host arrays (weights, advantages) for the report."""
+    timings = {}
+    start = time.perf_counter()
+    micro = config.optim.micro_batch_size
+    batch = to_device(pack(trajectories, prompts, rows_multiple=micro, pad_id=pad_id))
+    needs_teacher = config.loss.needs_teacher and any(p is not None for p in prompts)
+    spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
+                     with_teacher=config.loss.needs_teacher, with_reference=config.loss.needs_reference)
+    features = score(learner.model(), ref_model, batch, spec)
+    jax.block_until_ready(features)
+    timings["time/score_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    rows = batch.tokens.shape[0]
+    rewards = np.zeros(rows, np.float32)
+    rewards[:len(trajectories)] = [t.reward for t in trajectories]
+    group_index = {gid: i for i, gid in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
+    group_ids = np.arange(rows, dtype=np.int32) + len(group_index)  # padding rows: singleton groups
+    group_ids[:len(trajectories)] = [group_index[t.group_id] for t in trajectories]
+    adv_cfg = AdvantageConfig(estimator=config.loss.advantage, eps=config.loss.adv_eps,
+                              norm_by_std=config.loss.norm_by_std)
+    advantages = _advantages(jnp.asarray(rewards), jnp.asarray(group_ids), batch.row_valid > 0, adv_cfg)
+    teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
+    credit = _credit(CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
+                                 teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
+                                 step_ids=batch.step_ids, reverse_kl=features.get("reverse_kl"),
+                                 entropy=features.get("student_entropy")),
+                     credit_config(config.loss), iteration, config.loss.credit != "none")
+    inputs = StepInputs(batch=batch, token_advantages=credit.token_advantages,
+                        old_logprobs=features["student_logprobs"],
+                        ref_logprobs=features.get("ref_logprobs", jnp.zeros_like(batch.target_mask)),
+                        teacher_logprobs=teacher_logprobs)
+    metrics = {k: float(v) for k, v in jax.device_get({**advantages.metrics, **credit.metrics}).items()}
+    metrics.update(learner.update(inputs))
+    timings["time/update_s"] = time.perf_counter() - start
+    mask = np.asarray(batch.target_mask)
+    metrics["entropy"] = float((np.asarray(features["student_entropy"]) * mask).sum() / max(mask.sum(), 1))
+    if needs_teacher:
+        metrics["teacher/log_ratio_mean"] = float(((np.asarray(teacher_logprobs) - np.asarray(
+            features["student_logprobs"])) * mask).sum() / max(mask.sum(), 1))
+        metrics["teacher/reverse_kl_mean"] = float((np.asarray(features["reverse_kl"]) * mask).sum()
+                                                   / max(mask.sum(), 1))
+    host = {"weights": np.asarray(credit.weights), "advantages": np.asarray(advantages.advantages),
+            "target_mask": mask}
+    return {**metrics, **timings}, host
+
+
+def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
+              rng: jax.Array, config: TrainConfig, counters: Counters) -> tuple[dict, list]:
+    """One RL iteration; returns (metrics, report samples)."""
+    started = time.perf_counter()
+    tasks = stream.next_tasks(config.rollout.tasks_per_iteration)
+    start = time.perf_counter()
+    trajectories = integration.rollout(learner.model(), chat, env_factory, tasks, config.rollout.group_size,
+                                       rng, config, group_prefix=f"it{index}")
+    rollout_s = time.perf_counter() - start
+    counters.episodes += len(trajectories)
+    counters.env_errors += sum(t.termination == "error" for t in trajectories)
+    selection = select_groups(trajectories, SelectionConfig(success_threshold=config.credit.success_threshold,
+                                                            non_mixed=config.credit.non_mixed_groups))
+    groups = selection.mixed + selection.grpo
+    kept = [t for g in groups for t in g.trajectories]
+    metrics = {**episode_metrics(trajectories, config.credit.success_threshold), **selection.stats.as_metrics(),
+               "time/rollout_s": rollout_s,
+               "throughput/rollout_tokens_per_s": sum(int(t.loss_mask.sum()) for t in trajectories) / max(rollout_s, 1e-9)}
+    samples: list = []
+    if kept:
+        prompts: list = [None] * len(kept)
+        references: dict = {}
+        if config.loss.needs_teacher:
+            start = time.perf_counter()
+            prompts, annotation_metrics, references = teacher_prompts(kept, groups, config, annotator, chat, counters)
+            metrics.update(annotation_metrics)
+            metrics["time/teacher_context_s"] = time.perf_counter() - start
+        update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, index, chat.pad_id)
+        counters.updates += 1
+        counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
+        metrics.update(update_metrics)
+        samples = report_samples(kept, host, references, chat)
+    metrics["time/iteration_s"] = time.perf_counter() - started
+    return metrics, samples
+
+
+def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dict[str, float]:
+    rewards = np.asarray([t.reward for t in trajectories], np.float32)
+    state_changes = [float(t.metrics.get("successful_state_changes", t.info.get("successful_state_changes", 0)))
+                     for t in trajectories]
+    return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "success_rate": float((rewards >= threshold).mean()) if len(rewards) else 0.0,
+            "state_change_success_rate": float(np.mean(state_changes)) if state_changes else 0.0,
+            "turns_mean": float(np.mean([t.num_steps for t in trajectories])) if trajectories else 0.0,
+            "response_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajectories])) if trajectories else 0.0,
+            "parse_errors": float(sum(t.metrics.get("parse_errors", 0) for t in trajectories)),
+            "tool_errors": float(sum(t.metrics.get("tool_errors", 0) for t in trajectories))}
+
+
+def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
+    """A failed and a successful sibling of one annotated group, with per-token weights."""
+    picked = []
+    for group_id, reference in references.items():
+        if reference is None:
+            continue
+        rows = [i for i, t in enumerate(trajectories) if t.group_id == group_id]
+        picked = rows[:limit]
+        break
+    if not picked:
+        picked = list(range(min(limit, len(trajectories))))
+    samples = []
+    for row in picked:
+        traj = trajectories[row]
+        ids = traj.token_ids.tolist()
+        weights = np.ones(len(ids), np.float32)
+        weights[1:] = host["weights"][row, :len(ids) - 1]
+        reference = references.get(traj.group_id)
+        start = max(traj.prompt_len - 1, 0)
+        samples.append({"title": f"{traj.task_id} sibling {traj.sample_index}", "reward": float(traj.reward),
+                        "advantage": float(host["advantages"][row]),
+                        "tokens": chat.token_strings(ids[start:]), "loss_mask": traj.loss_mask[start:].tolist(),
+                        "weights": weights[start:].tolist(),
+                        "reference": render_credit_text(reference, traj) if reference is not None else ""})
+    return samples
+
+
+def write_samples(run_dir: str, samples: list[dict]) -> None:
+    _write_samples(run_dir, samples)
+
+
+# ----------------------------------------------------------------------------- SFT warm-up and eval
+def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) -> dict[str, float]:
+    """Supervised warm-up on oracle demonstrations with its own AdamW; RL optimizer state untouched."""
+    demos = integration.demonstrations(env_factory, chat, config)
+    sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate),
+                  dataclasses.replace(learner.spec, sft=True, distill=None,
+                                      micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)))
+    order = np.random.default_rng(config.run.seed).permutation(len(demos))
+    progress.phase("sft", config.sft.steps)
+    nll = []
+    for step in range(config.sft.steps):
+        take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
+        batch = to_device(pack(take, rows_multiple=sft.spec.micro_batch_size, pad_id=chat.pad_id))
+        zeros = jnp.zeros_like(batch.target_mask)
+        nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
+        progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
+    learner.params = sft.params
+    return {"sft/nll_first": nll[0] if nll else 0.0, "sft/nll_last": nll[-1] if nll else 0.0,
+            "sft/demos": float(len(demos))}
+
+
+def evaluate_student(model, env_factory, tasks, chat, config: TrainConfig) -> dict[str, float]:
+    """The bare student on held-out tasks: plain prompt, no credit reference, no sibling evidence."""
+    start = time.perf_counter()
+    result = integration.evaluate(model, chat, env_factory, tasks, config)
+    result["time/eval_s"] = time.perf_counter() - start
+    return result
+
+
+_ = (EnvSpec, ModelSpec, group_siblings)
+
+
+def reference_model(learner: Learner, checkpointer, config: TrainConfig) -> nnx.Module:
+    """Frozen KL reference: the policy RL starts from (post-SFT). Saved once so resume is exact."""
+    if checkpointer.has_reference():
+        params = checkpointer.restore_reference(learner.params)
+    else:
+        params = jax.tree.map(jnp.copy, learner.params)
+        checkpointer.save_reference(params)
+    return nnx.merge(learner.graphdef, params, learner.rest)

@@ -1,0 +1,69 @@
+"""Config: every shipped config validates; overrides apply; unknown keys and bad values fail early."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from sgcd_jax import config as config_lib
+from sgcd_jax.train import parse_args
+
+CONFIGS = sorted(glob.glob(os.path.join(config_lib.configs_dir(), "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_validates(path):
+    cfg = config_lib.load_config_file(path)
+    assert isinstance(cfg, config_lib.TrainConfig)
+
+
+def test_no_config_flag_gives_the_quickstart():
+    cfg = parse_args(["train"])
+    assert cfg.run.name == "quickstart"
+    assert cfg.env.name == "airline_lite" and cfg.credit.annotator == "contrast"
+
+
+def test_command_line_overrides_are_applied_and_typed():
+    cfg = parse_args(["train", f"--config={config_lib.configs_dir()}/grpo.py", "--config.rollout.group_size=8",
+                      "--config.optim.learning_rate=0.01", "--config.loss.norm_by_std=False"])
+    assert cfg.rollout.group_size == 8
+    assert cfg.optim.learning_rate == 0.01
+    assert cfg.loss.norm_by_std is False
+    assert cfg.loss.credit == "none"
+
+
+def test_unknown_override_key_fails_before_compute():
+    with pytest.raises(config_lib.ConfigError, match="rollout.nonexistent"):
+        parse_args(["train", "--config.rollout.nonexistent=3"])
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(config_lib.ConfigError, match="group_size"):
+        parse_args(["train", "--config.rollout.group_size=1"])
+    with pytest.raises(config_lib.ConfigError, match="credit.annotator"):
+        parse_args(["train", "--config.credit.annotator=gpt"])
+
+
+def test_unknown_key_in_a_config_dict_is_rejected_with_valid_keys_listed():
+    with pytest.raises(config_lib.ConfigError, match="valid keys"):
+        config_lib.from_config_dict({"loss": {"credit_lamda": 0.5}})
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(config_lib.ConfigError, match="must be an int"):
+        config_lib.from_config_dict({"rollout": {"group_size": "four"}})
+
+
+def test_sgcd_without_an_annotator_is_rejected():
+    with pytest.raises(config_lib.ConfigError, match="credit reference"):
+        config_lib.from_config_dict({"loss": {"credit": "sgcd"}, "credit": {"annotator": "none"}})
+
+
+def test_resolved_config_round_trips_and_has_no_secret_keys(tmp_path):
+    cfg = config_lib.load_config_file(os.path.join(config_lib.configs_dir(), "sgcd.py"))
+    path = config_lib.save_resolved(cfg, str(tmp_path))
+    saved = json.load(open(path))
+    assert config_lib.from_config_dict(saved) == cfg
+    flat = json.dumps(saved).lower()
+    assert "api_key" not in flat and "password" not in flat
