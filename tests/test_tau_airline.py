@@ -394,3 +394,28 @@ def test_concurrent_episodes_are_isolated(factory):
     for thread in threads:
         thread.join()
     assert results == {t.task_id: 1.0 for t in tasks}
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+_json = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False) |
+                     st.sampled_from(["", "HAT001", R, U, CARD, GIFT, "2024-05-17", "economy", "1+1"]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                         st.sampled_from(["flight_number", "date", "first_name", "last_name", "dob",
+                                          "payment_id", "amount", "x"]), inner, max_size=4), max_leaves=8)
+
+
+@hypothesis.settings(max_examples=150, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(name=st.sampled_from(vendor_tools_names() + ["nope"]),
+                  arguments=st.dictionaries(st.sampled_from(
+                      ["user_id", "reservation_id", "flights", "passengers", "payment_methods", "cabin",
+                       "payment_id", "total_baggages", "nonfree_baggages", "amount", "expression", "date",
+                       "origin", "destination", "flight_number", "insurance", "flight_type", "summary"]),
+                      _json, max_size=6))
+def test_fuzzed_tool_calls_never_raise_out_of_step(factory, name, arguments):
+    env = factory.make()
+    env.reset(_task(factory, "5"))
+    step = env.step(AgentAction(tool_calls=(ToolCall(name, arguments, "f"),)))
+    assert len(step.observations) == 1 and isinstance(step.observations[0]["content"], str)
+    assert step.tool_errors == step.observations[0]["content"].startswith("Error: ")

@@ -51,6 +51,8 @@ class AirlineTools:
             return getattr(self, name)(**args), ""
         except (ToolFailure, ToolArgumentError, ZeroDivisionError) as exc:
             return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - τ² turns any tool exception into "Error: ..."
+            return None, f"{type(exc).__name__}: {exc}"
 
     # ---------------------------------------------------------------- lookups
     def _user(self, user_id: str) -> dict:
