@@ -37,6 +37,7 @@ ENV_COORDINATOR = "SGCD_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SGCD_NUM_PROCESSES"
 ENV_PROCESS_ID = "SGCD_PROCESS_ID"
 _SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
+BATCH_AXES = ("data", "fsdp")  # = sharding.BATCH_AXES: the batch dim is split over both
 
 T = TypeVar("T")
 
@@ -201,9 +202,10 @@ def process_shard(items: list[T], process_index: int | None = None,
     return list(items[index::count])
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh, batch_axes: tuple[str, ...] = ("data",)
+def local_batch_size(global_batch_size: int, mesh: Mesh, batch_axes: tuple[str, ...] = BATCH_AXES
                      ) -> int:
     """Rows each process must supply so the global batch splits evenly over ``batch_axes``."""
+    batch_axes = tuple(a for a in batch_axes if a in mesh.shape)
     shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
     if global_batch_size % shards:
         raise ValueError(f"global batch {global_batch_size} is not divisible by the {shards} "
@@ -214,7 +216,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, batch_axes: tuple[str, 
     return global_batch_size // jax.process_count()
 
 
-def global_batch(local_batch: Any, mesh: Mesh, batch_axes: tuple[str, ...] = ("data",)) -> Any:
+def global_batch(local_batch: Any, mesh: Mesh, batch_axes: tuple[str, ...] = BATCH_AXES) -> Any:
     """Assemble per-process numpy rows into global ``jax.Array``s sharded on the batch dim.
 
     Every leaf's leading dim is this process's rows; the global leading dim is the sum over
@@ -222,9 +224,11 @@ def global_batch(local_batch: Any, mesh: Mesh, batch_axes: tuple[str, ...] = ("d
     re-ordered accordingly — the loss never depends on row order).
     """
 
+    axes = tuple(a for a in batch_axes if a in mesh.shape)  # a mesh may lack e.g. "fsdp"
+
     def place(leaf: Any) -> jax.Array:
         leaf = np.asarray(leaf)
-        spec = PartitionSpec(batch_axes, *([None] * (leaf.ndim - 1)))
+        spec = PartitionSpec(axes, *([None] * (leaf.ndim - 1)))
         return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), leaf)
 
     return jax.tree.map(place, local_batch)
@@ -265,7 +269,13 @@ def _allgather_rows(local: np.ndarray) -> np.ndarray:
 
 
 def fully_replicated_host_copy(tree: Any) -> Any:
-    """numpy copy of (possibly sharded) global arrays on every process, e.g. params for checks."""
+    """numpy copy of every leaf on every process: sharded global arrays are gathered, arrays this
+    process already holds whole (numpy, fully addressable) are copied as they are."""
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    def copy(leaf: Any) -> np.ndarray:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(copy, tree)

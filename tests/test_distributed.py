@@ -82,18 +82,23 @@ def test_process_shard_partitions_tasks_without_overlap():
 def test_global_batch_is_sharded_over_data_and_keeps_values():
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     local = {"tokens": np.arange(24, dtype=np.int32).reshape(8, 3), "reward": np.arange(8.0)}
-    batch = distributed.global_batch(local, mesh)
+    batch = distributed.global_batch(local, mesh, batch_axes=("data",))
     assert batch["tokens"].shape == (8, 3)
     assert batch["tokens"].sharding.spec == jax.sharding.PartitionSpec(("data",), None)
     assert len({s.index[0].start for s in batch["tokens"].addressable_shards}) == 4  # 4 row blocks
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
+    both = distributed.global_batch(local, mesh)  # default: split over data and fsdp, like sharding.py
+    assert both["tokens"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert len({s.index[0].start for s in both["tokens"].addressable_shards}) == 8
 
 
 def test_local_batch_size_rejects_uneven_split():
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     assert distributed.local_batch_size(8, mesh) == 8
     with pytest.raises(ValueError, match="multiple of 4"):
-        distributed.local_batch_size(6, mesh)
+        distributed.local_batch_size(6, mesh, batch_axes=("data",))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        distributed.local_batch_size(12, mesh)
 
 
 def test_reduce_metrics_single_process_is_identity_and_ratio_is_exact():
@@ -101,6 +106,11 @@ def test_reduce_metrics_single_process_is_identity_and_ratio_is_exact():
     assert distributed.reduce_ratio({"loss": 6.0}, {"loss": 4.0}) == {"loss": 1.5}
     with pytest.raises(ValueError, match="op"):
         distributed.reduce_metrics({"a": 1.0}, "median")
+
+
+def test_host_copy_keeps_local_arrays_whole():
+    copied = distributed.fully_replicated_host_copy({"a": np.ones((2, 3)), "b": jax.numpy.zeros(4)})
+    assert copied["a"].shape == (2, 3) and copied["b"].shape == (4,)
 
 
 def test_main_process_only_runs_on_process_zero():
