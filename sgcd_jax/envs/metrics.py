@@ -118,8 +118,8 @@ def summarize(rows: list[dict[str, Any]], env_name: str, split: str,
                "mean_reward": sum(r["mean_reward"] for r in rows) / len(rows),
                "pass_hat_k": {k: mean_over_tasks(pass_hat_k, counts, k) for k in ks if k <= n},
                "pass_at_k": {k: mean_over_tasks(pass_at_k, counts, k) for k in ks if k <= n},
-               "episode_errors": sum(len(r["errors"]) for r in rows)}
-    writes = [i for r in rows for i in r["infos"] if isinstance(i, dict) and "write_calls" in i]
+               "episode_errors": sum(len(r.get("errors", [])) for r in rows)}
+    writes = [i for r in rows for i in r.get("infos", []) if isinstance(i, dict) and "write_calls" in i]
     if writes:
         total = sum(i["write_calls"] for i in writes)
         summary["write_call_success_rate"] = (sum(i["write_calls_ok"] for i in writes) / total
