@@ -49,33 +49,41 @@ def test_config_read_from_gguf_metadata(smollm2):
     assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
 
 
-def test_logits_match_transformers_gguf_load(smollm2, smollm2_torch, chat_prompt):
-    model, _ = smollm2
-    tokens = jnp.asarray([chat_prompt])
-    hidden, _ = nnx.jit(lambda m, t: m(t, jnp.arange(t.shape[1])[None], jnp.ones_like(t, bool)))(model, tokens)
-    ours = np.asarray(model.logits(hidden))[0]
-    with torch.no_grad():
-        theirs = smollm2_torch(torch.tensor([chat_prompt])).logits.numpy()[0]
-    assert np.abs(ours - theirs).max() <= LOGIT_ATOL
-
-
 @nnx.jit
 def _decode_step(model, tokens, cache):
     mask = jnp.ones_like(tokens, dtype=bool)
     hidden, cache = model(tokens, cache.positions_for(mask), mask, cache)
-    return jnp.argmax(model.logits(hidden[:, -1:]), axis=-1).astype(jnp.int32), cache
+    return model.logits(hidden)[:, -1], cache  # [B, V]
 
 
-def test_greedy_32_token_chat_answer_matches_transformers(smollm2, smollm2_torch, chat_prompt):
-    model, tokenizer = smollm2
+@pytest.fixture(scope="module")
+def greedy_run(smollm2, chat_prompt):
+    """Feed the prompt one token at a time through the KV cache (one compiled T=1 step), then decode 32 greedy
+    tokens. Returns (logits at every prompt position [P, V], generated ids)."""
+    model, _ = smollm2
     cache = KVCache.init(model.cfg, 1, len(chat_prompt) + 32)
-    next_token, cache = _decode_step(model, jnp.asarray([chat_prompt]), cache)
-    ours = []
+    prompt_logits = []
+    for token in chat_prompt:
+        logits, cache = _decode_step(model, jnp.asarray([[token]]), cache)
+        prompt_logits.append(np.asarray(logits[0]))
+    generated = []
     for _ in range(32):
-        ours.append(int(next_token[0, 0]))
-        next_token, cache = _decode_step(model, next_token, cache)
+        generated.append(int(np.argmax(logits[0])))
+        logits, cache = _decode_step(model, jnp.asarray([[generated[-1]]]), cache)
+    return np.stack(prompt_logits), generated
+
+
+def test_cached_logits_match_transformers_gguf_load(smollm2_torch, chat_prompt, greedy_run):
+    with torch.no_grad():
+        theirs = smollm2_torch(torch.tensor([chat_prompt])).logits.numpy()[0]
+    assert np.abs(greedy_run[0] - theirs).max() <= LOGIT_ATOL
+
+
+def test_greedy_32_token_chat_answer_matches_transformers(smollm2, smollm2_torch, chat_prompt, greedy_run):
+    _, tokenizer = smollm2
     out = smollm2_torch.generate(torch.tensor([chat_prompt]), max_new_tokens=32, min_new_tokens=32,
                                  do_sample=False, eos_token_id=None, pad_token_id=2)
     theirs = out[0, len(chat_prompt):].tolist()
+    ours = greedy_run[1]
     assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
     assert "Paris" in tokenizer.decode(ours)
