@@ -10,7 +10,9 @@ Where the coordinator comes from, in order:
   2. environment ``SGCD_COORDINATOR_ADDRESS`` / ``SGCD_NUM_PROCESSES`` / ``SGCD_PROCESS_ID``
      (set by launch/local_multiprocess.sh, launch/gke_jobset.yaml); ``JAX_COORDINATOR_ADDRESS`` too;
   3. SLURM (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST``, ``SLURM_NTASKS``,
-     ``SLURM_PROCID``) and Cloud TPU metadata: JAX's own cluster auto-detection.
+     ``SLURM_PROCID``) and Cloud TPU metadata: JAX's own cluster auto-detection (one GPU per SLURM
+     task unless ``SGCD_LOCAL_DEVICE_IDS`` says otherwise).
+``SGCD_CLUSTER`` (explicit | slurm | tpu | none) forces the mode when the config says "auto".
 
 Timeouts matter: with JAX's defaults a dead peer can stall the survivors for minutes. The
 ``heartbeat_timeout_s`` here is what bounds "one process died → the others exit with an error".
@@ -36,6 +38,8 @@ CLUSTER_MODES = ("auto", "explicit", "slurm", "tpu", "none")
 ENV_COORDINATOR = "SGCD_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "SGCD_NUM_PROCESSES"
 ENV_PROCESS_ID = "SGCD_PROCESS_ID"
+ENV_CLUSTER = "SGCD_CLUSTER"  # overrides cluster="auto": explicit | slurm | tpu | none
+ENV_LOCAL_DEVICE_IDS = "SGCD_LOCAL_DEVICE_IDS"  # "0,1,2,3": GPUs this process owns
 _SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
 BATCH_AXES = ("data", "fsdp")  # = sharding.BATCH_AXES: the batch dim is split over both
 
@@ -82,25 +86,33 @@ def resolve_config(cfg: DistributedConfig | None = None,
     """
     cfg = cfg or DistributedConfig()
     env = os.environ if environ is None else environ
-    if cfg.cluster == "none":
-        return cfg
+    mode = cfg.cluster
+    if mode == "auto" and env.get(ENV_CLUSTER):
+        mode = env[ENV_CLUSTER]
+        if mode not in CLUSTER_MODES:
+            raise ValueError(f"{ENV_CLUSTER}={mode!r}; use one of {CLUSTER_MODES}")
+    if mode == "none":
+        return dataclasses.replace(cfg, cluster="none")
     address = cfg.coordinator_address or env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS")
     num = cfg.num_processes if cfg.num_processes is not None else _int_env(env, ENV_NUM_PROCESSES)
     pid = cfg.process_id if cfg.process_id is not None else _int_env(env, ENV_PROCESS_ID)
-    filled = dataclasses.replace(cfg, coordinator_address=address, num_processes=num, process_id=pid,
-                                 cluster="auto")
-    if cfg.cluster == "explicit" or (cfg.cluster == "auto" and None not in (address, num, pid)):
-        return dataclasses.replace(filled, cluster="explicit")
-    if cfg.cluster == "slurm" or (cfg.cluster == "auto" and all(k in env for k in _SLURM_REQUIRED)):
+    devices = cfg.local_device_ids
+    if devices is None and env.get(ENV_LOCAL_DEVICE_IDS):
+        devices = tuple(int(i) for i in env[ENV_LOCAL_DEVICE_IDS].split(","))
+    filled = dict(coordinator_address=address, num_processes=num, process_id=pid,
+                  local_device_ids=devices)
+    if mode == "explicit" or (mode == "auto" and None not in (address, num, pid)):
+        return dataclasses.replace(cfg, cluster="explicit", **filled)  # validates the three fields
+    if mode == "slurm" or (mode == "auto" and all(k in env for k in _SLURM_REQUIRED)):
         missing = [k for k in _SLURM_REQUIRED if k not in env]
         if missing:
             raise ValueError(f"distributed.cluster='slurm' but {missing} are not set: run under srun")
         if int(env["SLURM_NTASKS"]) == 1 and address is None:
-            return dataclasses.replace(filled, cluster="none")
-        return dataclasses.replace(filled, cluster="slurm")
-    if cfg.cluster == "tpu" or (cfg.cluster == "auto" and _looks_like_multihost_tpu(env)):
-        return dataclasses.replace(filled, cluster="tpu")
-    return dataclasses.replace(filled, cluster="none")
+            return dataclasses.replace(cfg, cluster="none")
+        return dataclasses.replace(cfg, cluster="slurm", **filled)
+    if mode == "tpu" or (mode == "auto" and _looks_like_multihost_tpu(env)):
+        return dataclasses.replace(cfg, cluster="tpu", **filled)
+    return dataclasses.replace(cfg, cluster="none")
 
 
 def _int_env(env: Mapping[str, str], key: str) -> int | None:

@@ -45,6 +45,18 @@ def test_multihost_tpu_slice_is_auto_detected():
     assert resolve_config(DistributedConfig(), environ=single_host).cluster == "none"
 
 
+def test_sgcd_cluster_env_forces_the_mode_and_device_ids_are_parsed():
+    env = {"SGCD_CLUSTER": "tpu", "SGCD_LOCAL_DEVICE_IDS": "0,1,2,3"}
+    cfg = resolve_config(DistributedConfig(), environ=env)
+    assert cfg.cluster == "tpu" and cfg.local_device_ids == (0, 1, 2, 3)
+    assert resolve_config(DistributedConfig(), environ={"SGCD_CLUSTER": "none",
+                                                        "SGCD_NUM_PROCESSES": "2"}).cluster == "none"
+    with pytest.raises(ValueError, match="num_processes"):
+        resolve_config(DistributedConfig(), environ={"SGCD_CLUSTER": "explicit"})
+    with pytest.raises(ValueError, match="SGCD_CLUSTER"):
+        resolve_config(DistributedConfig(), environ={"SGCD_CLUSTER": "k8s"})
+
+
 def test_forced_slurm_without_variables_names_the_missing_ones():
     with pytest.raises(ValueError, match="SLURM_PROCID"):
         resolve_config(DistributedConfig(cluster="slurm"), environ={"SLURM_JOB_ID": "1",
