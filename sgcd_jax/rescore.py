@@ -63,25 +63,34 @@ def parse_overrides(args: Sequence[str], config_cls: type) -> dict[str, Any]:
 
 
 def _credit_batch(rows: rollout_store.IterationRows):
+    """The stored segment as the CreditBatch the run built: same [rows, T] shape (padding rows the
+    run had are re-added as all-masked rows, so XLA sees the shapes it saw in training)."""
     import jax.numpy as jnp
 
     from sgcd_jax.losses import CreditBatch
-
-    def field(name: str):
-        if name not in rows.attrs.get("fields", []):
-            return None
-        return jnp.asarray(np.nan_to_num(rows.tokens[name], nan=0.0))  # padding was 0 in training
 
     missing = [f for f in ("student_logprobs", "teacher_logprobs", "credit_weights")
                if f not in rows.attrs.get("fields", [])]
     if missing:
         raise ValueError(f"iteration {rows.iteration} (process {rows.process_index}) has no stored "
                          f"{missing}: the run did not record what rescoring needs")
-    return CreditBatch(advantages=jnp.asarray(rows.trajectories["advantage"], jnp.float32),
+    extra_rows = max(int(rows.attrs.get("padded_rows", 0)) - rows.num_trajectories, 0)
+
+    def pad(array: np.ndarray) -> np.ndarray:
+        return np.concatenate([array, np.zeros((extra_rows, *array.shape[1:]), array.dtype)])
+
+    def field(name: str):
+        if name not in rows.attrs.get("fields", []):
+            return None
+        return jnp.asarray(pad(np.nan_to_num(rows.tokens[name], nan=0.0)))  # padding was 0
+
+    step_ids = rows.tokens["step_ids"]
+    return CreditBatch(advantages=jnp.asarray(pad(rows.trajectories["advantage"].astype(np.float32))),
                        student_logprobs=field("student_logprobs"),
                        teacher_logprobs=field("teacher_logprobs"),
-                       loss_mask=jnp.asarray(rows.tokens["loss_mask"].astype(np.int32)),
-                       step_ids=jnp.asarray(rows.tokens["step_ids"]),
+                       loss_mask=jnp.asarray(pad(rows.tokens["loss_mask"].astype(np.int32))),
+                       step_ids=jnp.asarray(np.concatenate(
+                           [step_ids, np.full((extra_rows, step_ids.shape[1]), -1, step_ids.dtype)])),
                        reverse_kl=field("reverse_kl"), entropy=field("entropy"))
 
 
@@ -103,7 +112,8 @@ def compute_weights(rows: rollout_store.IterationRows, cfg) -> tuple[np.ndarray,
 
     fn = losses.get(rows.attrs.get("credit_fn", "credit/sgcd"))
     out = jax.jit(fn, static_argnums=1)(_credit_batch(rows), cfg, rows.attrs.get("step", 0))
-    return np.asarray(out.weights), np.asarray(out.token_advantages)
+    n = rows.num_trajectories
+    return np.asarray(out.weights)[:n], np.asarray(out.token_advantages)[:n]
 
 
 def rescore(run_dir: str, overrides: dict[str, Any]) -> list[SegmentResult]:

@@ -169,7 +169,9 @@ class RolloutStore:
           or a list of N 1-D arrays of length ``lengths[i]``. Must include REQUIRED_TOKEN_FIELDS.
         attrs: JSON-serialisable facts needed to recompute credit: ``credit_fn`` (registry name),
           ``credit_config`` (dict of CreditConfig fields), ``step`` (for λ schedules) and
-          ``padded_length`` (defaults to the padded width given, so rescoring sees the same shape).
+          ``padded_length`` (defaults to the padded width given) and ``padded_rows`` (rows of the
+          batch the weights were computed on, padding rows included), so rescoring sees the
+          shapes training saw.
         """
         if iteration in self.iterations:
             raise ValueError(f"iteration {iteration} is already in {self.path}; a resumed run must "

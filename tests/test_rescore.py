@@ -11,7 +11,7 @@ from sgcd_jax import rescore
 from sgcd_jax.losses import CreditBatch, CreditConfig, sgcd_credit
 from sgcd_jax.store import RolloutStore
 
-N, WIDTH = 6, 24
+N, WIDTH, PAD_ROWS = 6, 24, 2
 
 
 def _features(rng):
@@ -28,13 +28,18 @@ def _features(rng):
                          teacher_logprobs=teacher, reverse_kl=reverse_kl, entropy=entropy), advantages
 
 
-def _credit(features, advantages, cfg, step):
-    batch = CreditBatch(advantages=advantages, student_logprobs=features["student_logprobs"],
-                        teacher_logprobs=features["teacher_logprobs"], loss_mask=features["loss_mask"],
-                        step_ids=features["step_ids"], reverse_kl=features["reverse_kl"],
-                        entropy=features["entropy"])
-    out = jax.jit(sgcd_credit, static_argnums=1)(batch, cfg, step)  # what the trainer records
-    return np.asarray(out.weights), np.asarray(out.token_advantages)
+def _credit(features, advantages, cfg, step, pad_rows=PAD_ROWS):
+    """What the trainer records: credit on its packed batch, whose last rows are padding."""
+    def pad(x, fill=0):
+        return np.concatenate([x, np.full((pad_rows, *x.shape[1:]), fill, x.dtype)])
+
+    batch = CreditBatch(advantages=pad(advantages), student_logprobs=pad(features["student_logprobs"]),
+                        teacher_logprobs=pad(features["teacher_logprobs"]),
+                        loss_mask=pad(features["loss_mask"].astype(np.float32)),
+                        step_ids=pad(features["step_ids"], -1), reverse_kl=pad(features["reverse_kl"]),
+                        entropy=pad(features["entropy"]))
+    out = jax.jit(sgcd_credit, static_argnums=1)(batch, cfg, step)
+    return np.asarray(out.weights)[:N], np.asarray(out.token_advantages)[:N]
 
 
 @pytest.fixture
@@ -53,7 +58,7 @@ def run_dir(tmp_path):
             store.append(iteration, task_ids=[f"t{i // 2}" for i in range(N)],
                          group_ids=[f"g{i // 2}" for i in range(N)], lengths=lengths, tokens=tokens,
                          rewards=(advantages > 0).astype(np.float32), advantages=advantages,
-                         attrs={"credit_fn": "credit/sgcd", "step": iteration,
+                         attrs={"credit_fn": "credit/sgcd", "step": iteration, "padded_rows": N + PAD_ROWS,
                                 "credit_config": dataclasses.asdict(cfg)})
     return tmp_path, cfg
 
