@@ -8,6 +8,7 @@ recurrent state of a Gated DeltaNet layer) keyed by name; every array in it has 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +16,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from sgcd_jax.models.config import ModelConfig
+
+
+# layer_type → fn(cfg, layer_index, batch_size) → {name: zeros [B, ...]}: the initial per-row states of a block kind
+# that keeps more than k/v (e.g. Gated DeltaNet conv + recurrent state); KVCache.init fills them in.
+BLOCK_STATE_FACTORIES: dict[str, Callable[[ModelConfig, int, int], dict[str, jax.Array]]] = {}
 
 
 @struct.dataclass
@@ -31,6 +37,11 @@ class KVCache:
         """An empty cache with `max_len` slots per row (prompt + all generated and appended tokens)."""
         dtype = cfg.dtype if dtype is None else dtype
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        if extra is None:
+            extra = {}
+            for layer_index, kind in enumerate(cfg.layer_types):
+                if kind in BLOCK_STATE_FACTORIES:
+                    extra.update(BLOCK_STATE_FACTORIES[kind](cfg, layer_index, batch_size))
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),

@@ -103,12 +103,16 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
         del rngs
-        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        # zero-centred (Qwen3.5): the stored weight is an offset, scale = 1 + w, applied in float32
+        self.zero_centered = bool(cfg.extra.get("zero_centered_norm", False))
+        self.scale = nnx.Param(jnp.full((dim,), 0.0 if self.zero_centered else 1.0, cfg.param_dtype))
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 

@@ -129,6 +129,18 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
 
 
 # ----------------------------------------------------------------------------- layers
+def deltanet_state_shapes(cfg: ModelConfig, batch_size: int) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+    """Per-row states a GatedDeltaNet layer keeps in a cache: conv [B,K-1,C] (compute dtype), recurrent
+    [B,Hv,Dk,Dv] float32."""
+    extra = cfg.extra
+    channels = 2 * extra["linear_num_key_heads"] * extra["linear_key_head_dim"] + \
+        extra["linear_num_value_heads"] * extra["linear_value_head_dim"]
+    kernel_size = extra.get("linear_conv_kernel_dim", 4)
+    return {"conv": ((batch_size, kernel_size - 1, channels), cfg.dtype),
+            "recurrent": ((batch_size, extra["linear_num_value_heads"], extra["linear_key_head_dim"],
+                           extra["linear_value_head_dim"]), jnp.float32)}
+
+
 class GatedRMSNorm(nnx.Module):
     """RMSNorm over the last axis, then × SiLU(gate) (norm before gate; weight initialised to ones)."""
 
@@ -170,19 +182,18 @@ class GatedDeltaNet(nnx.Module):
         self.in_proj_b = Linear(d, self.num_v_heads, use_bias=False, cfg=cfg, rngs=rngs)
         self.in_proj_a = Linear(d, self.num_v_heads, use_bias=False, cfg=cfg, rngs=rngs)
         bound = 1.0 / math.sqrt(self.kernel_size)
-        self.conv_weight = nnx.Param(jax.random.uniform(  # [K, C] depthwise taps; HF stores [C, 1, K]
-            rngs.params(), (self.kernel_size, self.conv_channels), cfg.param_dtype, -bound, bound))
+        self.conv_weight = nnx.Param(jax.random.uniform(  # [C, 1, K] depthwise taps, the checkpoint layout
+            rngs.params(), (self.conv_channels, 1, self.kernel_size), cfg.param_dtype, -bound, bound))
         self.dt_bias = nnx.Param(jnp.ones((self.num_v_heads,), cfg.param_dtype))
         decay_rate = jax.random.uniform(rngs.params(), (self.num_v_heads,), jnp.float32, 0.01, 16.0)
         self.A_log = nnx.Param(jnp.log(decay_rate).astype(cfg.param_dtype))
         self.norm = GatedRMSNorm(self.value_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.out_proj = Linear(values, d, use_bias=False, cfg=cfg, rngs=rngs)
         self.dtype = cfg.dtype
+        self.cfg = cfg
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
-        """Shapes/dtypes of the per-row states this layer keeps in a cache."""
-        return {"conv": ((batch_size, self.kernel_size - 1, self.conv_channels), self.dtype),
-                "recurrent": ((batch_size, self.num_v_heads, self.key_dim, self.value_dim), jnp.float32)}
+        return deltanet_state_shapes(self.cfg, batch_size)
 
     def __call__(self, x: jax.Array, token_mask: jax.Array, conv_state: jax.Array | None = None,
                  recurrent_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -193,7 +204,8 @@ class GatedDeltaNet(nnx.Module):
         x = jnp.where(token_mask[..., None], x, 0).astype(self.dtype)
         mixed = self.in_proj_qkv(x)  # [B,T,2·Hk·Dk + Hv·Dv]
         new_conv_state = next_conv_state(mixed, conv_state, token_mask.sum(axis=1))
-        mixed = jax.nn.silu(causal_depthwise_conv(mixed, self.conv_weight[...], conv_state).astype(jnp.float32))
+        taps = self.conv_weight[...][:, 0, :].T  # [K, C]
+        mixed = jax.nn.silu(causal_depthwise_conv(mixed, taps, conv_state).astype(jnp.float32))
         keys = self.num_k_heads * self.key_dim
         q = mixed[..., :keys].reshape(batch, steps, self.num_k_heads, self.key_dim)
         k = mixed[..., keys:2 * keys].reshape(batch, steps, self.num_k_heads, self.key_dim)
