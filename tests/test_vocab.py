@@ -111,7 +111,7 @@ def test_topk_tail_bucket_matches_hand_bucketing():
 
 def test_chunked_never_allocates_full_fp32_logits():
     """Compiled temp memory of the chunked path (with backward) stays far below B·T·V·4 bytes."""
-    b, t, d, v, chunk = 2, 256, 32, 4096, 32
+    b, t, d, v, chunk = 2, 1024, 32, 4096, 32
     student = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
     kernel = jax.ShapeDtypeStruct((d, v), jnp.float32)
     targets = jax.ShapeDtypeStruct((b, t), jnp.int32)
@@ -125,8 +125,9 @@ def test_chunked_never_allocates_full_fp32_logits():
         return fn.lower(student, kernel, targets).compile().memory_analysis().temp_size_in_bytes
 
     logits_bytes = b * t * v * 4
-    assert temp_bytes(jax.jit(jax.grad(loss, argnums=(0, 1)))) < logits_bytes / 4
-    assert temp_bytes(jax.jit(loss)) < logits_bytes / 4
+    # a [chunk, V] block is logits_bytes / 64 here; forward keeps ~2, backward ~4 plus the kernel grad
+    assert temp_bytes(jax.jit(jax.grad(loss, argnums=(0, 1)))) < logits_bytes / 8
+    assert temp_bytes(jax.jit(loss)) < logits_bytes / 16
 
 
 def test_bad_shapes_and_config_are_explained():

@@ -51,17 +51,16 @@ class VocabConfig:
 
 
 def _logits(hidden_chunk: jax.Array, kernel: jax.Array, temperature: float) -> jax.Array:
-    """[C, D] × [D, V] → [C, V] fp32 log-softmax."""
+    """[C, D] × [D, V] → [C, V] fp32 logits (temperature-scaled)."""
     logits = jnp.dot(hidden_chunk.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
     if temperature != 1.0:
         logits = logits / temperature
-    return jax.nn.log_softmax(logits, axis=-1)
+    return logits
 
 
 def _xlogx_ratio(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
-    """Σ a (log a − log b) over the last axis, with 0·log 0 = 0."""
-    a = jnp.exp(log_a)
-    return jnp.sum(jnp.where(a > 0, a * (log_a - log_b), 0.0), axis=-1)
+    """Σ a (log a − log b) over the last axis for log-distributions (top-k buckets, JSD)."""
+    return jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
 
 
 def _topk_buckets(log_p: jax.Array, log_q: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -79,26 +78,45 @@ def _topk_buckets(log_p: jax.Array, log_q: jax.Array, k: int) -> tuple[jax.Array
             jnp.concatenate([top_log_q, tail_q], axis=-1))
 
 
-def _chunk_features(log_p, log_q, targets, features: Sequence[str], cfg: VocabConfig):
+def _chunk_features(s, t, targets, features: Sequence[str], cfg: VocabConfig):
+    """Features of one chunk from student logits ``s`` and teacher logits ``t`` (or None), [C, V].
+
+    Written on logits and log-normalisers (KL(p‖q) = Σ p(s − t) − lse_s + lse_t) so the full-vocab
+    terms need one exp pass and no materialised log-softmax.
+    """
     out = {}
+    lse_s = jax.nn.logsumexp(s, axis=-1)  # [C]
+    p = jnp.exp(s - lse_s[:, None])  # [C, V], fused into the reductions below
     if "student_logprobs" in features:
-        out["student_logprobs"] = jnp.take_along_axis(log_p, targets[:, None], axis=-1)[:, 0]
+        out["student_logprobs"] = jnp.take_along_axis(s, targets[:, None], axis=-1)[:, 0] - lse_s
     if "student_entropy" in features:
-        out["student_entropy"] = -_xlogx_ratio(log_p, jnp.zeros_like(log_p))
-    if log_q is None:
+        out["student_entropy"] = lse_s - jnp.sum(p * s, axis=-1)
+    if t is None:
         return out
+    lse_t = jax.nn.logsumexp(t, axis=-1)
     if "teacher_logprobs" in features:
-        out["teacher_logprobs"] = jnp.take_along_axis(log_q, targets[:, None], axis=-1)[:, 0]
-    if {"reverse_kl", "forward_kl", "jsd"} & set(features):
-        div_p, div_q = (log_p, log_q) if cfg.top_k is None else _topk_buckets(log_p, log_q, cfg.top_k)
+        out["teacher_logprobs"] = jnp.take_along_axis(t, targets[:, None], axis=-1)[:, 0] - lse_t
+    divergences = {"reverse_kl", "forward_kl", "jsd"} & set(features)
+    if not divergences:
+        return out
+    if cfg.top_k is None and "jsd" not in divergences:
         if "reverse_kl" in features:
-            out["reverse_kl"] = _xlogx_ratio(div_p, div_q)
+            out["reverse_kl"] = jnp.sum(p * (s - t), axis=-1) - lse_s + lse_t
         if "forward_kl" in features:
-            out["forward_kl"] = _xlogx_ratio(div_q, div_p)
-        if "jsd" in features:
-            beta = cfg.jsd_beta
-            log_m = jnp.logaddexp(jnp.log(beta) + div_q, jnp.log1p(-beta) + div_p)
-            out["jsd"] = beta * _xlogx_ratio(div_q, log_m) + (1 - beta) * _xlogx_ratio(div_p, log_m)
+            q = jnp.exp(t - lse_t[:, None])
+            out["forward_kl"] = jnp.sum(q * (t - s), axis=-1) - lse_t + lse_s
+        return out
+    log_p, log_q = s - lse_s[:, None], t - lse_t[:, None]
+    if cfg.top_k is not None:
+        log_p, log_q = _topk_buckets(log_p, log_q, cfg.top_k)
+    if "reverse_kl" in features:
+        out["reverse_kl"] = _xlogx_ratio(log_p, log_q)
+    if "forward_kl" in features:
+        out["forward_kl"] = _xlogx_ratio(log_q, log_p)
+    if "jsd" in features:
+        beta = cfg.jsd_beta
+        log_m = jnp.logaddexp(jnp.log(beta) + log_q, jnp.log1p(-beta) + log_p)
+        out["jsd"] = beta * _xlogx_ratio(log_q, log_m) + (1 - beta) * _xlogx_ratio(log_p, log_m)
     return out
 
 
@@ -117,11 +135,11 @@ def _chunked(flat_inputs: dict, kernel: jax.Array, features: tuple[str, ...], cf
 
     @jax.checkpoint
     def body(kernel, x):
-        log_p = _logits(x["student"], kernel, cfg.temperature)  # [C, V]
-        log_q = None
+        student_logits = _logits(x["student"], kernel, cfg.temperature)  # [C, V] fp32
+        teacher_logits = None
         if "teacher" in x:
-            log_q = jax.lax.stop_gradient(_logits(x["teacher"], kernel, cfg.temperature))
-        return _chunk_features(log_p, log_q, x["targets"], features, cfg)
+            teacher_logits = jax.lax.stop_gradient(_logits(x["teacher"], kernel, cfg.temperature))
+        return _chunk_features(student_logits, teacher_logits, x["targets"], features, cfg)
 
     _, stacked = jax.lax.scan(lambda carry, x: (carry, body(kernel, x)), None, xs)
     return {name: value.reshape(-1)[:num_tokens] for name, value in stacked.items()}
@@ -185,10 +203,10 @@ def naive_pair_stats(student_hidden, teacher_hidden, kernel, targets, cfg: Vocab
                      mask=None, features: Sequence[str] = ALL_FEATURES) -> dict[str, jax.Array]:
     """Reference implementation materialising full [B, T, V] fp32 logits (tests and benchmarks only)."""
     batch, length, dim = student_hidden.shape
-    log_p = _logits(student_hidden.reshape(-1, dim), kernel, cfg.temperature)
-    log_q = None
+    student_logits = _logits(student_hidden.reshape(-1, dim), kernel, cfg.temperature)  # [B·T, V]
+    teacher_logits = None
     if teacher_hidden is not None:
-        log_q = jax.lax.stop_gradient(_logits(teacher_hidden.reshape(-1, dim), kernel,
-                                              cfg.temperature))
-    out = _chunk_features(log_p, log_q, targets.reshape(-1), tuple(features), cfg)
+        teacher_logits = jax.lax.stop_gradient(_logits(teacher_hidden.reshape(-1, dim), kernel,
+                                                       cfg.temperature))
+    out = _chunk_features(student_logits, teacher_logits, targets.reshape(-1), tuple(features), cfg)
     return _reshape_and_mask(out, batch, length, mask)
