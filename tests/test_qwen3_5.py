@@ -94,6 +94,10 @@ def test_config_maps_layer_types_partial_rotary_and_linear_dims(hf_text):
     assert cfg.extra["linear_num_value_heads"] == 4 and cfg.extra["zero_centered_norm"]
 
 
+def test_param_count_matches_transformers(hf_text):
+    assert qwen3_5.num_params(_load(hf_text[1]).cfg) == sum(p.numel() for p in hf_text[0].parameters())
+
+
 def test_logits_equal_transformers_on_padded_batch(hf_text):
     hf_model, path = hf_text
     model = _load(path)
@@ -134,6 +138,7 @@ def test_cached_prefill_append_and_decode_equal_fresh_forward(hf_text):
             np.testing.assert_allclose(np.asarray(logits[row, :take]), full[row, done:done + take], atol=2e-4)
     assert cache.end.tolist() == list(LENGTHS)
     assert cache.extra["layers/0/recurrent"].shape == (3, 4, 8, 8)
+    assert cache.k.shape[0] == 1  # k/v only for the one full-attention layer
 
 
 def test_greedy_generation_through_the_sampler_equals_transformers(hf_text):

@@ -19,13 +19,19 @@ from sgcd_jax.models.config import ModelConfig
 
 
 # layer_type → fn(cfg, layer_index, batch_size) → {name: zeros [B, ...]}: the initial per-row states of a block kind
-# that keeps more than k/v (e.g. Gated DeltaNet conv + recurrent state); KVCache.init fills them in.
+# that keeps a recurrent state instead of k/v (e.g. Gated DeltaNet conv + recurrent state). KVCache.init fills them
+# in and gives such layers no k/v slice: k/v hold the other layers only, in order (see kv_layer_index).
 BLOCK_STATE_FACTORIES: dict[str, Callable[[ModelConfig, int, int], dict[str, jax.Array]]] = {}
+
+
+def kv_layer_index(cfg: ModelConfig, layer_index: int) -> int:
+    """Index into KVCache.k/v of layer `layer_index` (== layer_index unless stateful layer types precede it)."""
+    return sum(kind not in BLOCK_STATE_FACTORIES for kind in cfg.layer_types[:layer_index])
 
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, Hkv, Dh] compute dtype
+    k: jax.Array  # [L_kv, B, S, Hkv, Dh] compute dtype; L_kv = layers without a registered block state
     v: jax.Array  # [L, B, S, Hkv, Dh]
     valid: jax.Array  # [B, S] bool: slot holds a real token
     end: jax.Array  # [B] int32: first free slot of each row
@@ -36,7 +42,8 @@ class KVCache:
              extra: dict[str, jax.Array] | None = None) -> "KVCache":
         """An empty cache with `max_len` slots per row (prompt + all generated and appended tokens)."""
         dtype = cfg.dtype if dtype is None else dtype
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        num_kv_layers = sum(kind not in BLOCK_STATE_FACTORIES for kind in cfg.layer_types)
+        shape = (num_kv_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
         if extra is None:
             extra = {}
             for layer_index, kind in enumerate(cfg.layer_types):

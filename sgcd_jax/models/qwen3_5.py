@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache
+from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache, kv_layer_index
 from sgcd_jax.models.config import ModelConfig
 from sgcd_jax.models.decoder import (AttentionContext, Linear, RMSNorm, SwiGLU, apply_rope, grouped_attention,
                                      register_block)
@@ -66,7 +66,7 @@ class GatedAttention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg=cfg)
         self.k_norm = RMSNorm(hd, cfg=cfg)
         self.shape = (h, kv, hd)
-        self.layer_index = layer_index
+        self.kv_index = kv_layer_index(cfg, layer_index)  # only full-attention layers have k/v in the cache
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         batch, steps, _ = x.shape
@@ -77,7 +77,7 @@ class GatedAttention(nnx.Module):
         k = apply_rope(self.k_norm(self.k_proj(x).reshape(batch, steps, num_kv, head_dim)), ctx.rope_cos, ctx.rope_sin)
         v = self.v_proj(x).reshape(batch, steps, num_kv, head_dim)
         if cache is not None:
-            rows, layer = jnp.arange(batch)[:, None], self.layer_index
+            rows, layer = jnp.arange(batch)[:, None], self.kv_index
             cache = cache.replace(
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
@@ -201,6 +201,41 @@ def config_to_hf(cfg: ModelConfig, *, vlm: bool) -> dict[str, Any]:
         return {"architectures": ["Qwen3_5ForCausalLM"], **text}
     return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
             "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": text["torch_dtype"]}
+
+
+# Public Qwen/Qwen3.5-4B text settings (loading always reads the checkpoint's own config.json; these feed the
+# memory plan and the recipe). Linear-attention head counts/dims are the transformers Qwen3.5 defaults.
+QWEN3_5_4B = dict(vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_layers=32, num_heads=16,
+                  num_kv_heads=4, head_dim=256, rope_theta=10_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  max_position_embeddings=262144, linear_num_key_heads=16, linear_num_value_heads=32,
+                  linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Parameter count of a Qwen3.5 hybrid (ModelConfig.num_params counts every layer as plain attention)."""
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = cfg.extra
+    keys, values = x["linear_num_key_heads"] * x["linear_key_head_dim"], x["linear_num_value_heads"] * x["linear_value_head_dim"]
+    heads_v = x["linear_num_value_heads"]
+    shared = 3 * d * f + 2 * d  # MLP + two block norms
+    attention = d * (2 * h * hd + 2 * kv * hd) + h * hd * d + 2 * hd
+    linear = d * (2 * keys + values) + d * values + 2 * d * heads_v + values * d \
+        + (2 * keys + values) * x.get("linear_conv_kernel_dim", 4) + 2 * heads_v + x["linear_value_head_dim"]
+    layers = sum(shared + (linear if kind == LINEAR else attention) for kind in cfg.layer_types)
+    return v * d * (1 if cfg.tie_word_embeddings else 2) + layers + d
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, kv_bytes: int = 2) -> dict[str, int]:
+    """Bytes of a rollout cache: k/v of the full-attention layers only, and the DeltaNet states (fp32 recurrent +
+    conv, independent of max_len)."""
+    per_layer_kv = 2 * batch * max_len * cfg.num_kv_heads * cfg.head_dim * kv_bytes
+    num_attention = sum(kind != LINEAR for kind in cfg.layer_types)
+    shapes = deltanet_state_shapes(cfg, batch)
+    conv, recurrent = shapes["conv"][0], shapes["recurrent"][0]
+    state = (cfg.num_layers - num_attention) * (4 * recurrent[0] * recurrent[1] * recurrent[2] * recurrent[3]
+                                                + kv_bytes * conv[0] * conv[1] * conv[2])
+    return {"kv": num_attention * per_layer_kv, "deltanet_states": state}
 
 
 def name_rules(prefix: str) -> tuple[tuple[str, str, bool], ...]:
