@@ -20,7 +20,7 @@ from sgcd_jax.models.export import export_hf
 from sgcd_jax.models.loading import hf_config
 from sgcd_jax.sampling.rules import SamplingParams
 from sgcd_jax.sampling.session import Sampler
-from sgcd_jax.sharding import DEFAULT_RULES, state_shardings
+from sgcd_jax.sharding import state_shardings
 
 CHUNK = 8  # our DeltaNet chunk; transformers uses 64 (the math must not depend on it)
 TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -184,13 +184,19 @@ def test_export_round_trip_loads_in_transformers_with_equal_logits(hf_text, tmp_
     np.testing.assert_allclose(hf_logits(reloaded, ids), hf_logits(hf_text[0], ids), atol=1e-5)
 
 
-def test_every_parameter_has_a_partition_rule():
-    cfg = qwen3_5.qwen3_5_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
-                                 num_kv_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
-                                 linear_key_head_dim=8, linear_value_head_dim=8, attention_bias=True)
+def test_every_parameter_of_the_4b_model_has_a_partition_rule_and_the_count_is_4_2b():
     from sgcd_jax.models import Decoder
+    cfg = qwen3_5.qwen3_5_config(**qwen3_5.QWEN3_5_4B, attention_bias=False)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.split(abstract)[1]
+    assert sum(leaf.size for leaf in jax.tree.leaves(state)) == qwen3_5.num_params(cfg) == 4_205_751_296
     mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 2, 4), ("data", "fsdp", "tp"))
-    shardings = state_shardings(nnx.split(abstract)[1], mesh, qwen3_5.QWEN3_5_PARTITION_RULES)
-    specs = {str(s.spec) for s in jax.tree.leaves(shardings)}
-    assert any("tp" in s for s in specs) and DEFAULT_RULES
+    shardings = state_shardings(state, mesh, qwen3_5.QWEN3_5_PARTITION_RULES)  # raises on an uncovered parameter
+    by_path = {"/".join(map(str, k)): v.spec for k, v in jax.tree_util.tree_leaves_with_path(shardings)}
+    assert any("tp" in str(spec) for path, spec in by_path.items() if "in_proj_qkv" in path)
+
+
+def test_recipe_config_validates():
+    from sgcd_jax.config import configs_dir, load_config_file
+    cfg = load_config_file(f"{configs_dir()}/tau3_airline_qwen3_5_4b.py")
+    assert cfg.env.name == "tau3_airline" and cfg.loss.credit == "sgcd" and cfg.model.dtype == "bfloat16"
