@@ -7,7 +7,7 @@ LM head [D, V] (forward pass, as in the scoring pass; ``--grad`` also differenti
 student hidden states and the kernel, as in the SDPO full-distribution loss). Memory comes from
 XLA's compiled memory analysis (temp = scratch beyond arguments and outputs) and the process RSS
 high-water mark; the naive case runs only if its compiled footprint fits in MemAvailable with a
-2 GiB margin (otherwise its time is reported as null). Prints one JSON object.
+3 GiB margin (otherwise its time is reported as null). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _measure(stats_fn, cfg, grad, args, run: bool) -> tuple[dict, jax.Array | No
     }
     footprint = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     output = None
-    if run and footprint + 2 * GIB < _mem_available():
+    if run and footprint + 3 * GIB < _mem_available():
         rss_before = _rss_peak()
         start = time.perf_counter()
         output = jax.block_until_ready(compiled(*args))
