@@ -173,11 +173,13 @@ if mode == "sleep":
     time.sleep(60)
 if mode == "fail" and name == "train_step":
     sys.exit("CUDA out of memory")
+print("compiling ...")  # logs before the JSON, and the JSON is indented, like the real benches
 if name == "sampler":
-    print("warming up")
-    print(json.dumps({{"batch_8": {{"tokens_per_s": 900.0, "bandwidth_fraction": 0.41}}}}))
+    print(json.dumps({{"single_turn": {{"param_bytes": 270_000_000, "batch1": {{
+        "ours_tokens_per_s": 5000.0, "ours_bandwidth_fraction": 0.41}}}}}}, indent=1))
 else:
-    print(json.dumps({{"train_step": {{"tokens_per_s": 5e4, "mfu": 0.37}}}}))
+    print(json.dumps({{"bench": "train_step", "ours_gflops": 98940.0,
+                      "ours_fraction_of_peak": 0.37}}, indent=2))
 """
 
 
@@ -194,6 +196,20 @@ def test_device_check_prints_mfu_and_bandwidth_fraction(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["mfu"] == 0.37 and report["decode_bandwidth_fraction"] == 0.41 and report["ok"]
+    assert "host memory copy" in report["decode_bandwidth_basis"]  # no GPU name: the bench's figure
+
+
+def test_device_check_uses_the_gpu_spec_when_the_device_is_known(tmp_path):
+    fake_smi = tmp_path / "bin" / "nvidia-smi"
+    fake_smi.parent.mkdir()
+    fake_smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB'\n")
+    fake_smi.chmod(0o755)
+    result = _device_check(tmp_path, "ok", PATH=f"{fake_smi.parent}:/usr/bin:/bin:"
+                           + os.path.dirname(sys.executable))
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device"].startswith("NVIDIA H100")
+    assert report["decode_bandwidth_fraction"] == pytest.approx(270e6 * 5000 / 3.35e12, rel=1e-3)
+    assert report["mfu_vs_spec_bf16_dense"] == pytest.approx(0.1, rel=1e-3)
 
 
 def test_device_check_reports_a_failing_bench(tmp_path):
