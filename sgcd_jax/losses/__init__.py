@@ -17,4 +17,12 @@ from sgcd_jax.losses.sgcd import SGCDBatch, SGCDLossConfig, sgcd_policy_loss
 from sgcd_jax.losses.types import AGG_MODES, LossOutput, aggregate, masked_mean
 from sgcd_jax.losses.vocab import VocabConfig, naive_pair_stats, pair_stats, token_stats
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "AGG_MODES", "KINDS", "AdvantageBatch", "AdvantageConfig", "AdvantageOutput", "CreditBatch",
+    "CreditConfig", "CreditOutput", "DistillBatch", "DistillConfig", "LossOutput", "PolicyBatch",
+    "PolicyLossConfig", "SGCDBatch", "SGCDLossConfig", "VocabConfig", "aggregate",
+    "compute_advantages", "get", "grpo_advantages", "kl_penalty", "lam_at", "masked_mean",
+    "naive_pair_stats", "no_credit", "pair_stats", "ppo_policy_loss", "ppo_token_losses",
+    "register", "registered", "rloo_advantages", "sdpo_loss", "sgcd_credit", "sgcd_policy_loss",
+    "token_stats",
+]

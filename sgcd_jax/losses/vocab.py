@@ -34,7 +34,7 @@ ALL_FEATURES = STUDENT_FEATURES + PAIR_FEATURES
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VocabConfig:
-    chunk_size: int = 1024  # tokens per chunk; memory ≈ a few × chunk_size × V × 4 bytes
+    chunk_size: int = 256  # tokens per chunk; extra memory ≈ 2–4 × chunk_size × V × 4 bytes
     temperature: float = 1.0  # logits are divided by this (match the sampler's temperature)
     jsd_beta: float = 0.5  # β of the generalised JSD, strictly inside (0, 1)
     top_k: int | None = None  # None = full vocabulary divergences; k = top-k + tail bucket
