@@ -19,6 +19,8 @@ def get_config():
     cfg.run.eval_every = 4
     cfg.run.checkpoint_every = 4
     cfg.model.source = "tiny"
+    cfg.model.tokenizer = "domain-bpe"
+    cfg.model.domain_vocab_size = 1024
     cfg.model.hidden_size = 64
     cfg.model.intermediate_size = 128
     cfg.model.num_layers = 2

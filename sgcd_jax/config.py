@@ -62,7 +62,8 @@ class ModelSpec:
     otherwise ``source`` goes to ``load_model`` (short name, HF dir or .gguf)."""
 
     source: str = "tiny"
-    tokenizer: str = "smollm2-135m-instruct"  # for tiny models: whose tokenizer/chat template
+    tokenizer: str = "smollm2-135m-instruct"  # tiny models: a tokenizer name/path, or "domain-bpe"
+    domain_vocab_size: int = 1024  # "domain-bpe": BPE trained on the env's text, SmolLM2 specials/template
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 2
@@ -87,6 +88,7 @@ class ModelSpec:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EnvSpec:
     name: str = "airline_lite"
+    seed: int = 0  # task generation seed (fixed across training seeds so runs compare on the same tasks)
     difficulty: str = "easy"
     train_split: str = "train"
     eval_split: str = "test"
@@ -132,6 +134,7 @@ class CreditSpec:
     cache_dir: str = ""  # "" = run_dir/annotation_cache
     async_annotation: bool = True
     timeout_s: float = 60.0
+    reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
 
     def __post_init__(self):
         _one_of("credit.annotator", self.annotator, ("contrast", "gemini", "replay", "none"))

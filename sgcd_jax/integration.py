@@ -32,27 +32,34 @@ class ChatAdapter:
     def render_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         return self.renderer.prompt_ids(messages, tools, add_generation_prompt=True)
 
-    def remember_tools(self, env_name: str, tools: list[dict[str, Any]]) -> None:
-        self._tools[env_name] = tools
-
-    def tools_of(self, traj: Trajectory) -> list[dict[str, Any]] | None:
-        tools = traj.info.get("tools") if isinstance(traj.info, dict) else None
-        if tools is None and self._tools:
-            tools = next(iter(self._tools.values()))
-        return tools
+    def tools_for(self, env_factory: EnvFactory, task: Task) -> list[dict[str, Any]]:
+        """The tool schemas the policy saw for ``task`` (Trajectory does not carry them: re-read from a
+        fresh env's reset, cached per task)."""
+        if task.task_id not in self._tools:
+            self._tools[task.task_id] = list(env_factory.make().reset(task).tools or [])
+        return self._tools[task.task_id]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Per-token display strings (byte-level BPE markers decoded per token)."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
 
-def build_model(spec: ModelSpec, *, seed: int) -> tuple[nnx.Module, Any]:
-    """``tiny``: a random-init Decoder on ``spec.tokenizer``'s vocabulary; else ``load_model``."""
+def build_model(spec: ModelSpec, *, seed: int, run_dir: str = "", env_factory: EnvFactory | None = None,
+                train_split: str = "train") -> tuple[nnx.Module, Any]:
+    """``tiny``: a random-init Decoder on ``spec.tokenizer``'s vocabulary (``domain-bpe``: trained on the
+    env's text, saved in the run dir); else ``load_model``."""
     from sgcd_jax.models import Decoder, ModelConfig, load_model, load_tokenizer
 
     if spec.source != "tiny":
         return load_model(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype)
-    tokenizer = load_tokenizer(spec.tokenizer)
+    if spec.tokenizer == "domain-bpe":
+        from sgcd_jax.domain_tokenizer import load_or_train
+
+        if env_factory is None:
+            raise ValueError("model.tokenizer='domain-bpe' needs the env (its text is the BPE corpus)")
+        tokenizer = load_or_train(run_dir, env_factory, train_split, spec.domain_vocab_size, "smollm2-135m-instruct")
+    else:
+        tokenizer = load_tokenizer(spec.tokenizer)
     cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
                       intermediate_size=spec.intermediate_size, num_layers=spec.num_layers,
                       num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
@@ -64,17 +71,12 @@ def build_model(spec: ModelSpec, *, seed: int) -> tuple[nnx.Module, Any]:
 
 
 def build_env(spec: EnvSpec) -> EnvFactory:
+    from sgcd_jax.envs.registry import make_factory
+
+    kwargs = dict(max_turns=spec.max_turns, user=spec.user)
     if spec.name == "airline_lite":
-        from sgcd_jax.envs.airline_lite import AirlineLiteFactory
-
-        return AirlineLiteFactory(difficulty=spec.difficulty, num_tasks=spec.num_tasks, max_turns=spec.max_turns)
-    if spec.name == "tau3_airline":
-        from sgcd_jax.envs.tau_airline.env import TauAirlineFactory
-
-        return TauAirlineFactory(user=spec.user, max_turns=spec.max_turns)
-    from sgcd_jax.envs.appworld import AppWorldFactory  # noqa: F401 (accelerator-scale recipe)
-
-    return AppWorldFactory()
+        kwargs.update(difficulty=spec.difficulty, num_tasks=spec.num_tasks, seed=spec.seed)
+    return make_factory(spec.name, **kwargs)
 
 
 def export_model(model: nnx.Module, tokenizer: Any, out_dir: str) -> str:
@@ -84,18 +86,107 @@ def export_model(model: nnx.Module, tokenizer: Any, out_dir: str) -> str:
     return out_dir
 
 
+def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, temperature: float | None = None):
+    from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
+    from sgcd_jax.sampling import SamplingParams, Sampler
+
+    r = config.rollout
+    params = SamplingParams(temperature=r.temperature if temperature is None else temperature,
+                            top_p=r.top_p, top_k=r.top_k)
+    sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids())
+    return RolloutEngine(sampler, chat.renderer, RolloutConfig(
+        max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens))
+
+
 def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task], group_size: int,
-            rng: jax.Array, config: TrainConfig, *, group_prefix: str = "") -> list[Trajectory]:
-    raise NotImplementedError("waiting for sgcd_jax.rollout engine")
+            rng: jax.Array, config: TrainConfig, *, temperature: float | None = None) -> list[Trajectory]:
+    """G sibling episodes per task with the current policy (a fresh engine: group ids are stable)."""
+    engine = make_engine(model, chat, config, temperature=temperature)
+    trajectories = engine.run(list(tasks), env_factory, group_size, rng)
+    for traj in trajectories:
+        traj.timing.setdefault("engine_wall_s", engine.last_run_stats.get("wall_s", 0.0))
+    return trajectories
+
+
+def demo_trajectory(demo: dict[str, Any], chat: ChatAdapter, task_id: str = "demo") -> Trajectory:
+    """An oracle conversation → token ids with the loss mask on the assistant turns, rendered exactly as
+    a rollout would be (prompt ids, generated text + end-of-turn, continuation ids for observations)."""
+    messages, tools = demo["messages"], demo.get("tools")
+    renderer = chat.renderer
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids = list(renderer.prompt_ids(messages[:first], tools))
+    prompt_len = len(ids)
+    mask, steps = [0] * len(ids), [-1] * len(ids)
+    i, step = first, 0
+    while i < len(messages):
+        before = renderer.render_text(messages[:i], tools, add_generation_prompt=True)
+        after = renderer.render_text(messages[:i + 1], tools, add_generation_prompt=False)
+        if not after.startswith(before):
+            raise ValueError("chat template re-renders history; cannot build SFT demonstrations from it")
+        segment = after[len(before):]
+        cut = segment.find(renderer.end_of_turn_text)
+        generated = renderer.encode(segment[:cut + len(renderer.end_of_turn_text)] if cut >= 0 else segment)
+        ids += generated
+        mask += [1] * len(generated)
+        steps += [step] * len(generated)
+        j = i + 1
+        while j < len(messages) and messages[j]["role"] != "assistant":
+            j += 1
+        if j < len(messages):
+            observation = renderer.continuation_ids(messages[:i + 1], messages[i + 1:j], tools)
+            ids += observation
+            mask += [0] * len(observation)
+            steps += [-1] * len(observation)
+        i, step = j, step + 1
+    n = len(ids)
+    return Trajectory(task_id=task_id, group_id=f"demo/{task_id}", sample_index=0,
+                      token_ids=np.asarray(ids, np.int32), loss_mask=np.asarray(mask, np.int32),
+                      step_ids=np.asarray(steps, np.int32), sampler_logprobs=np.zeros(n, np.float32),
+                      prompt_len=prompt_len, messages=list(messages), steps=[], reward=float(demo.get("reward", 1.0)))
 
 
 def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConfig) -> list[Trajectory]:
-    raise NotImplementedError("waiting for airline_lite oracle")
+    """Oracle demonstrations (airline_lite) for the SFT warm-up, truncated to the rollout budget."""
+    if config.env.name != "airline_lite":
+        raise ValueError(f"sft.enabled needs demonstrations; only airline_lite has an oracle, env is "
+                         f"{config.env.name!r}: set --config.sft.enabled=False")
+    from sgcd_jax.envs.airline_lite import oracle_demos
+
+    demos = oracle_demos(env_factory, config.env.train_split, config.sft.num_demos)
+    out = [demo_trajectory(d, chat, d.get("task_id", str(i))) for i, d in enumerate(demos) if d["reward"] >= 1.0]
+    return [t for t in out if len(t.token_ids) <= config.rollout.max_total_tokens]
 
 
 def evaluate(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task],
-             config: TrainConfig) -> dict[str, float]:
-    raise NotImplementedError("waiting for envs.metrics evaluate()")
+             config: TrainConfig, rng: jax.Array | None = None) -> dict[str, float]:
+    """The bare student, batched through the rollout engine: plain env prompts only (the engine renders
+    what env.reset returns; no credit reference or sibling evidence exists on this path)."""
+    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, summarize
+
+    trials = config.eval.trials
+    rng = jax.random.key(config.run.seed + 1) if rng is None else rng
+    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=config.eval.temperature)
+    rows = eval_rows(trajectories, SUCCESS_THRESHOLD)
+    summary = summarize(rows, env_factory.name, config.env.eval_split)
+    out = {"success_rate": float(np.mean([r["successes"] / r["trials"] for r in rows])),
+           "mean_reward": float(summary["mean_reward"]),
+           "state_change_success_rate": float(np.mean([i.get("write_calls_ok", 0) for r in rows for i in r["infos"]]))}
+    out.update({f"pass_hat_{k}": float(v) for k, v in summary["pass_hat_k"].items()})
+    out.update({f"pass_at_{k}": float(v) for k, v in summary["pass_at_k"].items()})
+    if summary.get("write_call_success_rate") is not None:
+        out["write_call_success_rate"] = float(summary["write_call_success_rate"])
+    return out
 
 
-_ = np
+def eval_rows(trajectories: Sequence[Trajectory], threshold: float) -> list[dict[str, Any]]:
+    by_task: dict[str, list[Trajectory]] = {}
+    for traj in trajectories:
+        by_task.setdefault(traj.task_id, []).append(traj)
+    rows = []
+    for task_id, group in by_task.items():
+        rewards = [t.reward for t in group]
+        rows.append({"task_id": task_id, "trials": len(group), "successes": sum(r >= threshold for r in rewards),
+                     "rewards": rewards, "mean_reward": float(np.mean(rewards)),
+                     "errors": [t.termination for t in group if t.termination in ("env_error", "env_timeout")],
+                     "infos": [t.info for t in group]})
+    return rows

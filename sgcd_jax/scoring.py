@@ -43,22 +43,24 @@ class PackedBatch:
 
 
 def pack(trajectories: Sequence[Trajectory], teacher_prompts: Sequence[np.ndarray | None] | None = None,
-         *, rows_multiple: int = 1, length_multiple: int = 64, pad_id: int = 0) -> PackedBatch:
+         *, rows_multiple: int = 1, length_multiple: int = 64, pad_id: int = 0, min_rows: int = 0,
+         min_length: int = 0, min_teacher_length: int = 0) -> PackedBatch:
     """Right-pad trajectories (and their teacher conversations) into a PackedBatch (numpy leaves).
 
     ``teacher_prompts[i]``: token ids of the teacher prompt replacing ``token_ids[:prompt_len]`` of
     trajectory i (None = no reference: the teacher row is the student row and ``has_teacher`` = 0).
+    ``min_rows`` / ``min_length`` / ``min_teacher_length`` fix the padded shapes so jit compiles once.
     """
     n = len(trajectories)
-    rows = -(-max(n, 1) // rows_multiple) * rows_multiple
+    rows = -(-max(n, min_rows, 1) // rows_multiple) * rows_multiple
     teacher_prompts = list(teacher_prompts) if teacher_prompts is not None else [None] * n
     teacher_seqs = []
     for traj, prompt in zip(trajectories, teacher_prompts):
         response = np.asarray(traj.token_ids[traj.prompt_len:], np.int32)
         prompt = np.asarray(traj.token_ids[:traj.prompt_len] if prompt is None else prompt, np.int32)
         teacher_seqs.append((prompt, response))
-    length = bucket(max([len(t.token_ids) for t in trajectories] + [2]), length_multiple)
-    t_length = bucket(max([len(p) + len(r) for p, r in teacher_seqs] + [2]), length_multiple)
+    length = bucket(max([len(t.token_ids) for t in trajectories] + [2, min_length]), length_multiple)
+    t_length = bucket(max([len(p) + len(r) for p, r in teacher_seqs] + [2, min_teacher_length]), length_multiple)
     out = dict(tokens=np.full((rows, length), pad_id, np.int32), token_mask=np.zeros((rows, length), bool),
                target_mask=np.zeros((rows, length - 1), np.float32),
                step_ids=np.full((rows, length - 1), -1, np.int32),

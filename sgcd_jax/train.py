@@ -54,7 +54,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     env_factory = parts.build_env(config.env)
     train_tasks = env_factory.tasks(config.env.train_split)
     eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
-    model, tokenizer = parts.build_model(config.model, seed=config.run.seed)
+    model, tokenizer = parts.build_model(config.model, seed=config.run.seed, run_dir=run_dir, env_factory=env_factory,
+                                         train_split=config.env.train_split)
     chat = parts.ChatRenderer(tokenizer)
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration

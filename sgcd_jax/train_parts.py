@@ -118,19 +118,16 @@ def build_annotation_queue(credit: CreditSpec, run_dir: str) -> AsyncAnnotationQ
 
 
 def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
-                    chat: "integration.ChatAdapter", counters: Counters) -> tuple[list, dict, dict]:
+                    chat: "integration.ChatAdapter", counters: Counters, tools_by_task: dict) -> tuple[list, dict, dict]:
     """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references."""
     metrics: dict[str, float] = {}
     references: dict[str, Any] = {}
     if config.loss.sdpo_coef > 0 and config.loss.credit == "none":  # SDPO: a successful sibling's demo
-        rows = build_sdpo_teacher_batch(groups, chat.render_prompt_ids, chat.tools_of(trajectories[0]),
-                                        verify=False)
         by_key = {}
-        i = 0
         for group in groups:
-            for traj in group.trajectories:
-                by_key[(traj.group_id, traj.sample_index)] = rows[i]
-                i += 1
+            rows = build_sdpo_teacher_batch([group], chat.render_prompt_ids, tools_by_task[group.task_id])
+            for traj, row in zip(group.trajectories, rows):
+                by_key[(traj.group_id, traj.sample_index)] = row
     else:
         mixed = [g for g in groups if g.is_mixed]
         start = time.perf_counter()
@@ -141,9 +138,10 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         counters.groups_without_reference += missing
         counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
         metrics.update(annotator.stats.as_metrics())
-        rows = build_teacher_batch(trajectories, references, chat.render_prompt_ids,
-                                   chat.tools_of(trajectories[0]), verify=False)
-        by_key = {(t.group_id, t.sample_index): r for t, r in zip(trajectories, rows)}
+        by_key = {}
+        for traj in trajectories:
+            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id])
+            by_key[(traj.group_id, traj.sample_index)] = row
     prompts = []
     for traj in trajectories:
         row = by_key.get((traj.group_id, traj.sample_index))
@@ -159,7 +157,11 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     timings = {}
     start = time.perf_counter()
     micro = config.optim.micro_batch_size
-    batch = to_device(pack(trajectories, prompts, rows_multiple=micro, pad_id=pad_id))
+    length = config.rollout.max_total_tokens + config.rollout.max_new_tokens  # a turn may overshoot the cap
+    teacher_length = length + (config.credit.reference_tokens if config.loss.needs_teacher else 0)
+    batch = to_device(pack(trajectories, prompts, rows_multiple=micro, pad_id=pad_id,
+                           min_rows=config.rollout.tasks_per_iteration * config.rollout.group_size,
+                           min_length=length, min_teacher_length=teacher_length))
     needs_teacher = config.loss.needs_teacher and any(p is not None for p in prompts)
     spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
                      with_teacher=config.loss.needs_teacher, with_reference=config.loss.needs_reference)
@@ -209,10 +211,10 @@ def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_f
     tasks = stream.next_tasks(config.rollout.tasks_per_iteration)
     start = time.perf_counter()
     trajectories = integration.rollout(learner.model(), chat, env_factory, tasks, config.rollout.group_size,
-                                       rng, config, group_prefix=f"it{index}")
+                                       rng, config)
     rollout_s = time.perf_counter() - start
     counters.episodes += len(trajectories)
-    counters.env_errors += sum(t.termination == "error" for t in trajectories)
+    counters.env_errors += sum(t.termination in ("error", "env_error", "env_timeout") for t in trajectories)
     selection = select_groups(trajectories, SelectionConfig(success_threshold=config.credit.success_threshold,
                                                             non_mixed=config.credit.non_mixed_groups))
     groups = selection.mixed + selection.grpo
@@ -226,7 +228,9 @@ def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_f
         references: dict = {}
         if config.loss.needs_teacher:
             start = time.perf_counter()
-            prompts, annotation_metrics, references = teacher_prompts(kept, groups, config, annotator, chat, counters)
+            tools_by_task = {t.task_id: chat.tools_for(env_factory, t) for t in tasks}
+            prompts, annotation_metrics, references = teacher_prompts(kept, groups, config, annotator, chat, counters,
+                                                                      tools_by_task)
             metrics.update(annotation_metrics)
             metrics["time/teacher_context_s"] = time.perf_counter() - start
         update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, index, chat.pad_id)
@@ -240,8 +244,7 @@ def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_f
 
 def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dict[str, float]:
     rewards = np.asarray([t.reward for t in trajectories], np.float32)
-    state_changes = [float(t.metrics.get("successful_state_changes", t.info.get("successful_state_changes", 0)))
-                     for t in trajectories]
+    state_changes = [float(t.info.get("write_calls_ok", 0)) for t in trajectories]  # successful state-changing calls
     return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
             "success_rate": float((rewards >= threshold).mean()) if len(rewards) else 0.0,
             "state_change_success_rate": float(np.mean(state_changes)) if state_changes else 0.0,
@@ -294,7 +297,8 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
     nll = []
     for step in range(config.sft.steps):
         take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
-        batch = to_device(pack(take, rows_multiple=sft.spec.micro_batch_size, pad_id=chat.pad_id))
+        batch = to_device(pack(take, rows_multiple=sft.spec.micro_batch_size, pad_id=chat.pad_id,
+                               min_length=config.rollout.max_total_tokens))
         zeros = jnp.zeros_like(batch.target_mask)
         nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
