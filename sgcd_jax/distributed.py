@@ -144,17 +144,14 @@ def initialize(cfg: DistributedConfig | None = None) -> DistributedConfig:
         heartbeat_timeout_seconds=resolved.heartbeat_timeout_s,
         shutdown_timeout_seconds=resolved.shutdown_timeout_s,
     )
+    # slurm / tpu: JAX's cluster detection fills whatever is still None.
+    kwargs.update(coordinator_address=resolved.coordinator_address,
+                  num_processes=resolved.num_processes, process_id=resolved.process_id)
     if resolved.local_device_ids is not None:
         kwargs["local_device_ids"] = list(resolved.local_device_ids)
-    if resolved.cluster == "explicit":
-        kwargs.update(coordinator_address=resolved.coordinator_address,
-                      num_processes=resolved.num_processes, process_id=resolved.process_id)
-        if resolved.local_device_ids is None:
-            # All local devices are ours; stops JAX from guessing a cluster type from stray env vars.
-            kwargs["cluster_detection_method"] = "deactivate"
-    else:  # slurm / tpu: JAX detects what is not given
-        kwargs.update(coordinator_address=resolved.coordinator_address,
-                      num_processes=resolved.num_processes, process_id=resolved.process_id)
+    elif resolved.cluster == "explicit":
+        # All local devices are ours; stops JAX from guessing a cluster type from stray env vars.
+        kwargs["cluster_detection_method"] = "deactivate"
     logger.info("jax.distributed.initialize(%s) [%s]", kwargs, resolved.cluster)
     try:
         jax.distributed.initialize(**kwargs)
@@ -189,11 +186,15 @@ def main_process_only(fn: Callable[..., T]) -> Callable[..., T | None]:
 def barrier(name: str, timeout_s: int = 600) -> None:
     """Wait until every process reaches ``name``; raise (not hang) if a peer does not come.
 
+    ``timeout_s``: pass ``DistributedConfig.barrier_timeout_s``; names must be unique per call site
+    and iteration (e.g. f"checkpoint-{step}").
     Use around process-0-only writes that others then read (e.g. a config file in the run dir).
     """
     if jax.process_count() == 1:
         return
-    client = jax._src.distributed.global_state.client  # the public API has no timeout parameter
+    from jax._src import distributed as jax_distributed_state  # public API has no barrier timeout
+
+    client = jax_distributed_state.global_state.client
     if client is None:
         raise RuntimeError("barrier() with several processes but jax.distributed is not initialised")
     try:
