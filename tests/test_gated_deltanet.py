@@ -12,7 +12,8 @@ from flax import nnx
 
 from sgcd_jax.models import ModelConfig
 from sgcd_jax.models.gated_deltanet import (GatedDeltaNet, causal_depthwise_conv, gated_delta_rule_chunked,
-                                            gated_delta_rule_recurrent, l2_normalize, next_conv_state)
+                                            gated_delta_rule_recurrent, l2_normalize, next_conv_state,
+                                            unit_lower_triangular_inverse)
 
 
 @jax.jit
@@ -85,6 +86,25 @@ def test_gradients_stay_finite_under_very_strong_decay_and_long_chunks():
     g = g * 50.0  # cumulative log decay reaches -1e3 inside a chunk: exp(+γ) would overflow in a naive form
     grads = jax.grad(lambda g: jnp.sum(gated_delta_rule_chunked(q, k, v, g, beta, None, chunk_size=64)[0]))(g)
     assert np.all(np.isfinite(grads))
+
+
+def test_chunked_is_exact_for_repeated_keys_full_writes_and_no_decay():
+    """The worst-conditioned chunk: every key equal, β = 1, no decay (the WY system is all-ones lower triangular)."""
+    q, k, v, g, beta, state = random_inputs(4, steps=32, heads=1)
+    k = jnp.broadcast_to(k[:, :1], k.shape)
+    g, beta = jnp.zeros_like(g), jnp.ones_like(beta)
+    chunk_out, chunk_state = gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=32)
+    naive_out, naive_state = naive_gated_delta_rule(q, k, v, g, beta, state)
+    np.testing.assert_allclose(chunk_out, naive_out, atol=1e-4)
+    np.testing.assert_allclose(chunk_state, naive_state, atol=1e-4)
+
+
+def test_unit_lower_triangular_inverse_matches_numpy():
+    lower = np.tril(np.random.default_rng(0).normal(size=(3, 16, 16)), -1).astype(np.float32)
+    expected = np.linalg.inv(np.eye(16, dtype=np.float32) + lower)
+    np.testing.assert_allclose(unit_lower_triangular_inverse(jnp.asarray(lower)), expected, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        gated_delta_rule_chunked(*random_inputs(0, steps=4)[:5], chunk_size=6)
 
 
 def test_matches_transformers_torch_fallback_chunked_and_recurrent():

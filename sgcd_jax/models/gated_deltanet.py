@@ -8,7 +8,7 @@ Two exact forms of the same map:
   * `gated_delta_rule_recurrent` — a scan over tokens (decode, short chunks).
   * `gated_delta_rule_chunked` — the WY/UT form: inside a chunk of C tokens the writes U solve the unit lower
     triangular system (I + L) U = βV − diag(βΓ) K S_0 with L_ts = β_t (k_t·k_s) Γ_t/Γ_s (s < t), so the chunk is a
-    few matmuls plus one triangular solve; a scan over chunks carries S. All of it runs in float32 with
+    few matmuls plus one unit-triangular inverse; a scan over chunks carries S. All of it runs in float32 with
     decay ratios exp(γ_t − γ_s) only for s <= t (never > 1), so no overflow under long chunks or strong decay.
 A padded position (token_mask False) gets g = 0 and β = 0: an exact no-op on the state, so a right-padded
 chunk leaves each row's state where its last real token put it.
@@ -56,6 +56,31 @@ def next_conv_state(x: jax.Array, conv_state: jax.Array, lengths: jax.Array) -> 
 
 
 # ----------------------------------------------------------------------------- the gated delta rule
+def unit_lower_triangular_inverse(strictly_lower: jax.Array) -> jax.Array:
+    """(I + L)^-1 for strictly lower triangular L [..., C, C], C a power of two.
+
+    Recursive block inversion (the blocked LAPACK trtri scheme): the inverse of [[A, 0], [B, D]] is
+    [[A^-1, 0], [-D^-1 B A^-1, D^-1]], applied to all diagonal blocks of one size at once, sizes 1, 2, 4, .. C.
+    Only batched matmuls (log2 C levels), so it is fast on every backend and differentiates as matmuls; batched
+    triangular_solve is ~500x slower on XLA:CPU and its gradient is another solve.
+    """
+    size_total = strictly_lower.shape[-1]
+    batch = strictly_lower.shape[:-2]
+    inverse = jnp.ones(batch + (size_total, 1, 1), strictly_lower.dtype)  # [..., blocks, s, s] diagonal blocks
+    size = 1
+    while size < size_total:
+        pairs = size_total // (2 * size)
+        blocks = strictly_lower.reshape(batch + (pairs, 2 * size, pairs, 2 * size))
+        diagonal = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., pairs, 2s, 2s]
+        upper_inv, lower_inv = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        off_diagonal = -jnp.matmul(jnp.matmul(lower_inv, diagonal[..., size:, :size], precision=_HIGHEST),
+                                   upper_inv, precision=_HIGHEST)
+        inverse = jnp.concatenate([jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], axis=-1),
+                                   jnp.concatenate([off_diagonal, lower_inv], axis=-1)], axis=-2)
+        size *= 2
+    return inverse[..., 0, :, :]
+
+
 def gated_delta_rule_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
                                initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Token-by-token form. q,k [B,T,H,Dk], v [B,T,H,Dv], g,beta [B,T,H] (q,k already normalised and q scaled).
@@ -84,6 +109,8 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
                              initial_state: jax.Array | None = None,
                              chunk_size: int = 64) -> tuple[jax.Array, jax.Array]:
     """Chunk-parallel form, same contract as `gated_delta_rule_recurrent`; any T (padded internally with no-ops)."""
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} must be a power of two (set extra['deltanet_chunk_size'])")
     batch, steps, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     pad = (-steps) % chunk_size
@@ -105,7 +132,7 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
     key_gram = mm("...td,...sd->...ts", k, k)
     system = jnp.where(strictly_lower, beta[..., :, None] * key_gram * pair_decay, 0.0)  # L; solve uses I + L
     rhs = jnp.concatenate([v * beta[..., None], k * (beta * jnp.exp(log_decay))[..., None]], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    solved = jnp.matmul(unit_lower_triangular_inverse(system), rhs, precision=_HIGHEST)  # (I + L)^-1 rhs
     writes_from_values, writes_per_state = solved[..., :value_dim], solved[..., value_dim:]  # U = first − second·S_0
     intra = mm("...td,...sd->...ts", q, k) * pair_decay  # [B,H,N,C,C], diagonal included
     q_from_start = q * jnp.exp(log_decay)[..., None]
