@@ -15,6 +15,12 @@ from sgcd_jax.sampling.session import Sampler
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_position_embeddings=512)
 GREEDY = SamplingParams(temperature=0.0)
+SAMPLE = SamplingParams(temperature=1.0)
+
+
+def make_sampler(model, params=GREEDY, **kwargs):
+    # one chunk length and cache bucket everywhere: fewer shapes to compile
+    return Sampler(model, params=params, decode_steps_per_chunk=8, min_cache_len=64, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ PROMPTS = [[1, 5, 9, 3], [7, 2], [4, 4, 8, 12, 33, 17, 2]]
 
 
 def test_greedy_equals_step_by_step_argmax_without_cache(model):
-    sampler = Sampler(model, params=GREEDY, decode_steps_per_chunk=5)  # several chunks per turn
+    sampler = make_sampler(model)  # 12 tokens: two chunks
     outs = sampler.generate(PROMPTS, max_new_tokens=12, rng=jax.random.key(0))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids.tolist() == no_cache_greedy(model, prompt, 12)
@@ -69,14 +75,14 @@ def test_greedy_equals_step_by_step_argmax_without_cache(model):
 def test_stop_token_ends_row_and_is_kept(model):
     expected = no_cache_greedy(model, PROMPTS[0], 12)
     stop = expected[3]
-    sampler = Sampler(model, params=GREEDY, stop_token_ids=(stop,))
+    sampler = make_sampler(model, stop_token_ids=(stop,))
     out = sampler.generate(PROMPTS[:1], max_new_tokens=12, rng=jax.random.key(0))[0]
     first = expected.index(stop)
     assert out.token_ids.tolist() == expected[:first + 1] and out.finish_reason == "stop_token"
 
 
 def test_per_row_max_tokens(model):
-    sampler = Sampler(model, params=GREEDY)
+    sampler = make_sampler(model)
     outs = sampler.generate(PROMPTS, max_new_tokens=[3, 7, 1], rng=jax.random.key(0))
     assert [len(o.token_ids) for o in outs] == [3, 7, 1]
 
@@ -86,7 +92,7 @@ def test_stop_string_truncates_and_rolls_back_cache(model):
     expected = no_cache_greedy(model, PROMPTS[0], 12)
     stop_string = decode(expected[4:6])
     cut = next(c for c in range(1, 13) if stop_string in decode(expected[:c]))
-    sampler = Sampler(model, params=GREEDY, decode_text=decode, decode_steps_per_chunk=16)
+    sampler = make_sampler(model, decode_text=decode)
     session = sampler.session()
     out = session.step({"a": PROMPTS[0]}, max_new_tokens=12, rng=jax.random.key(0), stop_strings=[stop_string])["a"]
     assert out.token_ids.tolist() == expected[:cut] and out.finish_reason == "stop_string"
@@ -103,7 +109,7 @@ def test_continuation_logits_equal_fresh_prefill(model):
     cache, logits = append_chunk(graphdef, state, cache, jnp.asarray([prompt]), jnp.ones((1, 6), bool))
     cache, _, _, _, _, generated, _, num = decode_chunk(
         graphdef, state, cache, logits, jnp.array([True]), jnp.array([5]), jax.random.key(3),
-        params=SamplingParams(temperature=1.0), num_steps=8, stop_ids=())
+        params=SAMPLE, num_steps=8, stop_ids=())
     generated = np.asarray(generated)[0, :int(num[0])].tolist()
     assert len(generated) == 5
     padded = jnp.asarray([observation + [0, 0, 0]])
@@ -119,7 +125,7 @@ def test_continuation_logits_equal_fresh_prefill(model):
 def test_multi_turn_session_equals_fresh_generation_and_reprefill(model):
     obs = {"a": [[9, 9, 1], [2, 3]], "b": [[5], [6, 7, 8, 9]]}
     prompts = {"a": PROMPTS[0], "b": PROMPTS[2]}
-    sampler = Sampler(model, params=GREEDY, decode_steps_per_chunk=4)
+    sampler = make_sampler(model)
     cached, reprefill = sampler.session(), sampler.session(reuse_cache=False)
     convo = {k: list(p) for k, p in prompts.items()}
     outs = [cached.step(prompts, max_new_tokens=6, rng=jax.random.key(0)),
@@ -136,7 +142,7 @@ def test_multi_turn_session_equals_fresh_generation_and_reprefill(model):
 
 
 def test_shared_prefix_siblings_and_compaction(model):
-    sampler = Sampler(model, params=GREEDY)
+    sampler = make_sampler(model)
     session = sampler.session()
     group = {("t0", g): PROMPTS[0] for g in range(3)} | {("t1", g): PROMPTS[2] for g in range(3)}
     outs = session.step(group, max_new_tokens=5, rng=jax.random.key(0))
@@ -153,7 +159,7 @@ def test_shared_prefix_siblings_and_compaction(model):
 
 
 def test_sampling_is_deterministic_given_key(model):
-    sampler = Sampler(model, params=SamplingParams(temperature=1.0, top_p=0.9))
+    sampler = make_sampler(model, SAMPLE)
     a = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(5))
     b = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(5))
     c = sampler.generate(PROMPTS, max_new_tokens=10, rng=jax.random.key(6))
@@ -163,7 +169,7 @@ def test_sampling_is_deterministic_given_key(model):
 
 
 def test_sampler_logprobs_match_model_at_temperature_one(model):
-    sampler = Sampler(model, params=SamplingParams(temperature=1.0))
+    sampler = make_sampler(model, SAMPLE)
     out = sampler.generate(PROMPTS[:1], max_new_tokens=6, rng=jax.random.key(2))[0]
     full = PROMPTS[0] + out.token_ids.tolist()
     logp = jax.nn.log_softmax(full_logits(model, full), -1)
@@ -176,8 +182,8 @@ def test_sharded_rows_give_same_greedy_output(model):
         pytest.skip("needs >= 4 devices (tests/conftest.py forces 8 CPU devices)")
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,))
-    plain = Sampler(model, params=GREEDY).generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
-    sharded_sampler = Sampler(model, params=GREEDY, mesh=mesh)
+    plain = make_sampler(model).generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
+    sharded_sampler = make_sampler(model, mesh=mesh)
     sharded_sampler.state = jax.device_put(sharded_sampler.state, jax.sharding.NamedSharding(mesh, jax.P()))
     session = sharded_sampler.session()
     outs = session.step(dict(enumerate(PROMPTS)), max_new_tokens=6, rng=jax.random.key(0))

@@ -40,7 +40,7 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def bench_single_turn(model, tokenizer, batch_sizes, new_tokens: int, repeats: int) -> dict:
+def bench_single_turn(model, tokenizer, batch_sizes, new_tokens: int, repeats: int, torch_threads: int) -> dict:
     import jax
     import torch
     from transformers import AutoModelForCausalLM
@@ -55,13 +55,13 @@ def bench_single_turn(model, tokenizer, batch_sizes, new_tokens: int, repeats: i
     sampler = Sampler(model, params=SamplingParams(temperature=0.0), stop_token_ids=(),
                       decode_steps_per_chunk=new_tokens)
     path = resolve_model_path("smollm2-135m-instruct")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(torch_threads)
     torch_model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                        dtype=torch.float32).eval()
     param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(sampler.state))
     bandwidth = copy_bandwidth_gb_s()
     results = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "param_bytes": param_bytes,
-               "copy_bandwidth_gb_s": round(bandwidth, 2)}
+               "copy_bandwidth_gb_s": round(bandwidth, 2), "torch_threads": torch_threads}
     for batch in batch_sizes:
         prompts = [prompt] * batch
 
@@ -94,9 +94,13 @@ def bench_single_turn(model, tokenizer, batch_sizes, new_tokens: int, repeats: i
 
 
 class _FastToolEnv:
-    """Every turn returns a fixed ~60-token tool observation; never ends by itself (max_turns does)."""
+    """Every turn returns a fixed ~60-token tool observation; episode k ends after 2 + k % (turns - 1) agent
+    turns (so rows finish at different turns and compaction matters); max_turns caps the rest."""
 
     name = "fast"
+
+    def __init__(self, end_after: int):
+        self.end_after, self.steps = end_after, 0
     OBS = json.dumps({"flights": [{"id": f"HAT{i:03d}", "from": "SFO", "to": "JFK", "price": 100 + i}
                                   for i in range(3)]})
 
@@ -110,7 +114,9 @@ class _FastToolEnv:
 
     def step(self, action):
         from sgcd_jax.envs.base import EnvStep
-        return EnvStep([{"role": "tool", "name": "search_flights", "content": self.OBS}])
+        self.steps += 1
+        return EnvStep([{"role": "tool", "name": "search_flights", "content": self.OBS}],
+                       done=self.steps >= self.end_after, termination="agent_stop")
 
     def reward(self):
         return 0.0
@@ -122,21 +128,25 @@ class _FastToolEnv:
 class _FastFactory:
     name = "fast"
 
+    def __init__(self, turns: int):
+        self.turns, self.made = turns, 0
+
     def make(self):
-        return _FastToolEnv()
+        self.made += 1
+        return _FastToolEnv(end_after=2 + (self.made - 1) % max(self.turns - 1, 1))
 
     def tasks(self, split):
         return []
 
 
-class _Reprefill:
-    """The same sampler, but every turn re-prefills the whole conversation (the no-continuation baseline)."""
+class _SessionVariant:
+    """The same sampler with other session options: re-prefill every turn, or no compaction."""
 
-    def __init__(self, sampler):
-        self.sampler = sampler
+    def __init__(self, sampler, **session_options):
+        self.sampler, self.session_options = sampler, session_options
 
     def session(self):
-        return self.sampler.session(reuse_cache=False)
+        return self.sampler.session(**self.session_options)
 
     def generate(self, *args, **kwargs):
         return self.sampler.generate(*args, **kwargs)
@@ -156,16 +166,23 @@ def bench_multi_turn(model, tokenizer, episodes: int, turns: int, tokens_per_tur
     config = RolloutConfig(max_turns=turns, max_tokens_per_turn=tokens_per_turn, env_timeout_s=60)
     tasks = [Task(f"t{i}", "fast") for i in range(episodes // 4)]
     results = {"episodes": episodes, "turns": turns, "max_tokens_per_turn": tokens_per_turn}
-    for name, generator in (("cache_continuation", sampler), ("reprefill_each_turn", _Reprefill(sampler))):
+    variants = (("cache_continuation_compacted", sampler),
+                ("cache_continuation_no_compaction", _SessionVariant(sampler, compact=False)),
+                ("reprefill_each_turn", _SessionVariant(sampler, reuse_cache=False)))
+    for name, generator in variants:
         engine = RolloutEngine(generator, renderer, config)
-        engine.run(tasks, _FastFactory(), group_size=4, rng=jax.random.key(0))  # compile every shape once
-        trajectories = engine.run(tasks, _FastFactory(), group_size=4, rng=jax.random.key(0))
+        engine.run(tasks, _FastFactory(turns), group_size=4, rng=jax.random.key(0))  # compile every shape once
+        trajectories = engine.run(tasks, _FastFactory(turns), group_size=4, rng=jax.random.key(0))
         stats = engine.last_run_stats
         results[name] = {"generated_tokens": int(stats["generated_tokens"]), "wall_s": round(stats["wall_s"], 2),
                          "generated_tokens_per_s": round(stats["generated_tokens_per_s"], 1),
+                         "turns_per_episode": sorted(t.num_steps for t in trajectories),
                          "mean_conversation_tokens": round(float(np.mean([len(t.token_ids) for t in trajectories])))}
-    results["continuation_speedup"] = round(results["reprefill_each_turn"]["wall_s"]
-                                            / results["cache_continuation"]["wall_s"], 2)
+    rate = {name: results[name]["generated_tokens_per_s"] for name, _ in variants}
+    results["tokens_per_s_ratio_vs_reprefill"] = round(rate["cache_continuation_compacted"]
+                                                       / rate["reprefill_each_turn"], 2)
+    results["tokens_per_s_ratio_vs_no_compaction"] = round(rate["cache_continuation_compacted"]
+                                                           / rate["cache_continuation_no_compaction"], 2)
     return results
 
 
@@ -177,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--tokens-per-turn", type=int, default=48)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", choices=["single", "multi"], action="append", default=[])
     args = parser.parse_args(argv)
 
@@ -187,9 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model("smollm2-135m-instruct")
     out = {"device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(), "dtype": "float32"}
     if "single" not in args.skip:
-        out["single_turn"] = bench_single_turn(model, tokenizer, args.batch_sizes, args.new_tokens, args.repeats)
+        out["single_turn"] = bench_single_turn(model, tokenizer, args.batch_sizes, args.new_tokens, args.repeats,
+                                               args.torch_threads)
     if "multi" not in args.skip:
         out["multi_turn"] = bench_multi_turn(model, tokenizer, args.episodes, args.turns, args.tokens_per_turn)
+    out["load_average_1min"] = round(os.getloadavg()[0], 1)  # this box is shared: read timings with it
     print(json.dumps(out, indent=1))
 
 

@@ -50,13 +50,15 @@ class Sampler:
     """Jitted batched generation for a `Decoder`. Stateless across calls except compiled functions."""
 
     def __init__(self, model: nnx.Module, *, params: SamplingParams = SamplingParams(),
-                 stop_token_ids: Sequence[int] = (), decode_steps_per_chunk: int = 32,
+                 stop_token_ids: Sequence[int] | None = None, decode_steps_per_chunk: int = 32,
                  min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
                  data_axis: str = "data", decode_text: Callable[[Sequence[int]], str] | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
-        self.stop_token_ids = tuple(int(t) for t in (stop_token_ids or self.cfg.eos_token_ids))
+        # None: the model's eos ids; () generates until max tokens (benchmarks)
+        self.stop_token_ids = tuple(int(t) for t in (self.cfg.eos_token_ids if stop_token_ids is None
+                                                     else stop_token_ids))
         self.decode_steps_per_chunk = decode_steps_per_chunk
         self.min_cache_len = min_cache_len
         self.min_chunk_len = min_chunk_len
