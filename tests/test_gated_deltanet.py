@@ -29,6 +29,9 @@ def naive_gated_delta_rule(q, k, v, g, beta, state):
     return jnp.moveaxis(outputs, 0, 1), state
 
 
+chunked = jax.jit(gated_delta_rule_chunked, static_argnames="chunk_size")
+
+
 def random_inputs(seed, batch=2, steps=13, heads=3, key_dim=8, value_dim=6, with_state=True):
     keys = jax.random.split(jax.random.key(seed), 6)
     q = l2_normalize(jax.random.normal(keys[0], (batch, steps, heads, key_dim))) / math.sqrt(key_dim)
@@ -44,8 +47,8 @@ def random_inputs(seed, batch=2, steps=13, heads=3, key_dim=8, value_dim=6, with
 def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
     q, k, v, g, beta, state = random_inputs(0, steps=steps)
     naive_out, naive_state = naive_gated_delta_rule(q, k, v, g, beta, state)
-    rec_out, rec_state = gated_delta_rule_recurrent(q, k, v, g, beta, state)
-    chunk_out, chunk_state = gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=chunk)
+    rec_out, rec_state = jax.jit(gated_delta_rule_recurrent)(q, k, v, g, beta, state)
+    chunk_out, chunk_state = chunked(q, k, v, g, beta, state, chunk_size=chunk)
     np.testing.assert_allclose(rec_out, naive_out, atol=1e-5)
     np.testing.assert_allclose(chunk_out, naive_out, atol=1e-4)
     np.testing.assert_allclose(chunk_state, naive_state, atol=1e-4)
@@ -54,7 +57,7 @@ def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
 
 def test_chunked_matches_recurrent_token_by_token_from_a_carried_state():
     q, k, v, g, beta, _ = random_inputs(1, steps=21)
-    chunk_out, chunk_state = gated_delta_rule_chunked(q, k, v, g, beta, None, chunk_size=8)
+    chunk_out, chunk_state = chunked(q, k, v, g, beta, None, chunk_size=8)
     state = jnp.zeros((2, 3, 8, 6))
     recurrent = jax.jit(gated_delta_rule_recurrent)
     for t in range(21):
@@ -73,9 +76,10 @@ def test_chunked_gradients_are_finite_and_match_naive_reference():
         out, final = fn(*args)
         return jnp.sum(out * cotangent) + jnp.sum(final * state_cotangent)
 
-    ours = jax.grad(lambda *a: loss(lambda *b: gated_delta_rule_chunked(*b, chunk_size=4), *a),
-                    argnums=range(6))(q, k, v, g, beta, state)
-    reference = jax.grad(lambda *a: loss(naive_gated_delta_rule, *a), argnums=range(6))(q, k, v, g, beta, state)
+    ours = jax.jit(jax.grad(lambda *a: loss(lambda *b: gated_delta_rule_chunked(*b, chunk_size=4), *a),
+                            argnums=tuple(range(6))))(q, k, v, g, beta, state)
+    reference = jax.jit(jax.grad(lambda *a: loss(naive_gated_delta_rule, *a), argnums=tuple(range(6))))(
+        q, k, v, g, beta, state)
     for name, mine, ref in zip("q k v g beta state".split(), ours, reference):
         assert np.all(np.isfinite(mine)), name
         np.testing.assert_allclose(mine, ref, atol=2e-4, rtol=1e-3, err_msg=name)
@@ -84,7 +88,7 @@ def test_chunked_gradients_are_finite_and_match_naive_reference():
 def test_gradients_stay_finite_under_very_strong_decay_and_long_chunks():
     q, k, v, g, beta, _ = random_inputs(3, steps=64, heads=1)
     g = g * 50.0  # cumulative log decay reaches -1e3 inside a chunk: exp(+γ) would overflow in a naive form
-    grads = jax.grad(lambda g: jnp.sum(gated_delta_rule_chunked(q, k, v, g, beta, None, chunk_size=64)[0]))(g)
+    grads = jax.jit(jax.grad(lambda g: jnp.sum(gated_delta_rule_chunked(q, k, v, g, beta, None, chunk_size=64)[0])))(g)
     assert np.all(np.isfinite(grads))
 
 
@@ -93,7 +97,7 @@ def test_chunked_is_exact_for_repeated_keys_full_writes_and_no_decay():
     q, k, v, g, beta, state = random_inputs(4, steps=32, heads=1)
     k = jnp.broadcast_to(k[:, :1], k.shape)
     g, beta = jnp.zeros_like(g), jnp.ones_like(beta)
-    chunk_out, chunk_state = gated_delta_rule_chunked(q, k, v, g, beta, state, chunk_size=32)
+    chunk_out, chunk_state = chunked(q, k, v, g, beta, state, chunk_size=32)
     naive_out, naive_state = naive_gated_delta_rule(q, k, v, g, beta, state)
     np.testing.assert_allclose(chunk_out, naive_out, atol=1e-4)
     np.testing.assert_allclose(chunk_state, naive_state, atol=1e-4)
@@ -128,9 +132,9 @@ def test_matches_transformers_torch_fallback_chunked_and_recurrent():
     repeat = value_heads // key_heads
     qn = jnp.repeat(l2_normalize(jnp.asarray(q)), repeat, axis=2) / math.sqrt(key_dim)
     kn = jnp.repeat(l2_normalize(jnp.asarray(k)), repeat, axis=2)
-    ours, our_state = gated_delta_rule_chunked(qn, kn, jnp.asarray(v), jnp.asarray(g), jnp.asarray(beta),
+    ours, our_state = chunked(qn, kn, jnp.asarray(v), jnp.asarray(g), jnp.asarray(beta),
                                                jnp.asarray(state), chunk_size=16)
-    ours_rec, _ = gated_delta_rule_recurrent(qn, kn, jnp.asarray(v), jnp.asarray(g), jnp.asarray(beta),
+    ours_rec, _ = jax.jit(gated_delta_rule_recurrent)(qn, kn, jnp.asarray(v), jnp.asarray(g), jnp.asarray(beta),
                                              jnp.asarray(state))
     np.testing.assert_allclose(ours, their_chunk.numpy(), atol=1e-4)
     np.testing.assert_allclose(our_state, their_chunk_state.numpy(), atol=1e-4)
