@@ -6,8 +6,8 @@ Both paths compute KL(p_S‖q_T) per position from student/teacher hidden states
 LM head [D, V] (forward pass, as in the scoring pass; ``--grad`` also differentiates w.r.t. the
 student hidden states and the kernel, as in the SDPO full-distribution loss). Memory comes from
 XLA's compiled memory analysis (temp = scratch beyond arguments and outputs) and the process RSS
-high-water mark; the naive case runs only if its compiled footprint fits in MemAvailable with a
-3 GiB margin (otherwise its time is reported as null). Prints one JSON object.
+peak above its pre-run level (sampled every 10 ms). The naive case runs only if its compiled
+footprint fits in MemAvailable with a 3 GiB margin (otherwise its time is null). Prints JSON.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sgcd_jax.losses.vocab import VocabConfig, naive_pair_stats, pair_stats
 
@@ -34,8 +34,33 @@ def _mem_available() -> int:
     return 0
 
 
-def _rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class _RssSampler:
+    """Peak resident memory above the pre-run level, sampled every 10 ms on a helper thread."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss_now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_now())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_now())
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
 
 
 def _build(stats_fn, cfg: VocabConfig, grad: bool):
@@ -61,11 +86,11 @@ def _measure(stats_fn, cfg, grad, args, run: bool) -> tuple[dict, jax.Array | No
     footprint = (analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
     output = None
     if run and footprint + 3 * GIB < _mem_available():
-        rss_before = _rss_peak()
-        start = time.perf_counter()
-        output = jax.block_until_ready(compiled(*args))
-        result["seconds"] = time.perf_counter() - start
-        result["rss_peak_increase_gib"] = max(_rss_peak() - rss_before, 0) / GIB
+        with _RssSampler() as rss:
+            start = time.perf_counter()
+            output = jax.block_until_ready(compiled(*args))
+            result["seconds"] = time.perf_counter() - start
+        result["rss_peak_increase_gib"] = rss.increase / GIB
     elif run:
         result["skipped"] = (f"needs ~{footprint / GIB:.1f} GiB beyond inputs, only "
                              f"{_mem_available() / GIB:.1f} GiB available")
@@ -85,12 +110,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     dtype = jnp.dtype(args.dtype)
-    rng = np.random.default_rng(0)
-    student = jnp.asarray(rng.normal(size=(1, args.seq, args.hidden)), dtype)
-    teacher = student + jnp.asarray(rng.normal(0, 0.3, size=(1, args.seq, args.hidden)), dtype)
-    kernel = jnp.asarray(rng.normal(0, args.hidden**-0.5, size=(args.hidden, args.vocab)), dtype)
-    targets = jnp.asarray(rng.integers(0, args.vocab, size=(1, args.seq)), jnp.int32)
+    # jax.random draws straight into the target dtype: no float64 host temporaries that would
+    # sit in the process before the measured runs.
+    key_s, key_t, key_k, key_y = jax.random.split(jax.random.key(0), 4)
+    shape = (1, args.seq, args.hidden)
+    student = jax.random.normal(key_s, shape, dtype)
+    teacher = student + 0.3 * jax.random.normal(key_t, shape, dtype)
+    kernel = jax.random.normal(key_k, (args.hidden, args.vocab), dtype) * args.hidden**-0.5
+    targets = jax.random.randint(key_y, (1, args.seq), 0, args.vocab, jnp.int32)
     inputs = (student, teacher, kernel, targets)
+    jax.block_until_ready(inputs)
     input_gib = sum(x.nbytes for x in inputs) / GIB
 
     cfg = VocabConfig(chunk_size=args.chunk)
