@@ -59,3 +59,27 @@ def test_config_is_hashable_for_jit_static_use():
     cfg = tiny_config(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     assert hash(cfg) == hash(cfg.replace())
+
+
+def test_remat_gives_the_same_loss_gradient():
+    tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, 64)
+    positions, mask = jnp.broadcast_to(jnp.arange(5), (2, 5)), jnp.ones((2, 5), bool)
+
+    def grads_for(cfg):
+        graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        loss = lambda p: nnx.merge(graphdef, p).logits(nnx.merge(graphdef, p)(tokens, positions, mask)[0]).std()
+        return jax.grad(loss)(params)
+
+    plain, remat = grads_for(tiny_config()), grads_for(tiny_config(remat=True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, remat)
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
+    from sgcd_jax.models.decoder import rope_inverse_frequencies
+    base = rope_inverse_frequencies(tiny_config(head_dim=64, rope_theta=500000.0))
+    scaled = rope_inverse_frequencies(tiny_config(head_dim=64, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}))
+    wavelength = 2 * np.pi / base
+    np.testing.assert_allclose(scaled[wavelength < 8192 / 4], base[wavelength < 8192 / 4])  # short: unchanged
+    np.testing.assert_allclose(scaled[wavelength > 8192], base[wavelength > 8192] / 8, rtol=1e-6)  # long: / factor

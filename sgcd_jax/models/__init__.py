@@ -6,12 +6,13 @@ from sgcd_jax.models.decoder import BLOCK_FACTORIES, AttentionContext, Decoder, 
 from sgcd_jax.models import qwen3_5 as _qwen3_5  # noqa: F401,E402  registers the Qwen3.5 blocks + HF architectures
 
 __all__ = ["ModelConfig", "Decoder", "KVCache", "AttentionContext", "register_block", "BLOCK_FACTORIES",
-           "load_model", "load_tokenizer"]
+           "load_model", "load_tokenizer", "export_hf", "ChatRenderer"]
+_LAZY = {"load_model": "loading", "load_tokenizer": "loading", "export_hf": "export", "ChatRenderer": "chat"}
 
 
 def __getattr__(name: str):
-    # Loading pulls in transformers/gguf; import lazily so `from sgcd_jax.models import Decoder` stays light.
-    if name in ("load_model", "load_tokenizer"):
-        from sgcd_jax.models import loading
-        return getattr(loading, name)
+    # Loading/chat/export pull in transformers/gguf/safetensors; import lazily so `from sgcd_jax.models import Decoder` stays light.
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"sgcd_jax.models.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'sgcd_jax.models' has no attribute {name!r}")
