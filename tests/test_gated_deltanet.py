@@ -202,3 +202,16 @@ def test_layer_decode_token_by_token_equals_chunked_pass():
         out, conv, state = layer(x[:, t:t + 1], jnp.ones((2, 1), bool), conv, state)
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
+
+
+def test_bf16_compute_keeps_fp32_state_and_stays_close_to_fp32():
+    cfg32 = tiny_deltanet_config()
+    module32 = GatedDeltaNet(cfg32, rngs=nnx.Rngs(2))
+    module16 = GatedDeltaNet(cfg32.replace(dtype="bfloat16"), rngs=nnx.Rngs(2))  # same params, bf16 compute
+    x = jax.random.normal(jax.random.key(2), (2, 40, 16))
+    mask = jnp.ones((2, 40), bool)
+    out32, _, state32 = jitted(module32)(x, mask)
+    out16, conv16, state16 = jitted(module16)(x, mask)
+    assert out16.dtype == jnp.bfloat16 and state16.dtype == jnp.float32 and conv16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(state16, state32, atol=3e-2, rtol=3e-2)

@@ -37,7 +37,8 @@ def _hf_model(args):
     torch.manual_seed(0)
     config = Qwen3_5TextConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=max(args.hidden // 128, 1),
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(args.hidden // 128, 1),
         head_dim=64, linear_num_key_heads=args.hidden // 128, linear_num_value_heads=args.hidden // 64,
         linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4, max_position_embeddings=4096,
         tie_word_embeddings=False, eos_token_id=None, pad_token_id=0,

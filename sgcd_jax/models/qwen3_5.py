@@ -216,7 +216,8 @@ def num_params(cfg: ModelConfig) -> int:
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = cfg.extra
-    keys, values = x["linear_num_key_heads"] * x["linear_key_head_dim"], x["linear_num_value_heads"] * x["linear_value_head_dim"]
+    keys = x["linear_num_key_heads"] * x["linear_key_head_dim"]
+    values = x["linear_num_value_heads"] * x["linear_value_head_dim"]
     heads_v = x["linear_num_value_heads"]
     shared = 3 * d * f + 2 * d  # MLP + two block norms
     attention = d * (2 * h * hd + 2 * kv * hd) + h * hd * d + 2 * hd
