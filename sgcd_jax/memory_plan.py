@@ -11,7 +11,8 @@ Per device, for the recommended mesh (data, fsdp, tp):
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
 - KV cache: the rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows, tp heads)
 Peak = params + optimizer + max(activations, KV cache): the cache is freed before the train step.
-The plan is the first that fits in 90% of HBM, trying meshes by smallest tp then largest data axis;
+The plan is the mesh with the smallest tp, then the largest data axis, that stays under 75% of HBM
+(else under 90%);
 if none fits, the rollout batch is halved (decoded in waves), then bf16 params + AdamW moments.
 
 Also home of two accelerator knobs whose names configs use: ``remat_policy(name)`` (→ a
@@ -34,6 +35,7 @@ from sgcd_jax.models.config import ModelConfig
 
 GIB = 1024**3
 HBM_HEADROOM = 0.9  # leave 10% for XLA scratch, fragmentation and the runtime
+COMFORT = 0.75  # prefer meshes that stay under this fraction (the activation model is approximate)
 
 # ----------------------------------------------------------------------------- accelerator knobs
 
@@ -76,7 +78,8 @@ def attention_implementation(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- models and hardware
 
-# Public HF config.json values (Qwen/Qwen3-4B, Qwen/Qwen3-8B), mapped by the Qwen3 adapter.
+# Public HF config.json values (Qwen/Qwen3-4B, Qwen/Qwen3-8B), mapped by the Qwen3 adapter. Qwen3.5-4B
+# comes from sgcd_jax.models.qwen3_5.QWEN3_5_4B (its engineer's transcription of the public config).
 HF_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen3-4B": dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2560,
                      intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -89,12 +92,34 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+HYBRID_MODELS = ("Qwen3.5-4B",)  # configs from sgcd_jax.models.qwen3_5 (public Qwen3.5-4B values)
+MODELS = tuple(HF_CONFIGS) + HYBRID_MODELS
+
+
 def model_config(name: str) -> ModelConfig:
+    if name == "Qwen3.5-4B":
+        from sgcd_jax.models import qwen3_5
+
+        return qwen3_5.qwen3_5_config(**qwen3_5.QWEN3_5_4B, attention_bias=False)
+    if name not in HF_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; the plan knows {MODELS}")
     from sgcd_jax.models import hf_format
 
     hf = HF_CONFIGS[name]
     adapter = hf_format.adapter_for(hf["architectures"][0], name)
     return ModelConfig(**adapter.config_from_hf(hf))
+
+
+def _is_hybrid(cfg: ModelConfig) -> bool:
+    return "linear_attention" in cfg.layer_types
+
+
+def num_params(cfg: ModelConfig) -> int:
+    if _is_hybrid(cfg):
+        from sgcd_jax.models import qwen3_5
+
+        return qwen3_5.num_params(cfg)
+    return cfg.num_params()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,17 +173,23 @@ class Plan:
 # ----------------------------------------------------------------------------- the arithmetic
 
 def param_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
-    return cfg.num_params() * dtype_bytes
+    return num_params(cfg) * dtype_bytes
 
 
 def optimizer_bytes(cfg: ModelConfig, work: Workload) -> int:
     """AdamW μ and ν plus one gradient buffer in the param dtype."""
-    return cfg.num_params() * (2 * work.optimizer_bytes + work.param_bytes)
+    return num_params(cfg) * (2 * work.optimizer_bytes + work.param_bytes)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype_bytes: int) -> int:
-    """k and v [L, B, S, Hkv, Dh], plus the valid mask [B, S] and end [B]."""
-    kv = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    """k and v [L, B, S, Hkv, Dh], plus the valid mask [B, S] and end [B]; for a hybrid, k/v of the
+    full-attention layers and the DeltaNet states (constant in S)."""
+    if _is_hybrid(cfg):
+        from sgcd_jax.models import qwen3_5
+
+        kv = sum(qwen3_5.cache_bytes(cfg, batch, max_len, dtype_bytes).values())
+    else:
+        kv = 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
     return kv + batch * max_len + 4 * batch
 
 
@@ -226,16 +257,20 @@ def plan(model: str, hardware: Hardware, work: Workload = Workload()) -> Plan:
         batch = variant.rollout_batch
         while True:
             shrunk = dataclasses.replace(variant, rollout_batch=batch)
-            for mesh in candidate_meshes(hardware.devices, cfg):
-                p = _plan_for_mesh(model, cfg, hardware, shrunk, mesh)
-                if p.fits:
-                    notes = [why] if why else []
-                    if batch < work.rollout_batch:
-                        notes.append(f"rollout batch {batch} (of {work.rollout_batch}: "
-                                     f"{math.ceil(work.rollout_batch / batch)} decode waves)")
-                    return dataclasses.replace(p, note="; ".join(notes))
-                if best is None or p.peak < best.peak:
-                    best = p
+            options = [_plan_for_mesh(model, cfg, hardware, shrunk, mesh)
+                       for mesh in candidate_meshes(hardware.devices, cfg)]
+            # Most data parallelism that leaves comfortable headroom, else any mesh that fits.
+            chosen = next((p for p in options if p.peak <= COMFORT * hardware.hbm_gib), None) or \
+                next((p for p in options if p.fits), None)
+            if chosen is not None:
+                notes = [why] if why else []
+                if batch < work.rollout_batch:
+                    notes.append(f"rollout batch {batch} (of {work.rollout_batch}: "
+                                 f"{math.ceil(work.rollout_batch / batch)} decode waves)")
+                return dataclasses.replace(chosen, note="; ".join(notes))
+            smallest = min(options, key=lambda p: p.peak)
+            if best is None or smallest.peak < best.peak:
+                best = smallest
             if batch <= 8:
                 break
             batch = max(8, batch // 2)
@@ -262,7 +297,7 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in plans:
-        billions = model_config(p.model).num_params() / 1e9
+        billions = num_params(model_config(p.model)) / 1e9
         lines.append(
             f"| {p.model} | {billions:.2f} | {p.hardware.name} | {p.mesh} | {p.params:.1f} | "
             f"{p.optimizer:.1f} | {p.activations:.1f} | {p.kv_cache:.1f} | {p.peak:.1f} | "
@@ -274,7 +309,9 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "Notes: the same sharded params serve rollout (decode), the score pass and the train step, so "
         "there is no second copy for the sampler. With `attention='naive'` the [H, T, T] scores of "
         "one 16k-token row alone take ~64 GiB: long-horizon runs need the flash path "
-        "(`attention_implementation('cudnn')` on GPU, a Splash kernel on TPU).",
+        "(`attention_implementation('cudnn')` on GPU, a Splash kernel on TPU). Qwen3.5-4B keeps k/v only "
+        "for its full-attention layers (1 in 4) plus fixed-size DeltaNet states; its activations use "
+        "the attention-layer formula for every layer (an approximation for the DeltaNet layers).",
         "",
     ]
     return "\n".join(lines)
@@ -287,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
-    plans = [plan(model, hw, work) for model in HF_CONFIGS for hw in HARDWARE]
+    plans = [plan(model, hw, work) for model in MODELS for hw in HARDWARE]
     text = render(plans, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

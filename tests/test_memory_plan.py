@@ -28,11 +28,26 @@ def test_kv_cache_bytes_match_kvcache_init():
     assert memory_plan.kv_cache_bytes(cfg, 3, 40, 2) == actual
 
 
+def test_hybrid_cache_bytes_match_kvcache_init():
+    from sgcd_jax.models import qwen3_5
+
+    cfg = qwen3_5.qwen3_5_config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
+                                 num_heads=4, num_kv_heads=2, head_dim=8, linear_num_key_heads=2,
+                                 linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    cache = KVCache.init(cfg, batch_size=3, max_len=40, dtype=jnp.float32)
+    assert memory_plan.kv_cache_bytes(cfg, 3, 40, 4) == sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
 def test_qwen3_configs_have_their_published_sizes():
     # Model cards: Qwen3-4B "4.0B" parameters, Qwen3-8B "8.2B".
     assert abs(memory_plan.model_config("Qwen3-4B").num_params() / 1e9 - 4.0) < 0.05
     assert abs(memory_plan.model_config("Qwen3-8B").num_params() / 1e9 - 8.2) < 0.05
     assert memory_plan.model_config("Qwen3-4B").tie_word_embeddings
+    hybrid = memory_plan.model_config("Qwen3.5-4B")
+    assert abs(memory_plan.num_params(hybrid) / 1e9 - 4.2) < 0.05
+    # 1 layer in 4 keeps k/v: the 16k-token rollout cache is far smaller than Qwen3-4B's.
+    dense = memory_plan.model_config("Qwen3-4B")
+    assert memory_plan.kv_cache_bytes(hybrid, 64, 16384, 2) < 0.5 * memory_plan.kv_cache_bytes(dense, 64, 16384, 2)
 
 
 def test_activation_estimate_orders_remat_policies_and_attention():
@@ -45,7 +60,7 @@ def test_activation_estimate_orders_remat_policies_and_attention():
 
 
 def test_every_plan_uses_all_devices_and_fits_or_says_why():
-    for model in memory_plan.HF_CONFIGS:
+    for model in memory_plan.MODELS:
         for hardware in memory_plan.HARDWARE:
             plan = memory_plan.plan(model, hardware)
             assert int(np.prod(plan.mesh)) == hardware.devices
@@ -66,7 +81,7 @@ def test_docs_table_is_the_generated_one(tmp_path):
     text = memory_plan.main(["--out", str(out)])
     committed = (memory_plan.Path(memory_plan.__file__).resolve().parents[1] / "docs" / "memory_plan.md")
     assert committed.read_text() == text, "docs/memory_plan.md is stale: run python -m sgcd_jax.memory_plan"
-    assert text.count("| Qwen3-") == 6
+    assert text.count("| Qwen3-") == 6 and text.count("| Qwen3.5-4B") == 3
 
 
 @pytest.mark.parametrize("name", ["full", "dots", "dots_no_batch", "none"])
