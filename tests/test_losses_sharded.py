@@ -28,7 +28,7 @@ def _shard(tree, mesh):
 
 def _assert_same(sharded, plain):
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def _data():

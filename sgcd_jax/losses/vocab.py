@@ -85,6 +85,11 @@ def _chunk_features(s, t, targets, features: Sequence[str], cfg: VocabConfig):
     terms need one exp pass and no materialised log-softmax.
     """
     out = {}
+    # Shift by the (detached) row max so the log-normalisers stay O(log V) and the differences
+    # below lose no fp32 precision to large logit offsets; results are shift-invariant.
+    s = s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+    if t is not None:
+        t = t - t.max(axis=-1, keepdims=True)
     lse_s = jax.nn.logsumexp(s, axis=-1)  # [C]
     p = jnp.exp(s - lse_s[:, None])  # [C, V], fused into the reductions below
     if "student_logprobs" in features:
