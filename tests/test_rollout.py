@@ -104,6 +104,11 @@ class ScriptedPolicy:
                 return outs
         return Session()
 
+    def generate(self, prompts, *, max_new_tokens, rng, stop_strings=()):
+        self.fed.append({"generate": [list(p) for p in prompts]})
+        return [TurnOutput(np.asarray(self.turns_ids[-1], np.int32), np.zeros(len(self.turns_ids[-1])), "stop_token")
+                for _ in prompts]
+
 
 def scripted_turns(renderer, split_first_word=False):
     eot = renderer.end_of_turn_id
@@ -206,3 +211,11 @@ def test_real_sampler_rollout_logprobs_match_cache_free_forward(renderer):
         np.testing.assert_allclose(traj.sampler_logprobs[where], expected, atol=1e-4)
     # siblings share the prompt prefill
     assert trajs[0].token_ids[:trajs[0].prompt_len].tolist() == trajs[1].token_ids[:trajs[1].prompt_len].tolist()
+
+
+def test_chat_generate_renders_messages_and_strips_end_of_turn(renderer):
+    policy = ScriptedPolicy(scripted_turns(renderer))
+    engine = RolloutEngine(policy, renderer)
+    messages = [{"role": "system", "content": "You are a customer."}, {"role": "user", "content": "Hello"}]
+    assert engine.generate(messages) == ANSWER
+    assert policy.fed[-1]["generate"] == [renderer.prompt_ids(messages, None)]

@@ -124,6 +124,8 @@ class RolloutEngine:
         out = self.generator.generate([prompt], max_new_tokens=max_new_tokens, rng=rng)[0]
         return self._decode_turn(out.token_ids)
 
+    generate = chat  # the `generate(messages) -> str` callable envs.users.LocalModelUser expects
+
     # ------------------------------------------------------------------ phases
     def _reset_all(self, episodes: list[Episode], env_factory: EnvFactory, pool) -> None:
         deadline = time.monotonic() + self.config.env_timeout_s
