@@ -47,11 +47,15 @@ class TrainCheckpointer:
         return self._latest.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
+        if step in self._latest.all_steps():  # e.g. the final save on a checkpoint_every boundary
+            return
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_host_tree(state)),
                                   meta=ocp.args.JsonSave(_jsonable(meta)))
         self._latest.save(step, args=args, force=force)
 
     def save_best(self, step: int, state: Any, meta: dict[str, Any], eval_success: float) -> None:
+        if step in self._best.all_steps():
+            return
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_host_tree(state)),
                                   meta=ocp.args.JsonSave(_jsonable(meta)))
         self._best.save(step, args=args, metrics={"eval_success": float(eval_success)}, force=True)

@@ -133,7 +133,7 @@ def heatmap_png(sample: dict[str, Any], path: str) -> None:
     grid = np.full(rows * width, np.nan)
     grid[:weights.size] = weights
     scale = max(0.05, float(np.nanmax(np.abs(weights - 1))))
-    fig, ax = plt.subplots(figsize=(7, 0.4 + 0.25 * rows), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.25 * rows), dpi=110)
     image = ax.imshow(grid.reshape(rows, width), cmap="bwr", vmin=1 - scale, vmax=1 + scale, aspect="auto")
     ax.set_title(f"credit weights of assistant tokens — {sample.get('title', '')}", fontsize=8)
     ax.set_yticks([])

@@ -289,6 +289,9 @@ def write_samples(run_dir: str, samples: list[dict]) -> None:
 def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) -> dict[str, float]:
     """Supervised warm-up on oracle demonstrations with its own AdamW; RL optimizer state untouched."""
     demos = integration.demonstrations(env_factory, chat, config)
+    if not demos:
+        raise ValueError(f"no oracle demonstration fits rollout.max_total_tokens={config.rollout.max_total_tokens}: "
+                         "raise it or sft.num_demos")
     sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate),
                   dataclasses.replace(learner.spec, sft=True, distill=None,
                                       micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)))
