@@ -183,7 +183,7 @@ def test_sharded_rows_give_same_greedy_output(model):
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,))
     plain = make_sampler(model).generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
-    sharded_sampler = make_sampler(model, mesh=mesh)
+    sharded_sampler = make_sampler(model, mesh=mesh, row_axes="data")
     sharded_sampler.state = jax.device_put(sharded_sampler.state, jax.sharding.NamedSharding(mesh, jax.P()))
     session = sharded_sampler.session()
     outs = session.step(dict(enumerate(PROMPTS)), max_new_tokens=6, rng=jax.random.key(0))
@@ -191,3 +191,17 @@ def test_sharded_rows_give_same_greedy_output(model):
     assert len(session.cache.k.sharding.device_set) == 4
     for i, out in enumerate(plain):
         assert outs[i].token_ids.tolist() == out.token_ids.tolist()
+
+
+def test_project_mesh_with_tp_and_fsdp_weights_gives_same_greedy_output(model):
+    from sgcd_jax.sharding import MeshConfig, make_mesh, shard_model
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tp=2))
+    plain = make_sampler(model).generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
+    sharded_model = shard_model(nnx.clone(model), mesh)
+    sampler = make_sampler(sharded_model, mesh=mesh)
+    assert sampler.row_axes == ("data", "fsdp") and sampler.batch_multiple == 4
+    outs = sampler.generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
+    assert [o.token_ids.tolist() for o in outs] == [o.token_ids.tolist() for o in plain]

@@ -52,7 +52,7 @@ class Sampler:
     def __init__(self, model: nnx.Module, *, params: SamplingParams = SamplingParams(),
                  stop_token_ids: Sequence[int] | None = None, decode_steps_per_chunk: int = 32,
                  min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
-                 data_axis: str = "data", decode_text: Callable[[Sequence[int]], str] | None = None):
+                 row_axes: str | tuple[str, ...] | None = None, decode_text: Callable[[Sequence[int]], str] | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
@@ -63,7 +63,10 @@ class Sampler:
         self.min_cache_len = min_cache_len
         self.min_chunk_len = min_chunk_len
         self.mesh = mesh
-        self.data_axis = data_axis
+        # batch rows split over these mesh axes (default: those of ("data", "fsdp") the mesh has)
+        if row_axes is None and mesh is not None:
+            row_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        self.row_axes = (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
         self.decode_text = decode_text  # needed only for stop strings
 
     def update_weights(self, model: nnx.Module) -> None:
@@ -81,16 +84,16 @@ class Sampler:
                                    rng=rng, stop_strings=stop_strings)
         return [outs[i] for i in range(len(prompts))]
 
-    # --- sharding helpers: rows on the data axis, everything else replicated
+    # --- sharding helpers: rows over row_axes, the rest of cache/inputs replicated; weights stay as placed
     @property
     def batch_multiple(self) -> int:
-        return 1 if self.mesh is None else self.mesh.shape[self.data_axis]
+        return int(np.prod([self.mesh.shape[a] for a in self.row_axes])) if self.mesh is not None else 1
 
     def shard_rows(self, x: jax.Array, axis: int = 0) -> jax.Array:
         if self.mesh is None:
             return x
         spec = [None] * x.ndim
-        spec[axis] = self.data_axis
+        spec[axis] = self.row_axes
         return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
 
     def shard_cache(self, cache: KVCache) -> KVCache:
