@@ -121,14 +121,16 @@ def test_cached_prefill_append_and_decode_equal_fresh_forward(hf_text):
 
     full = forward_logits(model, tokens, mask)
     cache = KVCache.init(model.cfg, len(LENGTHS), 64)  # no DeltaNet states yet: the first call creates them
-    # prefill the first 12 columns (row 2 has only 5 real ones), then a 10-token continuation, then 1-token steps
-    splits = [(0, 12), (12, 22)] + [(t, t + 1) for t in range(22, 29)]
-    for start, stop in splits:
-        chunk_mask = np.zeros((len(LENGTHS), stop - start), bool)
+    # chunks of width 12, 10, then 1: row r takes up to width - 2r of its next tokens, so rows 1 and 2 get right
+    # padding mid-sequence and continue afterwards (padding must leave their DeltaNet states untouched)
+    widths = iter([12, 10] + [1] * 40)
+    while cache.end.tolist() != list(LENGTHS):
+        width = next(widths)
+        chunk_mask = np.zeros((len(LENGTHS), width), bool)
         chunk = np.zeros_like(chunk_mask, np.int32)
-        for row, n in enumerate(LENGTHS):  # each row's next real tokens, right padded
+        for row, n in enumerate(LENGTHS):
             done = int(cache.end[row])
-            take = max(0, min(n, done + stop - start) - done)
+            take = max(0, min(n - done, width - 2 * row if width > 1 else 1))
             chunk[row, :take] = tokens[row, done:done + take]
             chunk_mask[row, :take] = True
         logits, cache = cached(state, cache, jnp.asarray(chunk), jnp.asarray(chunk_mask))
@@ -153,6 +155,21 @@ def test_greedy_generation_through_the_sampler_equals_transformers(hf_text):
             expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                          min_new_tokens=12)[0, len(prompt):].tolist()
         assert list(out.token_ids) == expected
+
+
+def test_multi_turn_session_with_shared_prefix_siblings_equals_fresh_generation(hf_text):
+    """Sampler session: two siblings share a prefilled prompt prefix (take_rows copies DeltaNet states too), then a
+    second turn appends an observation to each row's cache; it must equal generating from the whole history."""
+    sampler = Sampler(_load(hf_text[1]), params=SamplingParams(temperature=0.0), stop_token_ids=(),
+                      min_cache_len=64, decode_steps_per_chunk=8)
+    prompt, observations = [5, 9, 33, 12, 7, 81, 40, 3, 66], {"a": [21, 9, 14, 50, 61, 70, 71, 72, 73, 74], "b": [8]}
+    session = sampler.session()
+    first = session.step({"a": prompt, "b": prompt[:-1] + [17]}, max_new_tokens=5, rng=jax.random.key(0))
+    second = session.step(observations, max_new_tokens=6, rng=jax.random.key(1))
+    for key, head in (("a", prompt), ("b", prompt[:-1] + [17])):
+        history = head + list(first[key].token_ids) + observations[key]
+        fresh = sampler.generate([history], max_new_tokens=6, rng=jax.random.key(2))[0]
+        assert list(second[key].token_ids) == list(fresh.token_ids)
 
 
 def test_vlm_checkpoint_loads_text_decoder_ignoring_vision_tower(tmp_path, caplog):
