@@ -110,6 +110,9 @@ class HybridBlock(nnx.Module):
         if not cfg.extra.get("zero_centered_norm"):
             raise ValueError("Qwen3.5 blocks need cfg.extra['zero_centered_norm']=True (RMSNorm scale = 1 + w); "
                              "build the config with sgcd_jax.models.qwen3_5.qwen3_5_config or from an HF checkpoint")
+        if "full_attention" in cfg.layer_types:  # the plain block would index the compact k/v cache wrongly
+            raise ValueError("a Qwen3.5 config mixes 'linear_attention' with the plain 'full_attention' block; use "
+                             f"'{GATED_FULL}' for its attention layers (qwen3_5_config / the HF adapter do)")
         self.input_norm = RMSNorm(cfg.hidden_size, cfg=cfg)
         if cfg.layer_types[layer_index] == LINEAR:
             self.linear_attn = LinearAttention(cfg, layer_index, rngs=rngs)
