@@ -14,4 +14,5 @@ def get_config():
     cfg.loss.credit = "none"
     cfg.loss.sdpo_coef = 1.0
     cfg.loss.sdpo_mode = "sampled"
+    cfg.credit.annotator = "none"  # the SDPO teacher sees a successful sibling, not a credit reference
     return cfg

@@ -33,7 +33,8 @@ CURVES = (  # (metric key, phase, title)
     ("state_change_success_rate", "train", "successful state-changing tool calls / episode"),
     ("reward_mean", "train", "train reward"),
     ("credit/weight_mean", "train", "credit weight mean"),
-    ("credit/at_bounds", "train", "credit weights at bounds (fraction)"),
+    ("credit/frac_at_upper", "train", "credit weights at the upper bound (fraction)"),
+    ("credit/frac_at_lower", "train", "credit weights at the lower bound (fraction)"),
     ("loss", "train", "policy loss"),
     ("time/iteration_s", "train", "iteration seconds"),
 )

@@ -1,0 +1,52 @@
+"""Accelerator-scale recipe: SGCD on τ³-airline (official 30 train / 20 test tasks) with Qwen3-4B.
+
+Needs a Qwen3-4B HF checkpoint directory (config.json + *.safetensors) at $QWEN3_4B_DIR (no hub
+downloads here), an LLM user simulator (GEMINI_API_KEY / Vertex env vars for google-genai) and a
+credit annotator (Gemini, contrast fallback). Sized for one 8-chip host (data × fsdp mesh).
+    python -m sgcd_jax.train --config configs/tau3_airline_qwen3_4b.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import base  # noqa: E402
+
+
+def get_config():
+    cfg = base.get_config()
+    cfg.run.name = "tau3_airline_qwen3_4b"
+    cfg.run.num_iterations = 200
+    cfg.run.eval_every = 20
+    cfg.run.checkpoint_every = 10
+    cfg.run.keep_checkpoints = 3
+    cfg.run.export_hf = True
+    cfg.model.source = os.environ.get("QWEN3_4B_DIR", "/models/Qwen3-4B")
+    cfg.model.param_dtype = "bfloat16"
+    cfg.model.dtype = "bfloat16"
+    cfg.env.name = "tau3_airline"
+    cfg.env.train_split = "train"
+    cfg.env.eval_split = "test"
+    cfg.env.max_turns = 30
+    cfg.env.user = "gemini"
+    cfg.rollout.tasks_per_iteration = 16
+    cfg.rollout.group_size = 8
+    cfg.rollout.max_new_tokens = 1024
+    cfg.rollout.max_total_tokens = 16384
+    cfg.rollout.temperature = 1.0
+    cfg.credit.annotator = "gemini"
+    cfg.credit.gemini_model = "gemini-2.5-flash"
+    cfg.credit.non_mixed_groups = "drop"
+    cfg.credit.max_oversample_rounds = 2
+    cfg.credit.reference_tokens = 2048
+    cfg.loss.credit = "sgcd"
+    cfg.loss.vocab_chunk = 1024
+    cfg.optim.learning_rate = 1e-6
+    cfg.optim.warmup_steps = 10
+    cfg.optim.micro_batch_size = 8
+    cfg.optim.grad_clip = 1.0
+    cfg.eval.num_tasks = 20
+    cfg.eval.trials = 4
+    cfg.mesh.data = -1
+    cfg.mesh.fsdp = 8
+    return cfg
