@@ -205,3 +205,18 @@ def test_project_mesh_with_tp_and_fsdp_weights_gives_same_greedy_output(model):
     assert sampler.row_axes == ("data", "fsdp") and sampler.batch_multiple == 4
     outs = sampler.generate(PROMPTS, max_new_tokens=6, rng=jax.random.key(0))
     assert [o.token_ids.tolist() for o in outs] == [o.token_ids.tolist() for o in plain]
+
+
+def test_straggler_row_decodes_alone_and_parked_rows_continue_next_turn(model):
+    prompts = {i: p for i, p in enumerate(PROMPTS + [[9, 8, 7]])}
+    session = make_sampler(model).session()
+    outs = session.step(prompts, max_new_tokens={0: 20, 1: 2, 2: 3, 3: 2}, rng=jax.random.key(0))
+    # after the first 8-step chunk only row 0 is active: it ran on a 1-row batch
+    assert session.stats.decode_row_steps == 4 * 8 + 1 * 8 + 1 * 4
+    for i, prompt in prompts.items():
+        assert outs[i].token_ids.tolist() == no_cache_greedy(model, prompt, len(outs[i].token_ids))
+    assert session.cache.batch_size == 4  # parked rows are back, in order
+    outs2 = session.step({i: [5] for i in prompts}, max_new_tokens=3, rng=jax.random.key(1))
+    for i, prompt in prompts.items():
+        history = prompt + outs[i].token_ids.tolist() + [5]
+        assert outs2[i].token_ids.tolist() == no_cache_greedy(model, history, 3)

@@ -250,6 +250,10 @@ class GenerationSession:
 
     def _decode(self, next_logits: jax.Array, budgets: dict[Hashable, int], rng: jax.Array,
                 stop_strings: Sequence[str]) -> dict[Hashable, TurnOutput]:
+        """Decode one turn for every live row. Rows index self.row_keys; while decoding, the working cache
+        holds `work_rows` (original row per position, -1 = padding). When at most half of the working
+        rows are still active, the idle ones are parked and the batch shrinks (a straggler then no longer
+        drags the whole batch); parked rows are put back in order at the end of the turn."""
         sampler = self.sampler
         num_rows = len(self.row_keys)
         live = np.array([key is not None and key in budgets for key in self.row_keys])
@@ -259,7 +263,11 @@ class GenerationSession:
         logprobs = [[] for _ in range(num_rows)]
         finish = ["length"] * num_rows
         steps = sampler.decode_steps_per_chunk
+        work_rows, parked = list(range(num_rows)), []
         while active.any():
+            if self.compact:
+                next_logits, active, remaining, work_rows = self._park_idle_rows(
+                    next_logits, active, remaining, work_rows, parked)
             ends = np.asarray(self.cache.end)
             self.cache = sampler.shard_cache(grow_cache(self.cache, next_bucket(int(ends.max()) + steps + 1,
                                                                                 self.cache.max_len)))
@@ -271,14 +279,14 @@ class GenerationSession:
                 stop_ids=sampler.stop_token_ids)
             tokens, token_logprobs = np.asarray(tokens), np.asarray(token_logprobs)
             num_generated = np.asarray(num_generated)
-            self.stats.decode_row_steps += num_rows * int(num_generated.max())
+            self.stats.decode_row_steps += len(work_rows) * int(num_generated.max())
             self.stats.generated_tokens += int(num_generated.sum())
             new_active, remaining = np.asarray(active_dev).copy(), np.asarray(remaining_dev).copy()
             truncate_to = None
-            for row in np.flatnonzero(active):
-                n = int(num_generated[row])
-                generated[row] += tokens[row, :n].tolist()
-                logprobs[row] += token_logprobs[row, :n].tolist()
+            for pos in np.flatnonzero(active):
+                row, n = work_rows[pos], int(num_generated[pos])
+                generated[row] += tokens[pos, :n].tolist()
+                logprobs[row] += token_logprobs[pos, :n].tolist()
                 if n and generated[row][-1] in sampler.stop_token_ids:
                     finish[row] = "stop_token"
                 elif stop_strings:
@@ -286,15 +294,46 @@ class GenerationSession:
                     if cut is not None:
                         dropped = len(generated[row]) - cut
                         del generated[row][cut:], logprobs[row][cut:]
-                        finish[row], new_active[row] = "stop_string", False
+                        finish[row], new_active[pos] = "stop_string", False
                         if dropped:
                             truncate_to = np.asarray(self.cache.end).copy() if truncate_to is None else truncate_to
-                            truncate_to[row] -= dropped
+                            truncate_to[pos] -= dropped
             if truncate_to is not None:
                 self.cache = truncate_rows(self.cache, jnp.asarray(truncate_to))
             active = new_active
+        if parked:
+            self._unpark(work_rows, parked, num_rows)
         return {key: TurnOutput(np.asarray(generated[i], np.int32), np.asarray(logprobs[i], np.float32), finish[i])
                 for i, key in enumerate(self.row_keys) if live[i]}
+
+    def _park_idle_rows(self, next_logits, active, remaining, work_rows, parked):
+        sampler = self.sampler
+        keep = np.flatnonzero(active)
+        target = next_bucket(len(keep), 1)
+        target = -(-target // sampler.batch_multiple) * sampler.batch_multiple
+        if target > len(work_rows) // 2:
+            return next_logits, active, remaining, work_rows
+        idle = np.flatnonzero(~active)
+        parked.append(([work_rows[i] for i in idle], self.cache.take_rows(jnp.asarray(idle, jnp.int32))))
+        gather = np.concatenate([keep, np.full(target - len(keep), keep[0])]).astype(np.int32)
+        self.cache = sampler.shard_cache(self.cache.take_rows(jnp.asarray(gather)))
+        next_logits = sampler.shard_rows(jnp.take(next_logits, jnp.asarray(gather), axis=0))
+        pad = target - len(keep)
+        active = np.concatenate([active[keep], np.zeros(pad, bool)])
+        remaining = np.concatenate([remaining[keep], np.zeros(pad, np.int32)]).astype(np.int32)
+        return next_logits, active, remaining, [work_rows[i] for i in keep] + [-1] * pad
+
+    def _unpark(self, work_rows, parked, num_rows) -> None:
+        pieces = parked + [(work_rows, self.cache)]
+        position_of, offset = {}, 0
+        for rows, cache in pieces:
+            for j, row in enumerate(rows):
+                if row >= 0:
+                    position_of.setdefault(row, offset + j)
+            offset += cache.batch_size
+        source = _concat_caches([cache for _, cache in pieces])
+        gather = jnp.asarray([position_of[row] for row in range(num_rows)], jnp.int32)
+        self.cache = self.sampler.shard_cache(source.take_rows(gather))
 
 
 def _stop_string_cut(ids: list[int], num_new: int, stop_strings: Sequence[str],
