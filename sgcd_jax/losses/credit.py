@@ -12,7 +12,8 @@ Per loss token t of trajectory i with sequence advantage A_i (σ = sign(A_i)):
 Sign convention for D_t: it is extra evidence that the teacher disagrees with the student at t, so
 it lowers the weight of tokens in successful trajectories (A>0) and raises the blame on tokens of
 failed ones (A<0). The entropy gate g_t (``entropy_gate``) keeps w=1 at confident student
-positions: "hard" g = 1[H_t ≥ h0]; "soft" g = sigmoid((H_t − h0)/τ_H).
+positions: "hard" g = 1[H_t ≥ h0]; "soft" g = sigmoid((H_t − h0)/τ_H) (with renormalisation on,
+gated tokens are rescaled together with the rest of the trajectory).
 
 Defaults (preset "sgcd", the values documented in the README):
     beta_pos=1.0, beta_neg=1.0, eps_low_pos=eps_low_neg=0.5, eps_high_pos=eps_high_neg=1.0
