@@ -152,6 +152,8 @@ def initialize(cfg: DistributedConfig | None = None) -> DistributedConfig:
     elif resolved.cluster == "explicit":
         # All local devices are ours; stops JAX from guessing a cluster type from stray env vars.
         kwargs["cluster_detection_method"] = "deactivate"
+    if resolved.cluster == "explicit" and resolved.process_id == 0:
+        _check_coordinator_port_free(resolved.coordinator_address)  # JAX would segfault instead
     logger.info("jax.distributed.initialize(%s) [%s]", kwargs, resolved.cluster)
     try:
         jax.distributed.initialize(**kwargs)
@@ -165,6 +167,22 @@ def initialize(cfg: DistributedConfig | None = None) -> DistributedConfig:
         ) from error
     return dataclasses.replace(resolved, num_processes=jax.process_count(),
                                process_id=jax.process_index())
+
+
+def _check_coordinator_port_free(address: str) -> None:
+    """Raise a clear error when the coordinator port already has a listener on this host."""
+    import socket
+
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT is fine
+        try:
+            sock.bind(("", port))
+        except OSError as error:
+            raise RuntimeError(
+                f"coordinator port {port} is already in use on this host ({error}); pick another "
+                f"port in the coordinator address ({ENV_COORDINATOR} / distributed.coordinator_address)"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- process-0 helpers

@@ -148,7 +148,7 @@ def _free_port() -> int:
 
 
 def _spawn(mode: str, process_id: int, num_processes: int, port: int, devices: int, out: Path,
-           heartbeat_s: int = 10, iterations: int = 2) -> subprocess.Popen:
+           heartbeat_s: int = 10, iterations: int = 2, log=subprocess.PIPE) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     for key in list(env):  # stray cluster variables must not steer auto-detection
@@ -157,26 +157,41 @@ def _spawn(mode: str, process_id: int, num_processes: int, port: int, devices: i
     cmd = [sys.executable, __file__, "--mode", mode, "--process_id", str(process_id),
            "--num_processes", str(num_processes), "--port", str(port), "--out", str(out),
            "--heartbeat_s", str(heartbeat_s), "--iterations", str(iterations)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+PORT_TAKEN = ("already in use", "failed to add port")  # our check / gRPC's own message
 
 
 def _run_group(mode: str, num_processes: int, out: Path, timeout_s: float = 420,
                iterations: int = 2) -> list[str]:
-    """Start the processes, retrying on a fresh port if the coordinator port was taken."""
+    """Start the processes, retrying on a fresh port if the coordinator port was taken; a process
+    that fails stops the others at once."""
     for attempt in range(3):
         port = _free_port()
-        procs = [_spawn(mode, i, num_processes, port, 8 // num_processes, out, iterations=iterations)
-                 for i in range(num_processes)]
-        try:
-            outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        # Output goes to files: an undrained pipe would block a chatty worker while we poll.
+        logs = [open(out.with_suffix(f".{num_processes}.{i}.log"), "w+") for i in range(num_processes)]
+        procs = [_spawn(mode, i, num_processes, port, 8 // num_processes, out, iterations=iterations,
+                        log=logs[i]) for i in range(num_processes)]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
         if all(p.returncode == 0 for p in procs):
             return outputs
         joined = "\n".join(outputs)
-        if "address already in use" not in joined.lower() or attempt == 2:
+        if not any(m in joined.lower() for m in PORT_TAKEN) or attempt == 2:
             raise AssertionError(f"{mode} run with {num_processes} processes failed:\n{joined[-4000:]}")
     raise AssertionError("unreachable")
 
@@ -204,21 +219,37 @@ def test_two_processes_reach_same_params_as_one_process(tmp_path):
     assert moved > 1e-3, "training did not change the params"
 
 
+def _start_ready_pair(tmp_path: Path, heartbeat_s: int, watch: int, ports=None
+                      ) -> list[subprocess.Popen]:
+    """Two "hang" workers, started again on a fresh port if the first port was taken."""
+    for attempt in range(3):
+        port = next(ports) if ports is not None else _free_port()
+        procs = [_spawn("hang", i, 2, port, 4, tmp_path / "x.npz", heartbeat_s) for i in range(2)]
+        deadline, seen = time.monotonic() + 150, ""
+        while time.monotonic() < deadline:
+            line = procs[watch].stdout.readline()
+            seen += line
+            if '"ready"' in line:
+                return procs
+            if not line and procs[watch].poll() is not None:
+                break
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        seen += "".join(p.communicate()[0] for p in procs)  # the coordinator names a taken port
+        if not any(m in seen.lower() for m in PORT_TAKEN) or attempt == 2:
+            raise AssertionError(f"process {watch} never got ready:\n{seen[-3000:]}")
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("killed", [1, 0], ids=["kill_worker", "kill_coordinator"])
 def test_killing_one_process_makes_the_other_exit_with_an_error(tmp_path, killed):
     heartbeat_s = 5
     survivor = 1 - killed
-    port = _free_port()
-    procs = [_spawn("hang", i, 2, port, 4, tmp_path / "x.npz", heartbeat_s) for i in range(2)]
+    procs = _start_ready_pair(tmp_path, heartbeat_s, survivor)
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while '"ready"' not in line and time.monotonic() < deadline:
-            line = procs[survivor].stdout.readline()
-            assert line or procs[survivor].poll() is None, "survivor exited before getting ready"
-        assert '"ready"' in line, "survivor never got ready"
         time.sleep(1.0)  # both inside the collective loop
         procs[killed].kill()
         killed_at = time.monotonic()
@@ -238,6 +269,24 @@ def test_killing_one_process_makes_the_other_exit_with_an_error(tmp_path, killed
     lowered = rest.lower()
     assert ("heartbeat timeout" in lowered or "another task died" in lowered
             or "connection closed by peer" in lowered), rest[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_a_taken_coordinator_port_is_reported_and_retried_on_a_fresh_one(tmp_path):
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("0.0.0.0", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    try:
+        procs = _start_ready_pair(tmp_path, 10, watch=0, ports=iter([taken, _free_port(), _free_port()]))
+    finally:
+        blocker.close()
+    try:
+        assert all(p.poll() is None for p in procs)  # both joined on the second port
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
 
 
 if __name__ == "__main__":
