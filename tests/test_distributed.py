@@ -130,3 +130,15 @@ def test_main_process_only_runs_on_process_zero():
     wrapped = distributed.main_process_only(lambda x: calls.append(x) or x)
     assert wrapped(5) == 5 and calls == [5]
     distributed.barrier("noop")  # single process: returns immediately
+
+
+def test_taken_coordinator_port_is_named_before_jax_tries_it():
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"coordinator port {port} is already in use"):
+            distributed._check_coordinator_port_free(f"127.0.0.1:{port}")
+    distributed._check_coordinator_port_free(f"127.0.0.1:{port}")  # free again once closed
