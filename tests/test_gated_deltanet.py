@@ -43,8 +43,8 @@ def random_inputs(seed, batch=2, steps=13, heads=3, key_dim=8, value_dim=6, with
     return q, k, v, g, beta, state
 
 
-@pytest.mark.parametrize("steps,chunk", [(13, 4), (37, 16)])
-def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
+def test_chunked_equals_recurrent_and_naive_loop():
+    steps, chunk = 37, 16  # 3 chunks, the last one partial
     q, k, v, g, beta, state = random_inputs(0, steps=steps)
     naive_out, naive_state = naive_gated_delta_rule(q, k, v, g, beta, state)
     rec_out, rec_state = jax.jit(gated_delta_rule_recurrent)(q, k, v, g, beta, state)
@@ -55,18 +55,7 @@ def test_chunked_equals_recurrent_and_naive_loop(steps, chunk):
     np.testing.assert_allclose(rec_state, naive_state, atol=1e-5)
 
 
-def test_chunked_matches_recurrent_token_by_token_from_a_carried_state():
-    q, k, v, g, beta, _ = random_inputs(1, steps=21)
-    chunk_out, chunk_state = chunked(q, k, v, g, beta, None, chunk_size=8)
-    state = jnp.zeros((2, 3, 8, 6))
-    recurrent = jax.jit(gated_delta_rule_recurrent)
-    for t in range(21):
-        out_t, state = recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
-                                                  beta[:, t:t + 1], state)
-        np.testing.assert_allclose(out_t[:, 0], chunk_out[:, t], atol=1e-4)
-    np.testing.assert_allclose(state, chunk_state, atol=1e-4)
-
-
+@pytest.mark.slow
 def test_chunked_gradients_are_finite_and_match_naive_reference():
     q, k, v, g, beta, state = random_inputs(2, steps=11, heads=2)
     cotangent = jax.random.normal(jax.random.key(9), (2, 11, 2, 6))

@@ -157,6 +157,7 @@ def test_greedy_generation_through_the_sampler_equals_transformers(hf_text):
         assert list(out.token_ids) == expected
 
 
+@pytest.mark.slow
 def test_multi_turn_session_with_shared_prefix_siblings_equals_fresh_generation(hf_text):
     """Sampler session: two siblings share a prefilled prompt prefix (take_rows copies DeltaNet states too), then a
     second turn appends an observation to each row's cache; it must equal generating from the whole history."""
