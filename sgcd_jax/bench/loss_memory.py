@@ -97,7 +97,8 @@ def _measure(stats_fn, cfg, grad, args, run: bool) -> tuple[dict, jax.Array | No
     return result, output
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, run the benchmark, print and return the JSON-able result."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=151936)
@@ -149,5 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
