@@ -80,8 +80,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif config.sft.enabled:
         sft_metrics = parts.run_sft(learner, env_factory, chat, config, progress)
         progress.print(f"SFT warm-up: {sft_metrics}")
-    # KL reference = the policy RL starts from (after SFT); on resume, rebuilt from it is not exact —
-    # the checkpointed params at iteration 0 are restored instead.
+    # KL reference = the policy RL starts from (after SFT), saved once so a resumed run uses the same one.
     ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
     logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
                            resume_step=start_iteration + 1 if latest is not None else None)

@@ -73,3 +73,35 @@ def test_tiny_sgcd_run_every_phase_then_kill9_resume_matches(tmp_path):
     train(resumed_cfg)
     resumed = read_metrics(os.path.join(tmp_path, "killed"))
     assert comparable(resumed) == comparable(records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sgcd", "sdpo"])
+def test_mixed_groups_go_through_annotation_teacher_and_credit(tmp_path, monkeypatch, method):
+    """A random tiny policy never succeeds, so the verifier is replaced by one that passes every odd
+    sibling: every group is mixed and annotation → teacher context → credit/distillation really runs."""
+    from sgcd_jax import integration
+
+    rollout = integration.rollout
+
+    def rollout_with_mixed_rewards(*args, **kwargs):
+        trajectories = rollout(*args, **kwargs)
+        for traj in trajectories:
+            traj.reward = float(traj.sample_index % 2)
+        return trajectories
+
+    monkeypatch.setattr(integration, "rollout", rollout_with_mixed_rewards)
+    cfg = load_config_file(os.path.join(configs_dir(), f"{method}.py"),
+                           {**TINY, "run.workdir": str(tmp_path), "run.name": method, "run.num_iterations": 2,
+                            "run.eval_every": 0, "sft.steps": 1, "rollout.tasks_per_iteration": 3})
+    run_dir = train(cfg)["run_dir"]
+    records = [r for r in read_metrics(run_dir) if r["phase"] == "train"]
+    assert sum(r["selection/mixed"] for r in records) > 0, "the coin-flip verifier should give mixed groups"
+    assert any(abs(r.get("teacher/log_ratio_mean", 0.0)) > 0 for r in records), "teacher never differed from student"
+    if method == "sgcd":
+        assert sum(r["annotator/with_reference"] for r in records) > 0
+        assert any(r["credit/weight_max"] != r["credit/weight_min"] for r in records), "credit weights all equal"
+        samples = json.load(open(os.path.join(run_dir, "samples.json")))
+        assert any("Credit reference" in s["reference"] for s in samples)
+    else:
+        assert any(r.get("distill/teacher_log_ratio", 0.0) != 0 for r in records)
