@@ -9,20 +9,17 @@ tiny test models and odd head counts still shard.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tp")
 BATCH_AXES = ("data", "fsdp")
 
