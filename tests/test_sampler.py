@@ -209,7 +209,7 @@ def test_project_mesh_with_tp_and_fsdp_weights_gives_same_greedy_output(model):
 
 def test_straggler_row_decodes_alone_and_parked_rows_continue_next_turn(model):
     prompts = {i: p for i, p in enumerate(PROMPTS + [[9, 8, 7]])}
-    session = make_sampler(model).session()
+    session = make_sampler(model).session(park_idle_rows=True)
     outs = session.step(prompts, max_new_tokens={0: 20, 1: 2, 2: 3, 3: 2}, rng=jax.random.key(0))
     # after the first 8-step chunk only row 0 is active: it ran on a 1-row batch
     assert session.stats.decode_row_steps == 4 * 8 + 1 * 8 + 1 * 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -152,7 +153,8 @@ class _SessionVariant:
         return self.sampler.generate(*args, **kwargs)
 
 
-def bench_multi_turn(model, tokenizer, episodes: int, turns: int, tokens_per_turn: int) -> dict:
+def bench_multi_turn(model, tokenizer, episodes: int, turns: int, tokens_per_turn: int,
+                     variant_names: list[str]) -> dict:
     import jax
 
     from sgcd_jax.envs.base import Task
@@ -166,9 +168,11 @@ def bench_multi_turn(model, tokenizer, episodes: int, turns: int, tokens_per_tur
     config = RolloutConfig(max_turns=turns, max_tokens_per_turn=tokens_per_turn, env_timeout_s=60)
     tasks = [Task(f"t{i}", "fast") for i in range(episodes // 4)]
     results = {"episodes": episodes, "turns": turns, "max_tokens_per_turn": tokens_per_turn}
-    variants = (("cache_continuation_compacted", sampler),
-                ("cache_continuation_no_compaction", _SessionVariant(sampler, compact=False)),
-                ("reprefill_each_turn", _SessionVariant(sampler, reuse_cache=False)))
+    all_variants = {"cache_continuation_compacted": sampler,
+                    "cache_continuation_compacted_parking": _SessionVariant(sampler, park_idle_rows=True),
+                    "cache_continuation_no_compaction": _SessionVariant(sampler, compact=False),
+                    "reprefill_each_turn": _SessionVariant(sampler, reuse_cache=False)}
+    variants = [(name, all_variants[name]) for name in variant_names]
     for name, generator in variants:
         engine = RolloutEngine(generator, renderer, config)
         engine.run(tasks, _FastFactory(turns), group_size=4, rng=jax.random.key(0))  # compile every shape once
@@ -178,11 +182,11 @@ def bench_multi_turn(model, tokenizer, episodes: int, turns: int, tokens_per_tur
                          "generated_tokens_per_s": round(stats["generated_tokens_per_s"], 1),
                          "turns_per_episode": sorted(t.num_steps for t in trajectories),
                          "mean_conversation_tokens": round(float(np.mean([len(t.token_ids) for t in trajectories])))}
+        print(f"[bench sampler] {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     rate = {name: results[name]["generated_tokens_per_s"] for name, _ in variants}
-    results["tokens_per_s_ratio_vs_reprefill"] = round(rate["cache_continuation_compacted"]
-                                                       / rate["reprefill_each_turn"], 2)
-    results["tokens_per_s_ratio_vs_no_compaction"] = round(rate["cache_continuation_compacted"]
-                                                           / rate["cache_continuation_no_compaction"], 2)
+    for other in rate:
+        if other != "cache_continuation_compacted" and "cache_continuation_compacted" in rate:
+            results[f"tokens_per_s_ratio_vs_{other}"] = round(rate["cache_continuation_compacted"] / rate[other], 2)
     return results
 
 
@@ -193,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--tokens-per-turn", type=int, default=48)
+    parser.add_argument("--tokens-per-turn", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", default=["cache_continuation_compacted",
+                                                          "cache_continuation_no_compaction", "reprefill_each_turn"])
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip", choices=["single", "multi"], action="append", default=[])
     args = parser.parse_args(argv)
@@ -208,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         out["single_turn"] = bench_single_turn(model, tokenizer, args.batch_sizes, args.new_tokens, args.repeats,
                                                args.torch_threads)
     if "multi" not in args.skip:
-        out["multi_turn"] = bench_multi_turn(model, tokenizer, args.episodes, args.turns, args.tokens_per_turn)
+        out["multi_turn"] = bench_multi_turn(model, tokenizer, args.episodes, args.turns, args.tokens_per_turn,
+                                           args.variants)
     out["load_average_1min"] = round(os.getloadavg()[0], 1)  # this box is shared: read timings with it
     print(json.dumps(out, indent=1))
 

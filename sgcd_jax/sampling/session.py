@@ -73,8 +73,12 @@ class Sampler:
         """Use new policy weights (after a train step) for the next sessions."""
         self.graphdef, self.state = nnx.split(model)
 
-    def session(self, *, reuse_cache: bool = True, compact: bool = True) -> "GenerationSession":
-        return GenerationSession(self, reuse_cache=reuse_cache, compact=compact)
+    def session(self, *, reuse_cache: bool = True, compact: bool = True,
+                park_idle_rows: bool = False) -> "GenerationSession":
+        """reuse_cache=False re-prefills every turn (baseline); compact drops released rows between turns;
+        park_idle_rows also shrinks the batch mid-turn (see GenerationSession._decode; off by default:
+        on a weight-bandwidth-bound CPU decode the row copies cost more than the smaller batch saves)."""
+        return GenerationSession(self, reuse_cache=reuse_cache, compact=compact, park_idle_rows=park_idle_rows)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int], rng: jax.Array,
                  stop_strings: Sequence[str] = ()) -> list[TurnOutput]:
@@ -118,8 +122,10 @@ def _concat_caches(caches: list[KVCache]) -> KVCache:
 class GenerationSession:
     """One KV cache whose rows are live episodes; see the module docstring."""
 
-    def __init__(self, sampler: Sampler, *, reuse_cache: bool, compact: bool):
+    def __init__(self, sampler: Sampler, *, reuse_cache: bool = True, compact: bool = True,
+                 park_idle_rows: bool = False):
         self.sampler = sampler
+        self.park_idle_rows = park_idle_rows
         self.reuse_cache = reuse_cache
         self.compact = compact
         self.cache: KVCache | None = None
@@ -265,7 +271,7 @@ class GenerationSession:
         steps = sampler.decode_steps_per_chunk
         work_rows, parked = list(range(num_rows)), []
         while active.any():
-            if self.compact:
+            if self.park_idle_rows:
                 next_logits, active, remaining, work_rows = self._park_idle_rows(
                     next_logits, active, remaining, work_rows, parked)
             ends = np.asarray(self.cache.end)
