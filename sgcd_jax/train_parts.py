@@ -164,7 +164,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                            min_length=length, min_teacher_length=teacher_length))
     needs_teacher = config.loss.needs_teacher and any(p is not None for p in prompts)
     spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
-                     with_teacher=config.loss.needs_teacher, with_reference=config.loss.needs_reference)
+                     with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
     jax.block_until_ready(features)
     timings["time/score_s"] = time.perf_counter() - start
@@ -182,7 +182,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
     credit = _credit(CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
                                  teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
-                                 step_ids=batch.step_ids, reverse_kl=features.get("reverse_kl"),
+                                 step_ids=batch.step_ids,
+                                 reverse_kl=features.get("reverse_kl", jnp.zeros_like(batch.target_mask)),
                                  entropy=features.get("student_entropy")),
                      credit_config(config.loss), iteration, config.loss.credit != "none")
     inputs = StepInputs(batch=batch, token_advantages=credit.token_advantages,
@@ -190,7 +191,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                         ref_logprobs=features.get("ref_logprobs", jnp.zeros_like(batch.target_mask)),
                         teacher_logprobs=teacher_logprobs)
     metrics = {k: float(v) for k, v in jax.device_get({**advantages.metrics, **credit.metrics}).items()}
-    metrics.update(learner.update(inputs))
+    for _ in range(config.optim.updates_per_iteration):  # PPO epochs over the same scored batch
+        metrics.update(learner.update(inputs))
     timings["time/update_s"] = time.perf_counter() - start
     mask = np.asarray(batch.target_mask)
     metrics["entropy"] = float((np.asarray(features["student_entropy"]) * mask).sum() / max(mask.sum(), 1))
