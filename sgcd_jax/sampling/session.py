@@ -192,19 +192,14 @@ class GenerationSession:
         num_rows = -(-num_rows // sampler.batch_multiple) * sampler.batch_multiple
         keys = keys + [None] * (num_rows - len(keys))
 
-        # sources: old cache rows [0, n_old), then prefix rows, then one empty row (for keys with no prefix)
+        # gather sources: old cache rows [0, n_old), then prefix rows, then (only if needed) one empty row
         n_old = 0 if self.cache is None else self.cache.batch_size
         n_prefix = 0 if prefix_cache is None else prefix_cache.batch_size
-        empty_row = KVCache.init(sampler.cfg, 1, max(self.cache.max_len if self.cache is not None else 0,
-                                                      prefix_cache.max_len if prefix_cache is not None else 0,
-                                                      sampler.min_cache_len))
-        if self.cache is not None and self.cache.extra:
-            empty_row = empty_row.replace(extra={n: jnp.zeros_like(s[:1]) for n, s in self.cache.extra.items()})
-        source = _concat_caches([self.cache, prefix_cache, empty_row])
+        empty = n_old + n_prefix
         gather, append_ids = [], []
         for row, key in enumerate(keys):
-            if key is None:  # idle row: keep the old one in place when not compacting (no copy)
-                gather.append(row if not self.compact and row < n_old else n_old + n_prefix)
+            if key is None:  # padding / idle row: any row will do (it appends nothing and stays inactive)
+                gather.append(row if row < n_old else (0 if n_old + n_prefix else empty))
                 append_ids.append([])
             elif key in old_row:
                 gather.append(old_row[key])
@@ -213,13 +208,22 @@ class GenerationSession:
                 gather.append(n_old + prefix_rows[tuple(chunks[key][:-1])])
                 append_ids.append(chunks[key][-1:])
             else:
-                gather.append(n_old + n_prefix)
+                gather.append(empty)
                 append_ids.append(chunks[key])
-        if self.cache is not None and gather == list(range(len(gather))) and n_prefix == 0 and \
-                len(gather) == n_old:
+        if self.cache is not None and gather == list(range(n_old)):
             cache = self.cache  # same rows, same order: no copy
+        elif empty not in gather and prefix_cache is None:
+            cache = self.cache.take_rows(jnp.asarray(gather, jnp.int32))  # compaction only: one copy
         else:
-            cache = source.take_rows(jnp.asarray(gather, jnp.int32))
+            sources = [self.cache, prefix_cache]
+            if empty in gather:
+                template = self.cache if self.cache is not None else prefix_cache
+                empty_row = KVCache.init(sampler.cfg, 1, sampler.min_cache_len)
+                if template is not None:
+                    empty_row = grow_cache(empty_row, template.max_len).replace(
+                        extra={n: jnp.zeros_like(x[:1]) for n, x in template.extra.items()})
+                sources.append(empty_row)
+            cache = _concat_caches(sources).take_rows(jnp.asarray(gather, jnp.int32))
         self.cache = sampler.shard_cache(cache)
         self.row_keys = keys
         return append_ids
