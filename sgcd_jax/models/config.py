@@ -16,6 +16,12 @@ import numpy as np
 from flax.core import FrozenDict
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# "xla": the explicit einsum + masked softmax in decoder.grouped_attention (default, today's numerics);
+# the others route full attention through jax.nn.dot_product_attention with implementation=
+# "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto").
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "auto")
+# names of sgcd_jax.memory_plan.remat_policy (kept here too: memory_plan imports this module)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 
 
 def _freeze(value: Any) -> Any:
@@ -49,7 +55,9 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     layer_types: tuple[str, ...] | None = None  # default: ("full_attention",) * num_layers
-    remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+    remat: bool = False  # legacy switch: True == remat_policy "full" (used when remat_policy is "none")
+    remat_policy: str = "none"  # one of REMAT_POLICIES: what a block saves for the backward pass (no-cache forward)
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS (see above)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # block-specific settings
     architecture: str = "LlamaForCausalLM"  # HF architecture name used for export
 
@@ -81,8 +89,17 @@ class ModelConfig:
             scaling["rope_type"] = rope_type
             set_("rope_scaling", None if rope_type == "default" else _freeze(scaling))
         set_("extra", _freeze(self.extra))
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+
+    @property
+    def effective_remat_policy(self) -> str:
+        """remat_policy, or "full" when only the legacy `remat=True` is set."""
+        return "full" if self.remat and self.remat_policy == "none" else self.remat_policy
 
     @property
     def rotary_dim(self) -> int:

@@ -3,8 +3,11 @@
     tokens [B,T] ─► embed ─► N × block(layer_types[i]) ─► final RMSNorm ─► hidden [B,T,D]
     block "full_attention":  x + Attn(RMSNorm(x));  x + SwiGLU(RMSNorm(x))
 
-Parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where used; softmax, norms and RoPE
-run in float32. Kernels are [in, out]. Another block kind (e.g. Gated DeltaNet) plugs in with
+Parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where used; attention scores, softmax,
+norms, RoPE and the LM-head logits run/accumulate in float32 (so a bf16 `dtype` keeps them accurate).
+Accelerator knobs (ModelConfig): `attention_impl` ("xla" einsum path, or jax.nn.dot_product_attention
+with "dot_product_attention" | "cudnn" | "auto") and `remat_policy` (memory_plan.remat_policy names,
+applied with nnx.remat per block in the no-cache forward; attention output is named "attention_out"). Kernels are [in, out]. Another block kind (e.g. Gated DeltaNet) plugs in with
 `register_block("linear_attention")(factory)` and may keep its recurrent state in `KVCache.extra`.
 """
 
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from sgcd_jax.models.cache import KVCache
 from sgcd_jax.models.config import ModelConfig
@@ -87,6 +91,21 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     return out.reshape(batch, steps, num_heads, head_dim)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, impl: str) -> jax.Array:
+    """Full attention by `ModelConfig.attention_impl`; q [B,T,H,Dh], k/v [B,S,Hkv,Dh] → [B,T,H,Dh].
+
+    "xla" runs `grouped_attention`; the others call `jax.nn.dot_product_attention` with the same mask
+    (ctx.attention_mask: causal + padding, or the cache's valid slots). Without a cache the mask is
+    causal, so `is_causal=True` is passed too: redundant for XLA, lets cuDNN skip the upper triangle.
+    """
+    if impl == "xla":
+        return grouped_attention(q, k, v, ctx.attention_mask)
+    from sgcd_jax.memory_plan import attention_implementation  # memory_plan imports models.config
+    implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=ctx.attention_mask[:, None],  # [B, 1, T, S]
+                                        is_causal=ctx.write_slots is None, implementation=implementation)
+
+
 # ----------------------------------------------------------------------------- layers
 class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -129,6 +148,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg=cfg) if cfg.qk_norm else None
         self.shape = (h, kv, hd)
         self.layer_index = layer_index
+        self.attention_impl = cfg.attention_impl
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         batch, steps, _ = x.shape
@@ -147,7 +167,7 @@ class Attention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = grouped_attention(q, k, v, ctx.attention_mask)
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl), "attention_out")  # [B,T,H,Dh]
         return self.o_proj(out.reshape(batch, steps, num_heads * head_dim)), cache
 
 
@@ -220,7 +240,12 @@ class Decoder(nnx.Module):
             causal = jnp.tril(jnp.ones((steps, steps), jnp.bool_))
             mask = causal[None] & token_mask[:, None, :]  # [B, T, T]
             ctx = AttentionContext(positions, token_mask, mask, cos, sin, None)
-            run = nnx.remat(_run_block_no_cache) if cfg.remat else _run_block_no_cache
+            policy_name = cfg.effective_remat_policy
+            if policy_name == "none":
+                run = _run_block_no_cache
+            else:
+                from sgcd_jax.memory_plan import remat_policy  # memory_plan imports models.config
+                run = nnx.remat(_run_block_no_cache, policy=remat_policy(policy_name))
             for block in self.layers:
                 x = run(block, x, ctx)
             return self.final_norm(x), None
