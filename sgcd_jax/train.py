@@ -17,8 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from sgcd_jax import config as config_lib
 from sgcd_jax import train_parts as parts
@@ -178,7 +176,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"report: {os.path.abspath(summary['report'])}")
 
 
-_ = (jnp, np)
 
 if __name__ == "__main__":
     main()

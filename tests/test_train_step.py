@@ -70,6 +70,7 @@ def params_after_update(model, inputs, step_spec):
     return jax.tree.map(np.asarray, learner.params)
 
 
+@pytest.mark.slow
 def test_sgcd_with_lambda_zero_gives_exactly_the_grpo_update():
     model, trajs = tiny_model(), trajectories()
     inputs, feats = step_inputs(model, trajs, teacher_prompts())
@@ -107,6 +108,7 @@ def test_with_zero_advantages_only_sdpo_moves_the_policy(method):
     assert (norm == 0.0) if method == "sgcd" else (norm > 1e-4)
 
 
+@pytest.mark.slow
 def test_micro_batch_accumulation_equals_the_full_batch_gradient():
     model, trajs = tiny_model(), trajectories()
     rng = np.random.default_rng(5)
