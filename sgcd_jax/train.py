@@ -32,13 +32,17 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. train() called from a worker): no handler
+            self._previous = None
 
     def _handle(self, signum, frame):  # noqa: ARG002
         self.requested = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
