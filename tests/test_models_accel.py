@@ -80,6 +80,43 @@ def test_dot_product_attention_with_cache_equals_einsum_path():
     np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=1e-6)
 
 
+@pytest.mark.parametrize("steps,blocks", [(200, 3), (128, 8)])
+def test_causal_blocked_attention_equals_full_square(steps, blocks):
+    """Skipping the masked upper blocks changes nothing on real tokens (values and gradients)."""
+    from sgcd_jax.models.decoder import causal_blocked_attention, grouped_attention
+    keys = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(keys[0], (2, steps, 4, 8))
+    k, v = (jax.random.normal(key, (2, steps, 2, 8)) for key in keys[1:])
+    token_mask = jnp.arange(steps)[None, :] < jnp.array([[steps], [steps - 37]])  # row 1 right-padded
+    mask = jnp.tril(jnp.ones((steps, steps), bool))[None] & token_mask[:, None, :]
+    weights = jax.random.normal(jax.random.key(5), q.shape) * token_mask[:, :, None, None]
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * weights)
+
+    plain = jax.value_and_grad(lambda *a: loss(lambda q, k, v: grouped_attention(q, k, v, mask), *a), (0, 1, 2))
+    blocked = jax.value_and_grad(
+        lambda *a: loss(lambda q, k, v: causal_blocked_attention(q, k, v, mask, blocks), *a), (0, 1, 2))
+    (value_a, grads_a), (value_b, grads_b) = plain(q, k, v), blocked(q, k, v)
+    np.testing.assert_allclose(value_b, value_a, rtol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_decoder_uses_blocked_attention_on_long_chunks_and_matches_cache_path():
+    """T=130 → 2 blocks: the no-cache forward still equals the cached (prefill) forward on real tokens."""
+    from sgcd_jax.models.decoder import causal_blocks
+    assert causal_blocks(130) == 2 and causal_blocks(63) == 1 and causal_blocks(4096) == 8
+    cfg = tiny_config()
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(6), (2, 130), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(130), (2, 130))
+    mask = jnp.arange(130)[None, :] < jnp.array([[130], [101]])
+    full = model(tokens, positions, mask)[0]
+    cached = model(tokens, positions, mask, KVCache.init(cfg, 2, 130))[0]
+    np.testing.assert_allclose(masked(full, mask), masked(cached, mask), atol=1e-5)
+
+
 def _loss_grads(cfg: ModelConfig, reference: Decoder):
     graphdef, params = nnx.split(same_weights(cfg, reference), nnx.Param)
     targets = jnp.roll(TOKENS, -1, axis=1)

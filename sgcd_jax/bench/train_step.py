@@ -1,10 +1,16 @@
 """fwd+bwd+AdamW train-step throughput: ours (JAX/NNX) vs transformers+torch, same model, same run.
 
     python -m sgcd_jax.bench train_step [--batch 4] [--seq 512] [--steps 3] [--model smollm2-135m-instruct]
+        [--loss full|chunked] [--dtype float32|bfloat16] [--attention xla|dot_product_attention|cudnn|auto]
+        [--remat none|full|dots|dots_no_batch|save_attention_out] [--skip-torch]
 
-Both sides: fp32, full-vocab logits, mean next-token cross-entropy, AdamW. Steps of ours, torch and a
-2048^3 fp32 matmul probe are interleaved so all three see the same load on a shared machine; medians are
-reported. Prints one JSON object: tokens/s for each, the ratio, measured matmul peak, our fraction of it.
+Both sides: mean next-token cross-entropy over the full vocabulary, AdamW, fp32 params. Ours computes the
+loss either from full [B,T,V] logits ("full") or the way the trainer scores, vocabulary-chunked from the
+hidden states and the LM head (sgcd_jax.losses.vocab.token_stats, "chunked": the chunk's logits are
+recomputed in the backward pass, which the FLOP count does not credit). Torch: transformers' own loss,
+fp32. Steps of ours, torch and a 2048^3 fp32 matmul probe are interleaved so all three see the same load
+on a shared machine; medians are reported. Prints one JSON object: tokens/s for each, the ratio, measured
+matmul peak, our model FLOP/s (3x forward matmuls, no remat/recompute credit) and its fraction of the peak.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sgcd_jax.losses.vocab import VocabConfig, token_stats
 from sgcd_jax.models import load_model
-from sgcd_jax.models.config import ModelConfig
+from sgcd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig
 from sgcd_jax.models.hf_format import adapter_for
 
 
@@ -62,14 +69,28 @@ def next_token_loss(model, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1))
 
 
-def ours_stepper(model, tokens: np.ndarray) -> Callable[[], float]:
+def chunked_next_token_loss(model, tokens: jax.Array, chunk_size: int = 1024) -> jax.Array:
+    """next_token_loss without [B,T,V] logits: log p(y) per vocabulary chunk straight from the hidden states."""
+    batch, seq = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(seq - 1), (batch, seq - 1))
+    hidden, _ = model(tokens[:, :-1], positions, jnp.ones((batch, seq - 1), bool))  # [B, T, D]
+    stats = token_stats(hidden, model.lm_head_kernel(), tokens[:, 1:], VocabConfig(chunk_size=chunk_size),
+                        features=("student_logprobs",))
+    return -jnp.mean(stats["student_logprobs"])
+
+
+LOSSES = {"full": next_token_loss, "chunked": chunked_next_token_loss}
+
+
+def ours_stepper(model, tokens: np.ndarray, loss: str = "full") -> Callable[[], float]:
     """A closure running one jitted, donated fwd+bwd+AdamW step (compiled and warmed up here); returns the loss."""
     graphdef, params = nnx.split(model, nnx.Param)
     optimizer = optax.adamw(1e-5)
     carry = [params, optimizer.init(params)]
+    loss_fn = LOSSES[loss]
 
     def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p), tokens))(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), tokens))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -121,13 +142,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="full")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of ours (params stay float32)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="xla")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default="none")
     args = parser.parse_args(argv)
 
-    model, _ = load_model(args.model, with_tokenizer=False)
+    model, _ = load_model(args.model, with_tokenizer=False, dtype=args.dtype, attention_impl=args.attention,
+                          remat_policy=args.remat)
     cfg = model.cfg
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1)).astype(np.int32)
     peak_probe = matmul_peak_probe()
-    ours = ours_stepper(model, tokens)
+    ours = ours_stepper(model, tokens, args.loss)
     peer = None if args.skip_torch else torch_stepper(cfg, tokens)
     # Interleave ours / torch / matmul probe so both see the same machine load (the CPU may be shared).
     ours_s, torch_s, peaks = [], [], []
@@ -140,6 +166,7 @@ def main(argv: list[str]) -> int:
     trained_tokens = args.batch * args.seq
     result = {
         "bench": "train_step", "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "loss": args.loss, "dtype": args.dtype, "attention": args.attention, "remat": args.remat,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
         "ours_tokens_per_s": trained_tokens / ours_step, "ours_step_s": ours_s,

@@ -91,14 +91,42 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     return out.reshape(batch, steps, num_heads, head_dim)
 
 
+CAUSAL_BLOCK_MIN_ROWS = 64  # query rows per block of causal_blocked_attention (smaller blocks: matmuls too thin)
+CAUSAL_MAX_BLOCKS = 8  # more blocks save little and unroll more ops per layer (compile time)
+
+
+def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, blocks: int) -> jax.Array:
+    """grouped_attention for a causal self-attention chunk (S == T) that skips the all-masked upper blocks.
+
+    Query block i attends keys [0, end_i) only, end_i = its last row + 1: every later key is masked by
+    causality, so its softmax weight is exactly 0 in grouped_attention too and the result is the same up
+    to fp32 summation order. Costs (blocks+1)/(2·blocks) of the score/value matmuls and softmax work.
+    q [B,T,H,Dh], k/v [B,T,Hkv,Dh], mask [B,T,T] (must include causality) → [B,T,H,Dh].
+    """
+    steps = q.shape[1]
+    bounds = [round(i * steps / blocks) for i in range(blocks + 1)]
+    outs = [grouped_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return jnp.concatenate(outs, axis=1)
+
+
+def causal_blocks(steps: int) -> int:
+    """How many query blocks causal_blocked_attention uses for a chunk of `steps` tokens (1 = plain)."""
+    return max(1, min(CAUSAL_MAX_BLOCKS, steps // CAUSAL_BLOCK_MIN_ROWS))
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, impl: str) -> jax.Array:
     """Full attention by `ModelConfig.attention_impl`; q [B,T,H,Dh], k/v [B,S,Hkv,Dh] → [B,T,H,Dh].
 
-    "xla" runs `grouped_attention`; the others call `jax.nn.dot_product_attention` with the same mask
-    (ctx.attention_mask: causal + padding, or the cache's valid slots). Without a cache the mask is
-    causal, so `is_causal=True` is passed too: redundant for XLA, lets cuDNN skip the upper triangle.
+    "xla" runs `grouped_attention` (without a cache `causal_blocked_attention`: same values on real
+    tokens); the others call `jax.nn.dot_product_attention` with the same mask (ctx.attention_mask:
+    causal + padding, or the cache's valid slots). Without a cache the mask is causal, so
+    `is_causal=True` is passed too: redundant for XLA, lets cuDNN skip the upper triangle.
     """
     if impl == "xla":
+        blocks = causal_blocks(q.shape[1]) if ctx.write_slots is None else 1  # no cache: causal, S == T
+        if blocks > 1:
+            return causal_blocked_attention(q, k, v, ctx.attention_mask, blocks)
         return grouped_attention(q, k, v, ctx.attention_mask)
     from sgcd_jax.memory_plan import attention_implementation  # memory_plan imports models.config
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
