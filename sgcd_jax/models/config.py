@@ -16,7 +16,8 @@ import numpy as np
 from flax.core import FrozenDict
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# "xla": the explicit einsum + masked softmax in decoder.grouped_attention (default, today's numerics);
+# "xla": the explicit einsum + masked softmax in decoder.grouped_attention (default, today's numerics; without
+# a cache the query blocks skip the all-masked upper key blocks: decoder.causal_blocked_attention);
 # the others route full attention through jax.nn.dot_product_attention with implementation=
 # "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto").
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "auto")
