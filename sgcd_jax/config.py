@@ -47,6 +47,7 @@ class RunConfig:
     tensorboard: bool = True
     report: bool = True
     stop_after_iterations: int = 0  # >0: exit (as if preempted) after this many iterations; tests
+    store_rollouts: bool = True  # append tokens/scores/credit weights to run_dir/rollouts (sgcd_jax.store)
 
     def __post_init__(self):
         _check(self.num_iterations >= 0, "run.num_iterations must be >= 0")

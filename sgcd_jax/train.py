@@ -91,6 +91,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                           force=True)
 
     annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
+    store = parts.open_rollout_store(config)
     preemption = _Preemption()
     progress.phase("iterations", config.run.num_iterations)
     iteration = start_iteration
@@ -99,7 +100,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         while iteration < config.run.num_iterations:
             rng, rollout_key = jax.random.split(rng)
             metrics, samples = parts.iteration(iteration, learner, ref_model, stream, env_factory, chat,
-                                               annotator, rollout_key, config, counters)
+                                               annotator, rollout_key, config, counters, store)
             iteration += 1
             if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
                 eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)

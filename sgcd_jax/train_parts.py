@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgcd_jax import integration
+from sgcd_jax import distributed, integration
 from sgcd_jax.config import CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
@@ -30,6 +30,7 @@ from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.report import write_samples as _write_samples
 from sgcd_jax.rollout.trajectory import Trajectory
 from sgcd_jax.scoring import ScoreSpec, pack, score, to_device
+from sgcd_jax.store import RolloutStore
 from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
 ChatRenderer = integration.ChatAdapter
@@ -150,10 +151,45 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
 
 
 # ----------------------------------------------------------------------------- one iteration
+def open_rollout_store(config: TrainConfig) -> RolloutStore | None:
+    """This process's sub-store under ``run_dir/rollouts`` (None when ``run.store_rollouts`` is off)."""
+    if not config.run.store_rollouts:
+        return None
+    return RolloutStore(f"{config.run_dir}/rollouts", jax.process_index())
+
+
+def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[Trajectory], batch,
+                    features: dict, teacher_logprobs, reverse_kl, credit, advantages, rewards: np.ndarray,
+                    config: TrainConfig) -> None:
+    """Append one scored iteration: exactly the arrays the credit function saw (so
+    ``python -m sgcd_jax.rescore --require_exact`` reproduces the weights) plus tokens and rewards.
+    An iteration already stored (a resumed run re-running the iteration it crashed in) is skipped:
+    exact resume recomputes the same values."""
+    if iteration in store.iterations:
+        return
+    n = len(trajectories)
+    h = lambda x: distributed.fully_replicated_host_copy(x)[:n]  # noqa: E731  [rows, ...] → [n, ...]
+    rows = int(batch.tokens.shape[0])
+    tokens = {"token_ids": h(batch.tokens)[:, 1:], "loss_mask": h(batch.target_mask), "step_ids": h(batch.step_ids),
+              "sampler_logprobs": h(batch.sampler_logprobs), "student_logprobs": h(features["student_logprobs"]),
+              "teacher_logprobs": h(teacher_logprobs), "reverse_kl": h(reverse_kl),
+              "entropy": h(features["student_entropy"]), "credit_weights": h(credit.weights),
+              "token_advantages": h(credit.token_advantages)}
+    store.append(iteration, task_ids=[t.task_id for t in trajectories], group_ids=[t.group_id for t in trajectories],
+                 lengths=h(batch.token_mask)[:, 1:].sum(1), tokens=tokens, rewards=rewards[:n],
+                 advantages=h(advantages.advantages),
+                 prompt_lens=[t.prompt_len for t in trajectories],
+                 sample_indices=[t.sample_index for t in trajectories],
+                 attrs={"credit_fn": "credit/sgcd" if config.loss.credit != "none" else "credit/none",
+                        "credit_config": dataclasses.asdict(credit_config(config.loss)), "step": iteration,
+                        "padded_rows": rows})
+
+
 def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarray | None], learner: Learner,
-                     ref_model, config: TrainConfig, iteration: int, pad_id: int) -> tuple[dict, dict]:
-    """Pack → jitted score pass → advantages → credit weights → jitted update. Returns metrics and
-    per-row host arrays (weights, advantages) for the report."""
+                     ref_model, config: TrainConfig, iteration: int, pad_id: int,
+                     store: RolloutStore | None = None) -> tuple[dict, dict]:
+    """Pack → jitted score pass → advantages → credit weights → (store) → jitted update. Returns
+    metrics and per-row host arrays (weights, advantages) for the report."""
     timings = {}
     start = time.perf_counter()
     micro = config.optim.micro_batch_size
@@ -180,12 +216,17 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                               norm_by_std=config.loss.norm_by_std)
     advantages = _advantages(jnp.asarray(rewards), jnp.asarray(group_ids), batch.row_valid > 0, adv_cfg)
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
+    reverse_kl = features.get("reverse_kl", jnp.zeros_like(batch.target_mask))  # no teacher: q_T = p_S, KL = 0
     credit = _credit(CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
                                  teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
-                                 step_ids=batch.step_ids,
-                                 reverse_kl=features.get("reverse_kl", jnp.zeros_like(batch.target_mask)),
+                                 step_ids=batch.step_ids, reverse_kl=reverse_kl,
                                  entropy=features.get("student_entropy")),
                      credit_config(config.loss), iteration, config.loss.credit != "none")
+    if store is not None:
+        start_store = time.perf_counter()
+        store_iteration(store, iteration, trajectories, batch, features, teacher_logprobs, reverse_kl, credit,
+                        advantages, rewards, config)
+        timings["time/store_s"] = time.perf_counter() - start_store
     inputs = StepInputs(batch=batch, token_advantages=credit.token_advantages,
                         old_logprobs=features["student_logprobs"],
                         ref_logprobs=features.get("ref_logprobs", jnp.zeros_like(batch.target_mask)),
@@ -207,7 +248,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
 
 
 def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
-              rng: jax.Array, config: TrainConfig, counters: Counters) -> tuple[dict, list]:
+              rng: jax.Array, config: TrainConfig, counters: Counters,
+              store: RolloutStore | None = None) -> tuple[dict, list]:
     """One RL iteration; returns (metrics, report samples)."""
     started = time.perf_counter()
     tasks = stream.next_tasks(config.rollout.tasks_per_iteration)
@@ -235,7 +277,8 @@ def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_f
                                                                       tools_by_task)
             metrics.update(annotation_metrics)
             metrics["time/teacher_context_s"] = time.perf_counter() - start
-        update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, index, chat.pad_id)
+        update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, index, chat.pad_id,
+                                               store)
         counters.updates += 1
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
