@@ -133,7 +133,7 @@ class CreditSpec:
     max_oversample_rounds: int = 0
     gemini_model: str = "gemini-2.5-flash"
     cache_dir: str = ""  # "" = run_dir/annotation_cache
-    async_annotation: bool = True
+    async_annotation: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1 (train.py)
     timeout_s: float = 60.0
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
 

@@ -96,12 +96,40 @@ def train(config: TrainConfig) -> dict[str, Any]:
     progress.phase("iterations", config.run.num_iterations)
     iteration = start_iteration
     eval_result: dict[str, float] = {}
+    pipelined = _check_pipelining(config) and annotator is not None
+    pending: parts.Rolled | None = None  # rolled out, annotation in flight, not yet scored/updated
+    last_finish = time.perf_counter()
+
+    def boundary(step: int) -> bool:
+        """After update ``step`` the run evaluates / checkpoints / stops: nothing may be in flight."""
+        return (step >= config.run.num_iterations or bool(config.run.checkpoint_every and step % config.run.checkpoint_every == 0)
+                or bool(config.run.eval_every and step % config.run.eval_every == 0)
+                or bool(config.run.stop_after_iterations and step - start_iteration >= config.run.stop_after_iterations))
+
+    def roll(index: int) -> parts.Rolled:
+        nonlocal rng
+        rng, rollout_key = jax.random.split(rng)
+        return parts.rollout_phase(index, learner, stream, env_factory, chat, annotator, rollout_key, config, counters)
+
+    def finish(rolled: parts.Rolled) -> tuple[dict[str, float], list]:
+        nonlocal iteration, last_finish
+        metrics, samples = parts.update_phase(rolled, learner, ref_model, env_factory, chat, annotator, config,
+                                              counters, store, sampler_is_old=counters.updates != rolled.updates_at_rollout)
+        now = time.perf_counter()
+        metrics["time/iteration_s"] = now - max(last_finish, rolled.started)
+        last_finish = now
+        iteration += 1
+        return metrics, samples
+
     try:
         while iteration < config.run.num_iterations:
-            rng, rollout_key = jax.random.split(rng)
-            metrics, samples = parts.iteration(iteration, learner, ref_model, stream, env_factory, chat,
-                                               annotator, rollout_key, config, counters, store)
-            iteration += 1
+            if pending is None:
+                pending = roll(iteration)
+            ahead = None
+            if pipelined and not boundary(iteration + 1) and not preemption.requested:
+                ahead = roll(iteration + 1)  # its annotation runs while `pending` is scored and updated
+            metrics, samples = finish(pending)
+            pending = ahead
             if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
                 eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
                 logger.log(iteration, eval_result, phase="eval")
@@ -116,6 +144,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
                              f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
             stop_now = preemption.requested or (config.run.stop_after_iterations and
                                                 iteration - start_iteration >= config.run.stop_after_iterations)
+            if stop_now and pending is not None:  # preempted with a batch in flight: drain it first
+                metrics, samples = finish(pending)
+                pending = None
+                logger.log(iteration, {**metrics, **counters.as_metrics()})
             if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
                 checkpointer.save(iteration, {**learner.state(), "rng": rng},
                                   parts.meta(iteration, stream, counters, best_eval), force=True)
@@ -146,6 +178,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
         from sgcd_jax.report import build_report
         summary["report"] = build_report([run_dir])
     return summary
+
+
+def _check_pipelining(config: TrainConfig) -> bool:
+    """``credit.async_annotation``: iteration k's annotation runs during rollout k+1 and update k
+    happens after it, so update k is one policy step off its samples; the PPO ratio then uses the
+    sampler's log-probs, which are π_old only for plain sampling."""
+    if not config.credit.async_annotation:
+        return False
+    if config.rollout.temperature != 1.0 or config.rollout.top_p < 1.0:
+        raise config_lib.ConfigError(
+            f"credit.async_annotation=True needs rollout.temperature=1 and rollout.top_p=1 (got "
+            f"{config.rollout.temperature}, {config.rollout.top_p}): the delayed update uses the sampler's "
+            "log-probs as π_old. Set credit.async_annotation=False or sample plainly.")
+    return True
 
 
 def parse_args(argv: list[str]) -> TrainConfig:

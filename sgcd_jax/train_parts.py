@@ -118,9 +118,19 @@ def build_annotation_queue(credit: CreditSpec, run_dir: str) -> AsyncAnnotationQ
     return AsyncAnnotationQueue(annotator, max_workers=4)
 
 
+def submit_annotation(groups, config: TrainConfig, annotator) -> list[str] | None:
+    """Start annotating the mixed groups (SGCD-style credit only); returns the submitted group ids."""
+    if annotator is None or not config.loss.needs_teacher or (config.loss.sdpo_coef > 0 and config.loss.credit == "none"):
+        return None
+    mixed = [g for g in groups if g.is_mixed]
+    return annotator.submit(mixed) if mixed else []
+
+
 def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
-                    chat: "integration.ChatAdapter", counters: Counters, tools_by_task: dict) -> tuple[list, dict, dict]:
-    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references."""
+                    chat: "integration.ChatAdapter", counters: Counters, tools_by_task: dict,
+                    submitted: list[str] | None = None) -> tuple[list, dict, dict]:
+    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references.
+    ``submitted``: group ids already handed to the queue (``submit_annotation``); None = submit now."""
     metrics: dict[str, float] = {}
     references: dict[str, Any] = {}
     if config.loss.sdpo_coef > 0 and config.loss.credit == "none":  # SDPO: a successful sibling's demo
@@ -130,9 +140,10 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
             for traj, row in zip(group.trajectories, rows):
                 by_key[(traj.group_id, traj.sample_index)] = row
     else:
-        mixed = [g for g in groups if g.is_mixed]
+        if submitted is None:
+            submitted = submit_annotation(groups, config, annotator)
         start = time.perf_counter()
-        results = annotator.collect(annotator.submit(mixed), timeout_s=config.credit.timeout_s) if mixed else {}
+        results = annotator.collect(submitted, timeout_s=config.credit.timeout_s) if submitted else {}
         metrics["time/annotation_wait_s"] = time.perf_counter() - start
         references = {gid: r.reference for gid, r in results.items()}
         missing = sum(r.reference is None for r in results.values())
@@ -187,9 +198,13 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
 
 def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarray | None], learner: Learner,
                      ref_model, config: TrainConfig, iteration: int, pad_id: int,
-                     store: RolloutStore | None = None) -> tuple[dict, dict]:
+                     store: RolloutStore | None = None, sampler_is_old: bool = False) -> tuple[dict, dict]:
     """Pack → jitted score pass → advantages → credit weights → (store) → jitted update. Returns
-    metrics and per-row host arrays (weights, advantages) for the report."""
+    metrics and per-row host arrays (weights, advantages) for the report.
+
+    ``sampler_is_old``: the samples came from an earlier policy than the one being updated (the
+    one-step-delayed pipeline), so the PPO ratio's π_old is the sampler's log-probs stored in the
+    trajectories, not the current policy's scoring pass."""
     timings = {}
     start = time.perf_counter()
     micro = config.optim.micro_batch_size
@@ -228,7 +243,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                         advantages, rewards, config)
         timings["time/store_s"] = time.perf_counter() - start_store
     inputs = StepInputs(batch=batch, token_advantages=credit.token_advantages,
-                        old_logprobs=features["student_logprobs"],
+                        old_logprobs=batch.sampler_logprobs if sampler_is_old else features["student_logprobs"],
                         ref_logprobs=features.get("ref_logprobs", jnp.zeros_like(batch.target_mask)),
                         teacher_logprobs=teacher_logprobs)
     metrics = {k: float(v) for k, v in jax.device_get({**advantages.metrics, **credit.metrics}).items()}
@@ -247,10 +262,24 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     return {**metrics, **timings}, host
 
 
-def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
-              rng: jax.Array, config: TrainConfig, counters: Counters,
-              store: RolloutStore | None = None) -> tuple[dict, list]:
-    """One RL iteration; returns (metrics, report samples)."""
+@dataclasses.dataclass
+class Rolled:
+    """An iteration between its rollout and its update: trajectories, selected groups, the
+    annotation already submitted to the queue, and the rollout-side metrics."""
+
+    index: int
+    tasks: list
+    groups: list
+    kept: list[Trajectory]
+    metrics: dict[str, float]
+    submitted: list[str] | None
+    started: float
+    updates_at_rollout: int  # counters.updates when sampled: differs at update time ⇒ off-policy by a step
+
+
+def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory, chat, annotator, rng: jax.Array,
+                  config: TrainConfig, counters: Counters) -> Rolled:
+    """Rollouts (G siblings per task) → verifier rewards → sibling selection → submit annotation."""
     started = time.perf_counter()
     tasks = stream.next_tasks(config.rollout.tasks_per_iteration)
     start = time.perf_counter()
@@ -266,24 +295,46 @@ def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_f
     metrics = {**episode_metrics(trajectories, config.credit.success_threshold), **selection.stats.as_metrics(),
                "time/rollout_s": rollout_s,
                "throughput/rollout_tokens_per_s": sum(int(t.loss_mask.sum()) for t in trajectories) / max(rollout_s, 1e-9)}
+    submitted = submit_annotation(groups, config, annotator) if kept else None
+    return Rolled(index, tasks, groups, kept, metrics, submitted, started, counters.updates)
+
+
+def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat, annotator, config: TrainConfig,
+                 counters: Counters, store: RolloutStore | None = None,
+                 sampler_is_old: bool = False) -> tuple[dict, list]:
+    """Collect annotation → teacher contexts → score → credit → update; returns (metrics, samples)."""
+    metrics = dict(rolled.metrics)
     samples: list = []
+    update_started = time.perf_counter()
+    kept = rolled.kept
     if kept:
         prompts: list = [None] * len(kept)
         references: dict = {}
         if config.loss.needs_teacher:
             start = time.perf_counter()
-            tools_by_task = {t.task_id: chat.tools_for(env_factory, t) for t in tasks}
-            prompts, annotation_metrics, references = teacher_prompts(kept, groups, config, annotator, chat, counters,
-                                                                      tools_by_task)
+            tools_by_task = {t.task_id: chat.tools_for(env_factory, t) for t in rolled.tasks}
+            prompts, annotation_metrics, references = teacher_prompts(kept, rolled.groups, config, annotator, chat,
+                                                                      counters, tools_by_task, rolled.submitted)
             metrics.update(annotation_metrics)
             metrics["time/teacher_context_s"] = time.perf_counter() - start
-        update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, index, chat.pad_id,
-                                               store)
+        update_metrics, host = score_and_update(kept, prompts, learner, ref_model, config, rolled.index, chat.pad_id,
+                                               store, sampler_is_old)
         counters.updates += 1
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
         samples = report_samples(kept, host, references, chat)
-    metrics["time/iteration_s"] = time.perf_counter() - started
+    metrics["time/update_phase_s"] = time.perf_counter() - update_started
+    return metrics, samples
+
+
+def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
+              rng: jax.Array, config: TrainConfig, counters: Counters,
+              store: RolloutStore | None = None) -> tuple[dict, list]:
+    """One synchronous RL iteration (rollout, then wait for annotation, then update); returns
+    (metrics, report samples)."""
+    rolled = rollout_phase(index, learner, stream, env_factory, chat, annotator, rng, config, counters)
+    metrics, samples = update_phase(rolled, learner, ref_model, env_factory, chat, annotator, config, counters, store)
+    metrics["time/iteration_s"] = time.perf_counter() - rolled.started
     return metrics, samples
 
 
