@@ -55,6 +55,8 @@ class AirlineLiteEnv(ToolConversation):
         difficulty = task.payload["difficulty"]
         self.db = CowDB(generate_db(task.payload["db_seed"], task.payload["db_split"]))
         self.tools = AirlineTools(self.db, now=NOW, names=frozenset(TOOLS[difficulty]))
+        if difficulty == "easy":
+            self.tools = _BriefTools(self.tools)
         self.user = ScriptedUser({"opening": task.payload["opening"], "stop_on_any_reply": True},
                                  max_turns=self.max_turns)
         return SYSTEM_PROMPT, lite_tool_schemas(TOOLS[difficulty])
@@ -100,6 +102,27 @@ class AirlineLiteEnv(ToolConversation):
             out[f"{action['name']}({_args_text(action['arguments'])})"] = \
                 _call_key(action["name"], action["arguments"]) in done
         return out
+
+
+# "easy" shows only the record fields its tasks need (short observations for tiny CPU models); the DB,
+# the tools' effects and the verifier are unchanged.
+EASY_FIELDS = {"get_user_details": ("user_id", "membership", "reservations"),
+               "get_reservation_details": ("reservation_id", "user_id", "cabin", "insurance", "status"),
+               "cancel_reservation": ("reservation_id", "status")}
+
+
+class _BriefTools:
+    def __init__(self, tools: AirlineTools):
+        self.inner = tools
+
+    def call(self, name: str, arguments: Any) -> tuple[Any, str]:
+        result, error = self.inner.call(name, arguments)
+        if not error and name in EASY_FIELDS and isinstance(result, dict):
+            result = {k: result[k] for k in EASY_FIELDS[name] if k in result}
+        return result, error
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
 
 
 def _call_key(name: str, arguments: Any) -> str:
