@@ -35,6 +35,7 @@ def get_config():
     cfg.rollout.max_total_tokens = 16384
     cfg.rollout.temperature = 1.0
     cfg.credit.annotator = "gemini"
+    cfg.credit.async_annotation = True  # Gemini latency overlaps the next rollout (one-step-stale update)
     cfg.credit.gemini_model = "gemini-2.5-flash"
     cfg.credit.non_mixed_groups = "drop"
     cfg.credit.max_oversample_rounds = 2

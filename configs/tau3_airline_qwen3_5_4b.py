@@ -41,6 +41,7 @@ def get_config():
     cfg.rollout.max_total_tokens = 16384
     cfg.rollout.temperature = 1.0
     cfg.credit.annotator = "gemini"
+    cfg.credit.async_annotation = True  # Gemini latency overlaps the next rollout (one-step-stale update)
     cfg.credit.max_oversample_rounds = 2
     cfg.credit.reference_tokens = 1024
     cfg.loss.credit = "sgcd"

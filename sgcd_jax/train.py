@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from sgcd_jax import config as config_lib
+from sgcd_jax import distributed
 from sgcd_jax import train_parts as parts
 from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
@@ -45,12 +46,24 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NullLogger:
+    """Metrics sink of non-main processes (only process 0 writes metrics files)."""
+
+    def log(self, step: int, metrics: dict, phase: str = "train") -> None:  # noqa: ARG002
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the run dir, report path and final eval."""
     run_dir = config.run_dir
-    config_lib.save_resolved(config, run_dir)
-    progress = Progress(config.run.progress)
     process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    if is_main:
+        config_lib.save_resolved(config, run_dir)
+    progress = Progress(config.run.progress and is_main)
 
     # ---- world: env, tasks, model, tokenizer, chat renderer
     env_factory = parts.build_env(config.env)
@@ -84,8 +97,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         progress.print(f"SFT warm-up: {sft_metrics}")
     # KL reference = the policy RL starts from (after SFT), saved once so a resumed run uses the same one.
     ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
-    logger = MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
-                           resume_step=start_iteration + 1 if latest is not None else None)
+    logger = (MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
+                            resume_step=start_iteration + 1 if latest is not None else None) if is_main else _NullLogger())
     if latest is None:
         checkpointer.save(0, {**learner.state(), "rng": rng}, parts.meta(0, stream, counters, best_eval),
                           force=True)
@@ -130,6 +143,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ahead = roll(iteration + 1)  # its annotation runs while `pending` is scored and updated
             metrics, samples = finish(pending)
             pending = ahead
+            if process_count > 1:  # job-wide means (every process must log the same keys)
+                metrics = distributed.reduce_metrics(metrics)
             if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
                 eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
                 logger.log(iteration, eval_result, phase="eval")
@@ -138,7 +153,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     checkpointer.save_best(iteration, {**learner.state(), "rng": rng},
                                            parts.meta(iteration, stream, counters, best_eval), best_eval)
             logger.log(iteration, {**metrics, **counters.as_metrics()})
-            if samples:
+            if samples and is_main:
                 parts.write_samples(run_dir, samples)
             progress.advance("iterations", iteration,
                              f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
@@ -147,6 +162,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if stop_now and pending is not None:  # preempted with a batch in flight: drain it first
                 metrics, samples = finish(pending)
                 pending = None
+                if process_count > 1:
+                    metrics = distributed.reduce_metrics(metrics)
                 logger.log(iteration, {**metrics, **counters.as_metrics()})
             if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
                 checkpointer.save(iteration, {**learner.state(), "rng": rng},
@@ -174,7 +191,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary = {"run_dir": run_dir, "iteration": iteration, "preempted": False, "eval": eval_result}
     if config.run.export_hf:
         summary["export_dir"] = parts.export(learner.model(), tokenizer, os.path.join(run_dir, "export"))
-    if config.run.report:
+    if config.run.report and is_main:
         from sgcd_jax.report import build_report
         summary["report"] = build_report([run_dir])
     return summary
@@ -219,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_args(argv)
     except config_lib.ConfigError as err:
         sys.exit(f"config error: {err}")
+    distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
     summary = train(config)
     elapsed = time.time() - started

@@ -120,7 +120,11 @@ def test_pipelined_stop_at_checkpoint_then_resume_matches_uninterrupted(tmp_path
     stopped = run(tmp_path, "stopped", **extra, **{"run.stop_after_iterations": 2})
     assert [r["step"] for r in train_records(stopped)] == [1, 2]
     run(tmp_path, "stopped", **extra)
-    assert comparable(train_records(stopped)) == comparable(full)
+    # annotator/* are the queue's cumulative stats: in the pipelined loop they depend on whether the
+    # next iteration's annotation already finished when this one is logged (thread timing)
+    strip = lambda records: [{k: v for k, v in r.items() if not k.startswith("annotator/")}  # noqa: E731
+                             for r in comparable(records)]
+    assert strip(train_records(stopped)) == strip(full)
 
 
 def test_pipelining_refuses_tempered_sampling(tmp_path):
