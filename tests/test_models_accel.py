@@ -104,16 +104,16 @@ def test_causal_blocked_attention_equals_full_square(steps, blocks):
 
 
 def test_decoder_uses_blocked_attention_on_long_chunks_and_matches_cache_path():
-    """T=130 → 2 blocks: the no-cache forward still equals the cached (prefill) forward on real tokens."""
-    from sgcd_jax.models.decoder import causal_blocks
-    assert causal_blocks(130) == 2 and causal_blocks(63) == 1 and causal_blocks(4096) == 8
+    """T=259 → 2 uneven blocks: the no-cache forward still equals the cached (prefill) forward on real tokens."""
+    from sgcd_jax.models.decoder import CAUSAL_MAX_BLOCKS, causal_blocks
+    assert causal_blocks(259) == 2 and causal_blocks(255) == 1 and causal_blocks(1 << 16) == CAUSAL_MAX_BLOCKS
     cfg = tiny_config()
     model = Decoder(cfg, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(6), (2, 130), 0, cfg.vocab_size)
-    positions = jnp.broadcast_to(jnp.arange(130), (2, 130))
-    mask = jnp.arange(130)[None, :] < jnp.array([[130], [101]])
+    tokens = jax.random.randint(jax.random.key(6), (2, 259), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(259), (2, 259))
+    mask = jnp.arange(259)[None, :] < jnp.array([[259], [201]])
     full = model(tokens, positions, mask)[0]
-    cached = model(tokens, positions, mask, KVCache.init(cfg, 2, 130))[0]
+    cached = model(tokens, positions, mask, KVCache.init(cfg, 2, 259))[0]
     np.testing.assert_allclose(masked(full, mask), masked(cached, mask), atol=1e-5)
 
 

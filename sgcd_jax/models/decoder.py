@@ -91,8 +91,10 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     return out.reshape(batch, steps, num_heads, head_dim)
 
 
-CAUSAL_BLOCK_MIN_ROWS = 64  # query rows per block of causal_blocked_attention (smaller blocks: matmuls too thin)
-CAUSAL_MAX_BLOCKS = 8  # more blocks save little and unroll more ops per layer (compile time)
+CAUSAL_BLOCK_MIN_ROWS = 128  # query rows per block of causal_blocked_attention (smaller blocks: matmuls too thin)
+# Each block unrolls its own ops per layer: SmolLM2 (30 layers) T=512 fwd+bwd compiles in 7 s plain, 12 s with 2
+# blocks, 19 s with 4, 36 s with 8, for 37% / 45% / 53% less attention time (2-core CPU). 2 is the default trade.
+CAUSAL_MAX_BLOCKS = 2
 
 
 def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, blocks: int) -> jax.Array:
