@@ -145,14 +145,22 @@ def demo_trajectory(demo: dict[str, Any], chat: ChatAdapter, task_id: str = "dem
                       prompt_len=prompt_len, messages=list(messages), steps=[], reward=float(demo.get("reward", 1.0)))
 
 
+def demo_split(train_split: str) -> str:
+    """The split SFT demonstrations come from: its own tasks and DB entities (airline_lite generates any
+    split name), so RL on ``train_split`` starts on tasks the warm-up never showed — success there
+    measures what SFT taught (reading ids), not what it memorised, and leaves RL something to improve."""
+    return f"{train_split}-sft-demos"
+
+
 def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConfig) -> list[Trajectory]:
-    """Oracle demonstrations (airline_lite) for the SFT warm-up, truncated to the rollout budget."""
+    """Oracle demonstrations (airline_lite, split ``demo_split``) for the SFT warm-up, truncated to the
+    rollout budget."""
     if config.env.name != "airline_lite":
         raise ValueError(f"sft.enabled needs demonstrations; only airline_lite has an oracle, env is "
                          f"{config.env.name!r}: set --config.sft.enabled=False")
     from sgcd_jax.envs.airline_lite import oracle_demos
 
-    demos = oracle_demos(env_factory, config.env.train_split, config.sft.num_demos)
+    demos = oracle_demos(env_factory, demo_split(config.env.train_split), config.sft.num_demos)
     out = [demo_trajectory(d, chat, d.get("task_id", str(i))) for i, d in enumerate(demos) if d["reward"] >= 1.0]
     return [t for t in out if len(t.token_ids) <= config.rollout.max_total_tokens]
 

@@ -88,7 +88,8 @@ def test_demos_equal_rollout_engine_rendering(world):
     config, env_factory, _, _, chat = world
     demos = integration.demonstrations(env_factory, chat, config)
     assert len(demos) == 8 and all(len(d.token_ids) <= config.rollout.max_total_tokens for d in demos)
-    by_id = {t.task_id: t for t in env_factory.tasks(config.env.train_split)}
+    by_id = {t.task_id: t for t in env_factory.tasks(integration.demo_split(config.env.train_split))}
+    assert not set(by_id) & {t.task_id for t in env_factory.tasks(config.env.train_split)}
     tasks = [by_id[d.task_id] for d in demos]
     engine = RolloutEngine(ReplayDemo(dict(enumerate(demos))), chat.renderer, RolloutConfig(
         max_turns=config.env.max_turns, max_tokens_per_turn=config.rollout.max_new_tokens,
