@@ -52,4 +52,5 @@ def get_config():
     cfg.sft.batch_size = 8
     cfg.sft.learning_rate = 3e-3
     cfg.eval.num_tasks = 32
+    cfg.eval.at_start = True  # step-0 eval of the post-SFT policy: the baseline RL must beat
     return cfg

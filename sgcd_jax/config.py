@@ -248,6 +248,7 @@ class EvalSpec:
     num_tasks: int = 16
     trials: int = 1
     temperature: float = 0.0
+    at_start: bool = False  # also evaluate the fresh (post-SFT) policy as the step-0 baseline
 
     def __post_init__(self):
         _check(self.num_tasks >= 1 and self.trials >= 1, "eval.num_tasks and eval.trials must be >= 1")

@@ -100,6 +100,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     logger = (MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
                             resume_step=start_iteration + 1 if latest is not None else None) if is_main else _NullLogger())
     if latest is None:
+        if config.eval.at_start:  # the baseline the RL curve is read against
+            logger.log(0, parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config), phase="eval")
         checkpointer.save(0, {**learner.state(), "rng": rng}, parts.meta(0, stream, counters, best_eval),
                           force=True)
 
