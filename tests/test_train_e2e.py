@@ -52,7 +52,8 @@ def test_tiny_sgcd_run_every_phase_then_kill9_resume_matches(tmp_path):
     for key in ("reward_mean", "success_rate", "selection/groups", "loss", "grad_norm", "time/rollout_s",
                 "time/score_s", "time/update_s", "credit/weight_mean", "count/episodes"):
         assert key in first, key
-    assert [r["step"] for r in records if r["phase"] == "eval"] == [2, 3]
+    baseline = [0] if cfg.eval.at_start else []  # step-0 eval of the post-SFT policy
+    assert [r["step"] for r in records if r["phase"] == "eval"] == baseline + [2, 3]
     assert os.path.exists(summary["report"]) and "Token credit heatmaps" in open(summary["report"]).read()
     assert json.load(open(os.path.join(run_dir, "config.json")))["loss"]["credit"] == "sgcd"
 
