@@ -31,12 +31,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tp: int = 1
-    # Multi-host: set coordinator_address (host:port of process 0), num_processes, process_id; or
-    # auto_initialize=True on TPU pods / SLURM where jax.distributed.initialize() discovers them itself.
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    auto_initialize: bool = False
+    # Joining a multi-host job is sgcd_jax.distributed.initialize()'s job (timeouts, SLURM/TPU discovery).
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tp)
@@ -54,15 +49,6 @@ class MeshConfig:
             raise ValueError(f"mesh (data, fsdp, tp)={tuple(sizes)} needs {math.prod(sizes)} devices, "
                              f"but {num_devices} are available; use -1 for one axis to take the rest")
         return tuple(sizes)
-
-
-def initialize_distributed(cfg: MeshConfig) -> None:
-    """Call jax.distributed.initialize when the config asks for multi-host; a no-op otherwise."""
-    if cfg.coordinator_address is not None:
-        jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                                   num_processes=cfg.num_processes, process_id=cfg.process_id)
-    elif cfg.auto_initialize:
-        jax.distributed.initialize()
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
