@@ -219,3 +219,21 @@ def test_chat_generate_renders_messages_and_strips_end_of_turn(renderer):
     messages = [{"role": "system", "content": "You are a customer."}, {"role": "user", "content": "Hello"}]
     assert engine.generate(messages) == ANSWER
     assert policy.fed[-1]["generate"] == [renderer.prompt_ids(messages, None)]
+
+
+def test_episode_tokens_depend_on_task_slot_not_on_batch(renderer):
+    """Multi-host rollouts: host A runs slot 0, host B slot 1; together they sample what one host
+    running both slots samples (per-episode keys from (rng, slot, sibling))."""
+    cfg = ModelConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_position_embeddings=4096)
+    sampler = Sampler(Decoder(cfg, rngs=nnx.Rngs(1)), params=SamplingParams(temperature=1.0),
+                      stop_token_ids=renderer.stop_token_ids(), decode_steps_per_chunk=8, min_cache_len=512)
+    config = RolloutConfig(max_turns=2, max_tokens_per_turn=6)
+    tasks = [Task("a", "weather"), Task("b", "weather")]
+    rng = jax.random.key(11)
+    both = RolloutEngine(sampler, renderer, config).run(tasks, Factory(), group_size=2, rng=rng)
+    split = (RolloutEngine(sampler, renderer, config).run(tasks[1:], Factory(), 2, rng, task_slots=[1])
+             + RolloutEngine(sampler, renderer, config).run(tasks[:1], Factory(), 2, rng, task_slots=[0]))
+    by_key = {(t.task_id, t.sample_index): t.token_ids.tolist() for t in split}
+    assert {(t.task_id, t.sample_index): t.token_ids.tolist() for t in both} == by_key
+    assert both[0].token_ids.tolist() != both[1].token_ids.tolist()  # siblings differ

@@ -21,6 +21,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 from sgcd_jax.envs.base import AgentAction, EnvFactory, EnvReset, Task
 from sgcd_jax.rollout.episode import EnvCallError, Episode, checked_env_step, wait_result
@@ -87,10 +88,18 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ public
     def run(self, tasks: Sequence[Task], env_factory: EnvFactory, group_size: int,
-            rng: jax.Array) -> list[Trajectory]:
-        """G = group_size sibling episodes per task → trajectories ordered task-major, sibling-minor."""
+            rng: jax.Array, task_slots: Sequence[int] | None = None) -> list[Trajectory]:
+        """G = group_size sibling episodes per task → trajectories ordered task-major, sibling-minor.
+
+        Sampling keys are per episode: fold_in(fold_in(rng, slot), sibling), then per turn and token
+        position, where ``task_slots[t]`` (default t) names task t's place in the job-wide batch. An
+        episode's tokens thus depend only on (rng, slot, sibling), not on which episodes share this
+        call: a multi-host rollout (each host its slots) samples exactly what one host would."""
         if group_size <= 0:
             raise ValueError(f"group_size must be positive, got {group_size}")
+        slots = list(range(len(tasks))) if task_slots is None else [int(s) for s in task_slots]
+        if len(slots) != len(tasks) or len(set(slots)) != len(slots):
+            raise ValueError(f"task_slots must give one distinct slot per task, got {slots} for {len(tasks)} tasks")
         self._runs += 1
         started = time.monotonic()
         cfg = self.config
@@ -99,11 +108,13 @@ class RolloutEngine:
             episodes = [Episode(key=(t, g), task=task, group_id=f"{task.task_id}/run{self._runs}")
                         for t, task in enumerate(tasks) for g in range(group_size)]
             self._reset_all(episodes, env_factory, pool)
+            episode_keys = _episode_keys(rng, slots, group_size)  # [tasks * G], task-major
             session = self.generator.session()
             turn = 0
             while live := [e for e in episodes if not e.done]:
-                rng, turn_key = jax.random.split(rng)
-                self._generate_turn(session, live, turn_key)
+                turn_keys = _turn_keys(episode_keys, [len(e.steps) for e in episodes])  # [tasks * G]
+                self._generate_turn(session, live, {e.key: turn_keys[e.key[0] * group_size + e.key[1]]
+                                                    for e in live})
                 self._step_envs([e for e in live if not e.done], pool)
                 turn += 1
             session.step({}, max_new_tokens=0, rng=rng)  # release the cache
@@ -156,7 +167,7 @@ class RolloutEngine:
             if len(prompt) >= self.config.max_total_tokens:
                 episode.finish("max_tokens", f"prompt has {len(prompt)} tokens >= max_total_tokens")
 
-    def _generate_turn(self, session: TurnSession, live: list[Episode], rng: jax.Array) -> None:
+    def _generate_turn(self, session: TurnSession, live: list[Episode], rng: jax.Array | dict) -> None:
         cfg = self.config
         budgets = {e.key: min(cfg.max_tokens_per_turn, cfg.max_total_tokens - len(e.token_ids)) for e in live}
         started = time.monotonic()
@@ -253,3 +264,25 @@ class RolloutEngine:
         if ids and ids[-1] in self.stop_token_ids:
             ids = ids[:-1]
         return self.renderer.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@jax.jit
+def _episode_keys_impl(rng: jax.Array, slots: jax.Array, siblings: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s, g: jax.random.fold_in(jax.random.fold_in(rng, s), g))(slots, siblings)
+
+
+def _episode_keys(rng: jax.Array, slots: Sequence[int], group_size: int) -> jax.Array:
+    """[len(slots) * group_size] keys, task-major: episode (t, g) ← fold_in(fold_in(rng, slots[t]), g)."""
+    slot_of = np.repeat(np.asarray(slots, np.int32), group_size)
+    sibling = np.tile(np.arange(group_size, dtype=np.int32), len(slots))
+    return _episode_keys_impl(rng, slot_of, sibling)
+
+
+@jax.jit
+def _turn_keys_impl(episode_keys: jax.Array, turns: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in)(episode_keys, turns)
+
+
+def _turn_keys(episode_keys: jax.Array, turns: list[int]) -> list[jax.Array]:
+    """One key per episode for this turn: fold_in(episode key, the episode's own turn index)."""
+    return list(_turn_keys_impl(episode_keys, np.asarray(turns, np.int32)))

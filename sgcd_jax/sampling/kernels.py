@@ -44,8 +44,13 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
     and cached: it ends the assistant turn) or when `remaining` hits 0. The loop exits early once no
     row is active. Returns (cache, next_logits, active, remaining, key, tokens [B,num_steps] int32,
     logprobs [B,num_steps] float32, num_generated [B] int32).
+
+    key: one key (split into per-row keys here) or per-row keys [B]. Row b's token at cache slot s is
+    sampled with fold_in(key[b], s): a row's random stream depends only on its own key and position,
+    never on the batch it shares, the chunking of the decode loop or the row's place in the batch.
     """
     batch = active.shape[0]
+    row_keys = jax.random.split(key, batch) if key.ndim == 0 else key  # [B]
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 
     def cond(carry):
@@ -54,8 +59,8 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
 
     def body(carry):
         step, cache, logits, active, remaining, key, out_tokens, out_logprobs, num_generated = carry
-        key, sample_key = jax.random.split(key)
-        tokens, logprobs = sample_tokens(logits, sample_key, params)  # [B], [B]
+        sample_keys = jax.vmap(jax.random.fold_in)(row_keys, cache.end)  # [B]: (row, position)
+        tokens, logprobs = sample_tokens(logits, sample_keys, params)  # [B], [B]
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, tokens, 0))
         out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprobs, 0.0))
         model = nnx.merge(graphdef, state)

@@ -82,7 +82,10 @@ def processed_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """Sample one token per row. logits [B, V] → (tokens [B] int32, logprobs [B] float32)."""
+    """Sample one token per row. logits [B, V] → (tokens [B] int32, logprobs [B] float32).
+
+    ``key``: one key for the batch, or keys [B] (one per row: row b's token then depends only on its
+    own key and logits, not on which other rows share the batch — what multi-host rollouts need)."""
     logits = logits.astype(jnp.float32)
     if params.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -92,7 +95,10 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams) -> 
             logprobs = jnp.zeros(tokens.shape, jnp.float32)
         return tokens, logprobs
     final_logits = processed_logits(logits, params)
-    tokens = jax.random.categorical(key, final_logits, axis=-1).astype(jnp.int32)
+    if key.ndim == 1:  # per-row keys
+        tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, final_logits).astype(jnp.int32)
+    else:
+        tokens = jax.random.categorical(key, final_logits, axis=-1).astype(jnp.int32)
     scored = final_logits if params.logprob_mode == "sampled" else logits / params.temperature
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scored, -1), tokens[:, None], -1)[:, 0]
     return tokens, logprobs

@@ -18,7 +18,7 @@ cache rows copied (`KVCache.take_rows`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,8 +135,13 @@ class GenerationSession:
 
     # ------------------------------------------------------------------ public
     def step(self, chunks: dict[Hashable, Sequence[int]], *, max_new_tokens: int | dict[Hashable, int],
-             rng: jax.Array, stop_strings: Sequence[str] = ()) -> dict[Hashable, TurnOutput]:
-        """Append each key's chunk and generate one turn for every key in `chunks`; release the others."""
+             rng: jax.Array | Mapping[Hashable, jax.Array], stop_strings: Sequence[str] = ()
+             ) -> dict[Hashable, TurnOutput]:
+        """Append each key's chunk and generate one turn for every key in `chunks`; release the others.
+
+        ``rng``: one key for the turn, or one key per chunk key (``{key: jax.random.key}``). With
+        per-key keys a row's samples depend only on its own key and token positions — not on which
+        other episodes share the batch (so a multi-host run samples what one host would)."""
         if not chunks:
             self.cache, self.row_keys = None, []
             return {}
@@ -155,6 +160,10 @@ class GenerationSession:
                              "(the observation / generation prompt)")
         append_ids = self._arrange_rows(chunks)
         next_logits = self._append(append_ids)
+        if isinstance(rng, Mapping):
+            missing = [key for key in chunks if key not in rng]
+            if missing:
+                raise ValueError(f"rng has no key for episodes {missing[:3]}: pass one key per chunk key")
         outputs = self._decode(next_logits, budgets, rng, stop_strings)
         if not self.reuse_cache:
             for key, out in outputs.items():
@@ -258,7 +267,8 @@ class GenerationSession:
         self.cache, next_logits = self._run_append(self.cache, append_ids)
         return next_logits
 
-    def _decode(self, next_logits: jax.Array, budgets: dict[Hashable, int], rng: jax.Array,
+    def _decode(self, next_logits: jax.Array, budgets: dict[Hashable, int],
+                rng: jax.Array | Mapping[Hashable, jax.Array],
                 stop_strings: Sequence[str]) -> dict[Hashable, TurnOutput]:
         """Decode one turn for every live row. Rows index self.row_keys; while decoding, the working cache
         holds `work_rows` (original row per position, -1 = padding). When at most half of the working
@@ -274,6 +284,10 @@ class GenerationSession:
         finish = ["length"] * num_rows
         steps = sampler.decode_steps_per_chunk
         work_rows, parked = list(range(num_rows)), []
+        keys_by_row = None  # [num_rows] per-row keys (rows that decode nothing get any key)
+        if isinstance(rng, Mapping):
+            filler = next(iter(rng.values()))
+            keys_by_row = jnp.stack([rng[key] if live[i] else filler for i, key in enumerate(self.row_keys)])
         while active.any():
             if self.park_idle_rows:
                 next_logits, active, remaining, work_rows = self._park_idle_rows(
@@ -281,7 +295,10 @@ class GenerationSession:
             ends = np.asarray(self.cache.end)
             self.cache = sampler.shard_cache(grow_cache(self.cache, next_bucket(int(ends.max()) + steps + 1,
                                                                                 self.cache.max_len)))
-            rng, chunk_key = jax.random.split(rng)
+            if keys_by_row is None:
+                rng, chunk_key = jax.random.split(rng)
+            else:  # the same per-row keys every chunk: decode_chunk folds in each token's position
+                chunk_key = sampler.shard_rows(keys_by_row[np.maximum(np.asarray(work_rows), 0)])
             (self.cache, next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
              num_generated) = decode_chunk(
                 sampler.graphdef, sampler.state, self.cache, next_logits, sampler.shard_rows(jnp.asarray(active)),
