@@ -265,6 +265,104 @@ def global_batch(local_batch: Any, mesh: Mesh, batch_axes: tuple[str, ...] = BAT
     return jax.tree.map(place, local_batch)
 
 
+def global_batch_from_host(full_batch: Any, mesh: Mesh, batch_axes: tuple[str, ...] = BATCH_AXES) -> Any:
+    """Global arrays from a batch every process holds in full (same numpy on every process, e.g. SFT
+    demonstrations): each device takes its own rows, nothing crosses processes."""
+    axes = tuple(a for a in batch_axes if a in mesh.shape)
+
+    def place(leaf: Any) -> jax.Array:
+        leaf = np.asarray(leaf)
+        sharding = NamedSharding(mesh, PartitionSpec(axes, *([None] * (leaf.ndim - 1))))
+        return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+    return jax.tree.map(place, full_batch)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put ``tree`` (values identical on every process, e.g. a seeded model init) on ``shardings``.
+    One process: ``jax.device_put``; several: each device gets its slice of the host value."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(leaf: Any, sharding: NamedSharding) -> jax.Array:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf if leaf.sharding == sharding else jax.jit(lambda x: x, out_shardings=sharding)(leaf)
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def replicated(tree: Any, mesh: Mesh) -> Any:
+    """Place host values / single-device arrays (the same on every process) replicated on ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(jax.make_array_from_callback(data.shape, sharding, lambda i: data[i]),
+                                            impl=jax.random.key_impl(leaf))
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf  # already a global array
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+
+    return jax.tree.map(place, tree)
+
+
+def local_rows(leaf: Any) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global row order (numpy; the rows this
+    process supplied to ``global_batch``). Replicas of a row on several local devices count once."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    pieces: dict[int, np.ndarray] = {}
+    for shard in leaf.addressable_shards:
+        start = shard.index[0].start or 0
+        pieces.setdefault(start, np.asarray(shard.data))
+    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """The sub-mesh of ``mesh`` on this process's devices (same axis names; axes that span processes
+    shrink). Single process: ``mesh`` itself. Raises when this process's devices are not a block."""
+    if jax.process_count() == 1:
+        return mesh
+    devices = mesh.devices
+    mine = np.vectorize(lambda d: d.process_index == jax.process_index())(devices)
+    index = [np.unique(i) for i in np.nonzero(mine)]
+    block = devices[np.ix_(*index)]
+    if block.size != mine.sum() or not all(d.process_index == jax.process_index() for d in block.flat):
+        raise ValueError(f"process {jax.process_index()}'s devices are not one block of the mesh "
+                         f"{dict(mesh.shape)}: build it with sharding.make_mesh (process-major device order)")
+    return Mesh(block, mesh.axis_names)
+
+
+def process_local_view(tree: Any, mesh: Mesh) -> Any:
+    """The same arrays as arrays on ``local_mesh(mesh)``, built from this process's shards without a
+    copy: what a process samples rollouts with, while training keeps the global arrays. Needs every
+    leaf replicated across the mesh axes that span processes (the data axis in the recommended
+    meshes); single process: ``tree`` unchanged."""
+    if jax.process_count() == 1:
+        return tree
+    local = local_mesh(mesh)
+    spanning = {a for a in mesh.axis_names if local.shape[a] != mesh.shape[a]}
+
+    def view(path, leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            return leaf
+        spec = leaf.sharding.spec if isinstance(leaf.sharding, NamedSharding) else None
+        used = {a for entry in (spec or ()) if entry is not None
+                for a in ((entry,) if isinstance(entry, str) else entry)}
+        if spec is None or used & spanning:
+            raise ValueError(f"{jax.tree_util.keystr(path)} is sharded over {sorted(used & spanning)}, mesh "
+                             f"axes that span processes; a process-local rollout view needs it replicated "
+                             f"across processes: split processes on 'data' only (mesh.data = number of hosts)")
+        return jax.make_array_from_single_device_arrays(
+            leaf.shape, NamedSharding(local, spec), [shard.data for shard in leaf.addressable_shards])
+
+    return jax.tree_util.tree_map_with_path(view, tree)
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def reduce_metrics(metrics: Mapping[str, Any], op: str = "mean") -> dict[str, float]:
@@ -297,6 +395,48 @@ def _allgather_rows(local: np.ndarray) -> np.ndarray:
     # float32 on device (x64 is usually off); exact for counts below 2**24.
     gathered = multihost_utils.process_allgather(jnp.asarray(local, jnp.float32), tiled=False)
     return np.asarray(gathered, np.float64).reshape(jax.process_count(), -1)
+
+
+def allgather_json(value: Any, name: str, timeout_s: int = 600) -> list[Any]:
+    """Every process's JSON-able ``value`` (small host objects: eval summaries), in process order,
+    through the coordinator's key-value store. ``name`` must be unique per call (e.g. with the step)."""
+    import json
+
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed as jax_distributed_state
+
+    client = jax_distributed_state.global_state.client
+    if client is None:
+        raise RuntimeError("allgather_json() with several processes but jax.distributed is not initialised")
+    prefix = f"sgcd/{name}/{_exchange_counter(name)}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", json.dumps(value))
+    try:
+        return [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", int(timeout_s * 1000)))
+                for p in range(jax.process_count())]
+    except Exception as error:  # noqa: BLE001
+        raise RuntimeError(f"process {jax.process_index()} timed out exchanging {name!r} after {timeout_s}s: "
+                           f"a peer process died or is stuck ({error})") from error
+
+
+_EXCHANGES: dict[str, int] = {}
+
+
+def _exchange_counter(name: str) -> int:
+    _EXCHANGES[name] = _EXCHANGES.get(name, 0) + 1  # every process calls in the same order
+    return _EXCHANGES[name]
+
+
+def weighted_mean_across_processes(metrics: Mapping[str, float], weight: float, name: str) -> dict[str, float]:
+    """Per key, the ``weight``-weighted mean over the processes that report it (e.g. eval metrics
+    averaged over tasks when each process evaluated ``weight`` tasks); same result on every process."""
+    gathered = allgather_json({"weight": float(weight), "metrics": {k: float(v) for k, v in metrics.items()}}, name)
+    out: dict[str, float] = {}
+    for key in sorted({k for g in gathered for k in g["metrics"]}):
+        pairs = [(g["weight"], g["metrics"][key]) for g in gathered if key in g["metrics"] and g["weight"] > 0]
+        total = sum(w for w, _ in pairs)
+        out[key] = sum(w * v for w, v in pairs) / total if total else float("nan")
+    return out
 
 
 def fully_replicated_host_copy(tree: Any) -> Any:

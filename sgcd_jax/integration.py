@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from sgcd_jax.config import EnvSpec, ModelSpec, TrainConfig
 from sgcd_jax.envs.base import EnvFactory, Task
@@ -86,23 +87,28 @@ def export_model(model: nnx.Module, tokenizer: Any, out_dir: str) -> str:
     return out_dir
 
 
-def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, temperature: float | None = None):
+def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, temperature: float | None = None,
+                mesh: Mesh | None = None):
     from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
     from sgcd_jax.sampling import SamplingParams, Sampler
 
     r = config.rollout
     params = SamplingParams(temperature=r.temperature if temperature is None else temperature,
                             top_p=r.top_p, top_k=r.top_k)
-    sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids())
+    sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids(), mesh=mesh)
     return RolloutEngine(sampler, chat.renderer, RolloutConfig(
         max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens))
 
 
 def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task], group_size: int,
-            rng: jax.Array, config: TrainConfig, *, temperature: float | None = None) -> list[Trajectory]:
-    """G sibling episodes per task with the current policy (a fresh engine: group ids are stable)."""
-    engine = make_engine(model, chat, config, temperature=temperature)
-    trajectories = engine.run(list(tasks), env_factory, group_size, rng)
+            rng: jax.Array, config: TrainConfig, *, temperature: float | None = None,
+            task_slots: Sequence[int] | None = None, mesh: Mesh | None = None) -> list[Trajectory]:
+    """G sibling episodes per task with the current policy (a fresh engine: group ids are stable).
+
+    ``task_slots``: each task's place in the job-wide batch (sampling keys derive from it; see
+    RolloutEngine.run). ``mesh``: the devices the sampler splits rows over (a process's local mesh)."""
+    engine = make_engine(model, chat, config, temperature=temperature, mesh=mesh)
+    trajectories = engine.run(list(tasks), env_factory, group_size, rng, task_slots=task_slots)
     for traj in trajectories:
         traj.timing.setdefault("engine_wall_s", engine.last_run_stats.get("wall_s", 0.0))
     return trajectories
@@ -166,14 +172,16 @@ def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConf
 
 
 def evaluate(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task],
-             config: TrainConfig, rng: jax.Array | None = None) -> dict[str, float]:
+             config: TrainConfig, rng: jax.Array | None = None, *, task_slots: Sequence[int] | None = None,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """The bare student, batched through the rollout engine: plain env prompts only (the engine renders
     what env.reset returns; no credit reference or sibling evidence exists on this path)."""
     from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, summarize
 
     trials = config.eval.trials
     rng = jax.random.key(config.run.seed + 1) if rng is None else rng
-    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=config.eval.temperature)
+    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=config.eval.temperature,
+                           task_slots=task_slots, mesh=mesh)
     rows = eval_rows(trajectories, SUCCESS_THRESHOLD)
     summary = summarize(rows, env_factory.name, config.env.eval_split)
     out = {"success_rate": float(np.mean([r["successes"] / r["trials"] for r in rows])),

@@ -52,9 +52,15 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tp) mesh over all (global) devices, or the given ones."""
+    """A (data, fsdp, tp) mesh over all (global) devices, or the given ones.
+
+    Devices are laid out process-major, so with ``data`` = number of processes (or a multiple) each
+    process owns whole rows of the data axis: params (replicated over data) are complete on every
+    process and the rollout samples on local devices only (distributed.process_local_view)."""
     cfg = cfg or MeshConfig()
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     shape = cfg.resolved_shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from sgcd_jax import config as config_lib
 from sgcd_jax import distributed
@@ -25,6 +26,7 @@ from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.data import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress
+from sgcd_jax.sharding import MeshConfig, make_mesh
 from sgcd_jax.train_step import Learner, make_optimizer
 
 
@@ -69,12 +71,20 @@ def train(config: TrainConfig) -> dict[str, Any]:
     env_factory = parts.build_env(config.env)
     train_tasks = env_factory.tasks(config.env.train_split)
     eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
+    # Process 0 builds first (a domain tokenizer is trained and saved in the run dir); the others load it.
+    barrier_s = distributed.DistributedConfig().barrier_timeout_s
+    if process_count > 1 and not is_main:
+        distributed.barrier("world-built", timeout_s=barrier_s)
     model, tokenizer = parts.build_model(config.model, seed=config.run.seed, run_dir=run_dir, env_factory=env_factory,
                                          train_split=config.env.train_split)
+    if process_count > 1 and is_main:
+        distributed.barrier("world-built", timeout_s=barrier_s)
     chat = parts.ChatRenderer(tokenizer)
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
-    learner = Learner(model, make_optimizer(config.optim, total_updates), parts.step_spec(config))
+    # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.
+    mesh = make_mesh(MeshConfig(data=config.mesh.data, fsdp=config.mesh.fsdp, tp=config.mesh.tp))
+    learner = Learner(model, make_optimizer(config.optim, total_updates), parts.step_spec(config), mesh=mesh)
     stream = TaskStream(train_tasks, seed=config.run.seed, process_index=process_index,
                         process_count=process_count)
     checkpointer = TrainCheckpointer(run_dir, keep=config.run.keep_checkpoints)
@@ -84,10 +94,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # ---- resume exactly, or start fresh (with the optional SFT warm-up)
     latest = checkpointer.latest_step() if config.run.resume else None
+    saveable = lambda: {**learner.state(), "rng": _global_key(rng, mesh)}  # noqa: E731
     if latest is not None:
-        state, meta = checkpointer.restore(latest, {**learner.state(), "rng": rng})
+        state, meta = checkpointer.restore(latest, saveable())
         learner.load_state(state)
-        rng = state["rng"]
+        rng = _local_key(state["rng"])
         stream.set_state(meta["data"])
         counters = parts.Counters(**meta["counters"])
         start_iteration, best_eval = int(meta["iteration"]), float(meta["best_eval"])
@@ -101,8 +112,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                             resume_step=start_iteration + 1 if latest is not None else None) if is_main else _NullLogger())
     if latest is None:
         if config.eval.at_start:  # the baseline the RL curve is read against
-            logger.log(0, parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config), phase="eval")
-        checkpointer.save(0, {**learner.state(), "rng": rng}, parts.meta(0, stream, counters, best_eval),
+            logger.log(0, parts.evaluate_student(learner, env_factory, eval_tasks, chat, config), phase="eval")
+        checkpointer.save(0, saveable(), parts.meta(0, stream, counters, best_eval),
                           force=True)
 
     annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
@@ -148,11 +159,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if process_count > 1:  # job-wide means (every process must log the same keys)
                 metrics = distributed.reduce_metrics(metrics)
             if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
-                eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
+                eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
                 logger.log(iteration, eval_result, phase="eval")
                 if eval_result["success_rate"] > best_eval:
                     best_eval = eval_result["success_rate"]
-                    checkpointer.save_best(iteration, {**learner.state(), "rng": rng},
+                    checkpointer.save_best(iteration, saveable(),
                                            parts.meta(iteration, stream, counters, best_eval), best_eval)
             logger.log(iteration, {**metrics, **counters.as_metrics()})
             if samples and is_main:
@@ -168,19 +179,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     metrics = distributed.reduce_metrics(metrics)
                 logger.log(iteration, {**metrics, **counters.as_metrics()})
             if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
-                checkpointer.save(iteration, {**learner.state(), "rng": rng},
+                checkpointer.save(iteration, saveable(),
                                   parts.meta(iteration, stream, counters, best_eval), force=True)
             if stop_now:
                 progress.print(f"stopping at iteration {iteration} (checkpoint saved)")
                 checkpointer.close()
                 return {"run_dir": run_dir, "iteration": iteration, "preempted": True}
         # ---- final eval, checkpoint, export, report
-        eval_result = parts.evaluate_student(learner.model(), env_factory, eval_tasks, chat, config)
+        eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
         logger.log(iteration, eval_result, phase="eval")
-        checkpointer.save(iteration, {**learner.state(), "rng": rng},
+        checkpointer.save(iteration, saveable(),
                           parts.meta(iteration, stream, counters, best_eval), force=True)
         if eval_result["success_rate"] > best_eval:
-            checkpointer.save_best(iteration, {**learner.state(), "rng": rng},
+            checkpointer.save_best(iteration, saveable(),
                                    parts.meta(iteration, stream, counters, eval_result["success_rate"]),
                                    eval_result["success_rate"])
         checkpointer.close()
@@ -191,12 +202,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if annotator is not None:
             annotator.close(wait=False)
     summary = {"run_dir": run_dir, "iteration": iteration, "preempted": False, "eval": eval_result}
-    if config.run.export_hf:
-        summary["export_dir"] = parts.export(learner.model(), tokenizer, os.path.join(run_dir, "export"))
+    if config.run.export_hf and is_main:  # local_model: whole on every process (replicated over data)
+        summary["export_dir"] = parts.export(learner.local_model(), tokenizer, os.path.join(run_dir, "export"))
     if config.run.report and is_main:
         from sgcd_jax.report import build_report
         summary["report"] = build_report([run_dir])
     return summary
+
+
+def _global_key(key: jax.Array, mesh) -> jax.Array:
+    """The host loop's PRNG key as orbax saves it: replicated on the mesh when several processes
+    save one checkpoint; unchanged for one process."""
+    return distributed.replicated(key, mesh) if jax.process_count() > 1 else key
+
+
+def _local_key(key: jax.Array) -> jax.Array:
+    """A restored key back on this process (rollout keys feed process-local computations)."""
+    if jax.process_count() == 1:
+        return key
+    return jax.random.wrap_key_data(np.asarray(jax.random.key_data(key)), impl=jax.random.key_impl(key))
 
 
 def _check_pipelining(config: TrainConfig) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sgcd_jax import distributed, integration
-from sgcd_jax.config import CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
+from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
 from sgcd_jax.credit.selection import group_siblings
@@ -100,6 +101,42 @@ def _advantages(rewards, group_ids, valid, cfg: AdvantageConfig):
     return compute_advantages(AdvantageBatch(rewards=rewards, group_ids=group_ids, valid=valid), cfg)
 
 
+@jax.jit
+def _masked_mean(values, mask):
+    return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def process_task_count(config: TrainConfig) -> int:
+    """Tasks this process rolls out per iteration: its equal share of ``rollout.tasks_per_iteration``."""
+    count = jax.process_count()
+    if config.rollout.tasks_per_iteration % count:
+        raise ConfigError(f"rollout.tasks_per_iteration={config.rollout.tasks_per_iteration} must be a multiple of "
+                          f"the {count} processes (every process rolls out the same number of tasks)")
+    return config.rollout.tasks_per_iteration // count
+
+
+def to_mesh(host_batch: Any, learner: Learner, *, same_on_every_process: bool = False) -> Any:
+    """Host (numpy) rows → device arrays for the jitted score/update: global arrays sharded over the
+    mesh's batch axes (each process supplies its own rows, or — ``same_on_every_process`` — every
+    process holds the whole batch), or plain device arrays without a mesh."""
+    if learner.mesh is None:
+        return to_device(host_batch)
+    if same_on_every_process:
+        return distributed.global_batch_from_host(host_batch, learner.mesh)
+    return distributed.global_batch(host_batch, learner.mesh)
+
+
+def rows_multiple(learner: Learner, micro: int) -> int:
+    """Per-process row multiple: global rows split into micro-batches and over the batch shards."""
+    if learner.mesh is None:
+        return micro
+    shards = int(np.prod([learner.mesh.shape[a] for a in distributed.BATCH_AXES if a in learner.mesh.shape]))
+    if shards % jax.process_count():
+        raise ConfigError(f"mesh batch axes (data x fsdp = {shards}) must be a multiple of the "
+                          f"{jax.process_count()} processes: set mesh.data to the number of hosts (or a multiple)")
+    return math.lcm(micro, shards // jax.process_count())
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "enabled"))
 def _credit(batch: CreditBatch, cfg: CreditConfig, step, enabled: bool):
     return sgcd_credit(batch, cfg, step) if enabled else no_credit(batch, cfg, step)
@@ -179,8 +216,8 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
     if iteration in store.iterations:
         return
     n = len(trajectories)
-    h = lambda x: distributed.fully_replicated_host_copy(x)[:n]  # noqa: E731  [rows, ...] → [n, ...]
-    rows = int(batch.tokens.shape[0])
+    h = lambda x: distributed.local_rows(x)[:n]  # noqa: E731  this process's rows [n, ...]
+    rows = int(batch.tokens.shape[0]) // jax.process_count()
     tokens = {"token_ids": h(batch.tokens)[:, 1:], "loss_mask": h(batch.target_mask), "step_ids": h(batch.step_ids),
               "sampler_logprobs": h(batch.sampler_logprobs), "student_logprobs": h(features["student_logprobs"]),
               "teacher_logprobs": h(teacher_logprobs), "reverse_kl": h(reverse_kl),
@@ -210,9 +247,12 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     micro = config.optim.micro_batch_size
     length = config.rollout.max_total_tokens + config.rollout.max_new_tokens  # a turn may overshoot the cap
     teacher_length = length + (config.credit.reference_tokens if config.loss.needs_teacher else 0)
-    batch = to_device(pack(trajectories, prompts, rows_multiple=micro, pad_id=pad_id,
-                           min_rows=config.rollout.tasks_per_iteration * config.rollout.group_size,
-                           min_length=length, min_teacher_length=teacher_length))
+    # Every process packs to the same shapes (its share of the rows; lengths fixed by the config).
+    host_batch = pack(trajectories, prompts, rows_multiple=rows_multiple(learner, micro), pad_id=pad_id,
+                      min_rows=process_task_count(config) * config.rollout.group_size,
+                      min_length=length, min_teacher_length=teacher_length)
+    _check_same_shapes(host_batch)
+    batch = to_mesh(host_batch, learner)
     needs_teacher = config.loss.needs_teacher and any(p is not None for p in prompts)
     spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
                      with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
@@ -221,15 +261,20 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     timings["time/score_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    rows = batch.tokens.shape[0]
+    rows = host_batch.tokens.shape[0]  # this process's rows
     rewards = np.zeros(rows, np.float32)
     rewards[:len(trajectories)] = [t.reward for t in trajectories]
-    group_index = {gid: i for i, gid in enumerate(dict.fromkeys(t.group_id for t in trajectories))}
-    group_ids = np.arange(rows, dtype=np.int32) + len(group_index)  # padding rows: singleton groups
-    group_ids[:len(trajectories)] = [group_index[t.group_id] for t in trajectories]
+    # Job-wide unique ids: process p owns [p*rows, (p+1)*rows); a group is named by its first row,
+    # a padding row by itself (a singleton group).
+    first_row = {}
+    for i, traj in enumerate(trajectories):
+        first_row.setdefault(traj.group_id, i)
+    group_ids = np.arange(rows, dtype=np.int32)
+    group_ids[:len(trajectories)] = [first_row[t.group_id] for t in trajectories]
+    group_ids += jax.process_index() * rows
     adv_cfg = AdvantageConfig(estimator=config.loss.advantage, eps=config.loss.adv_eps,
                               norm_by_std=config.loss.norm_by_std)
-    advantages = _advantages(jnp.asarray(rewards), jnp.asarray(group_ids), batch.row_valid > 0, adv_cfg)
+    advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0, adv_cfg)
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
     reverse_kl = features.get("reverse_kl", jnp.zeros_like(batch.target_mask))  # no teacher: q_T = p_S, KL = 0
     credit = _credit(CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
@@ -250,15 +295,13 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     for _ in range(config.optim.updates_per_iteration):  # PPO epochs over the same scored batch
         metrics.update(learner.update(inputs))
     timings["time/update_s"] = time.perf_counter() - start
-    mask = np.asarray(batch.target_mask)
-    metrics["entropy"] = float((np.asarray(features["student_entropy"]) * mask).sum() / max(mask.sum(), 1))
+    mask = batch.target_mask  # job-wide means below (replicated scalars)
+    metrics["entropy"] = float(_masked_mean(features["student_entropy"], mask))
     if needs_teacher:
-        metrics["teacher/log_ratio_mean"] = float(((np.asarray(teacher_logprobs) - np.asarray(
-            features["student_logprobs"])) * mask).sum() / max(mask.sum(), 1))
-        metrics["teacher/reverse_kl_mean"] = float((np.asarray(features["reverse_kl"]) * mask).sum()
-                                                   / max(mask.sum(), 1))
-    host = {"weights": np.asarray(credit.weights), "advantages": np.asarray(advantages.advantages),
-            "target_mask": mask}
+        metrics["teacher/log_ratio_mean"] = float(_masked_mean(teacher_logprobs - features["student_logprobs"], mask))
+        metrics["teacher/reverse_kl_mean"] = float(_masked_mean(features["reverse_kl"], mask))
+    host = {"weights": distributed.local_rows(credit.weights),
+            "advantages": distributed.local_rows(advantages.advantages), "target_mask": host_batch.target_mask}
     return {**metrics, **timings}, host
 
 
@@ -281,12 +324,15 @@ def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory,
                   config: TrainConfig, counters: Counters) -> Rolled:
     """Rollouts (G siblings per task) → verifier rewards → sibling selection → submit annotation."""
     started = time.perf_counter()
-    tasks = stream.next_tasks(config.rollout.tasks_per_iteration)
+    share = process_task_count(config)
+    tasks = stream.next_tasks(share)
+    # Slot j of process p is slot j*P + p of the job-wide batch: the one-process run's task order.
+    slots = [j * jax.process_count() + jax.process_index() for j in range(share)]
     start = time.perf_counter()
-    trajectories = integration.rollout(learner.model(), chat, env_factory, tasks, config.rollout.group_size,
-                                       rng, config)
+    trajectories = integration.rollout(learner.local_model(), chat, env_factory, tasks, config.rollout.group_size,
+                                       rng, config, task_slots=slots, mesh=local_mesh(learner))
     rollout_s = time.perf_counter() - start
-    counters.episodes += len(trajectories)
+    counters.episodes += len(trajectories) * jax.process_count()  # every process rolls out as many
     counters.env_errors += sum(t.termination in ("error", "env_error", "env_timeout") for t in trajectories)
     selection = select_groups(trajectories, SelectionConfig(success_threshold=config.credit.success_threshold,
                                                             non_mixed=config.credit.non_mixed_groups))
@@ -390,14 +436,17 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
                          "raise it or sft.num_demos")
     sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate),
                   dataclasses.replace(learner.spec, sft=True, distill=None,
-                                      micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)))
+                                      micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)),
+                  mesh=learner.mesh)
+    # Every process packs the same demonstrations; rows padded so they split over the batch shards.
+    sft_rows = rows_multiple(learner, sft.spec.micro_batch_size) * jax.process_count()
     order = np.random.default_rng(config.run.seed).permutation(len(demos))
     progress.phase("sft", config.sft.steps)
     nll = []
     for step in range(config.sft.steps):
         take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
-        batch = to_device(pack(take, rows_multiple=sft.spec.micro_batch_size, pad_id=chat.pad_id,
-                               min_length=config.rollout.max_total_tokens))
+        batch = to_mesh(pack(take, rows_multiple=sft_rows, pad_id=chat.pad_id,
+                             min_length=config.rollout.max_total_tokens), sft, same_on_every_process=True)
         zeros = jnp.zeros_like(batch.target_mask)
         nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
@@ -406,12 +455,37 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
             "sft/demos": float(len(demos))}
 
 
-def evaluate_student(model, env_factory, tasks, chat, config: TrainConfig) -> dict[str, float]:
-    """The bare student on held-out tasks: plain prompt, no credit reference, no sibling evidence."""
+def evaluate_student(learner: Learner, env_factory, tasks, chat, config: TrainConfig) -> dict[str, float]:
+    """The bare student on held-out tasks: plain prompt, no credit reference, no sibling evidence.
+    Several processes: each evaluates its strided share on its own devices; task-weighted means."""
     start = time.perf_counter()
-    result = integration.evaluate(model, chat, env_factory, tasks, config)
+    count, index = jax.process_count(), jax.process_index()
+    mine = list(tasks)[index::count]
+    result = (integration.evaluate(learner.local_model(), chat, env_factory, mine, config,
+                                   task_slots=list(range(index, len(tasks), count)), mesh=local_mesh(learner))
+              if mine else {})
+    if count > 1:
+        result = distributed.weighted_mean_across_processes(result, weight=len(mine), name="eval")
     result["time/eval_s"] = time.perf_counter() - start
     return result
+
+
+def local_mesh(learner: Learner):
+    """The mesh a process samples on (its own devices); None when that is one device."""
+    if learner.mesh is None:
+        return None
+    mesh = distributed.local_mesh(learner.mesh)
+    return mesh if mesh.size > 1 else None
+
+
+def _check_same_shapes(batch) -> None:
+    """Every process must pack to one shape, or the global arrays would not line up."""
+    if jax.process_count() > 1:
+        shapes = dict(zip(("rows", "length", "teacher_length"), (*batch.tokens.shape, batch.teacher_tokens.shape[1])))
+        bounds = distributed.reduce_metrics({**shapes, **{f"-{k}": -v for k, v in shapes.items()}}, "max")
+        if any(bounds[k] != -bounds[f"-{k}"] for k in shapes):  # max != min: raised on every process
+            raise RuntimeError(f"processes packed different batch shapes (this one {shapes}, max/min over "
+                               f"processes {bounds}): a trajectory outgrew rollout.max_total_tokens + max_new_tokens")
 
 
 _ = (EnvSpec, ModelSpec, group_siblings)

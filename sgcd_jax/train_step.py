@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sgcd_jax.config import OptimSpec
 from sgcd_jax.losses.distill import DistillBatch, DistillConfig, sdpo_loss
@@ -23,6 +25,7 @@ from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig, ppo_policy_los
 from sgcd_jax.losses.types import aggregate
 from sgcd_jax.losses.vocab import VocabConfig, pair_stats, token_stats
 from sgcd_jax.scoring import PackedBatch, forward_hidden, gather_rows
+from sgcd_jax.sharding import path_to_str, state_shardings
 
 
 @flax.struct.dataclass
@@ -117,7 +120,9 @@ def loss_and_grads(params, graphdef, rest, inputs: StepInputs, spec: StepSpec):
         raise ValueError(f"batch rows {rows} must be a multiple of optim.micro_batch_size={micro}: "
                          "pack() with rows_multiple=micro_batch_size")
     denominators = full_batch_denominators(inputs, spec)
-    stacked = jax.tree.map(lambda x: x.reshape((rows // micro, micro) + x.shape[1:]), inputs)
+    # Strided micro-batches (micro-batch m = rows m, m + R/micro, ...): the batch dim is sharded over
+    # the mesh's batch axes in contiguous blocks, so every micro-batch keeps rows on every device.
+    stacked = jax.tree.map(lambda x: x.reshape((micro, rows // micro) + x.shape[1:]).swapaxes(0, 1), inputs)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
 
     def body(carry, micro_inputs):
@@ -135,18 +140,55 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def optimizer_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optax state: a leaf whose tree path ends with a parameter's path (Adam's mu,
+    nu, ...) and has its shape is sharded like that parameter; everything else (counts) replicated."""
+    shapes = {path_to_str(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    by_path = {path_to_str(path): sharding for path, sharding in
+               jax.tree_util.tree_leaves_with_path(param_shardings)}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        name = path_to_str(path)
+        for param_path, sharding in by_path.items():
+            if (name == param_path or name.endswith("/" + param_path)) and leaf.shape == shapes[param_path]:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
 class Learner:
     """Holds the policy's params and optimizer state; ``update`` is one jitted optimizer step.
+
+    With a ``mesh``, params are sharded by ``sharding.state_shardings`` (fsdp/tp rules, replicated over
+    ``data``), the optimizer state like its params, and the update is one SPMD program over the mesh
+    (batches must be global arrays sharded over the batch axes: ``distributed.global_batch``). Without
+    a mesh everything stays where the model put it (one device).
 
     Non-finite loss or gradients leave params and optimizer state untouched (``skipped`` = 1).
     """
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, spec: StepSpec):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, spec: StepSpec,
+                 mesh: Mesh | None = None):
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx = tx
         self.spec = spec
-        self.opt_state = tx.init(self.params)
-        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+        self.mesh = mesh
+        if mesh is None:
+            self.opt_state = tx.init(self.params)
+            self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+            return
+        from sgcd_jax import distributed
+
+        self.param_shardings = state_shardings(self.params, mesh)
+        self.params = distributed.place(self.params, self.param_shardings)
+        self.rest = distributed.replicated(self.rest, mesh)
+        abstract = jax.eval_shape(tx.init, self.params)
+        self.opt_shardings = optimizer_shardings(abstract, self.params, self.param_shardings, mesh)
+        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_shardings)(self.params)
+        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1),
+                               out_shardings=(self.param_shardings, self.opt_shardings, NamedSharding(mesh, P())))
 
     def _update_impl(self, params, opt_state, rest, inputs: StepInputs):
         loss, grads, metrics = loss_and_grads(params, self.graphdef, rest, inputs, self.spec)
@@ -166,6 +208,16 @@ class Learner:
 
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def local_model(self) -> nnx.Module:
+        """The policy on this process's devices (zero-copy view of the shared params; multi-host
+        rollouts sample with it). One process: ``model()``."""
+        if self.mesh is None:
+            return self.model()
+        from sgcd_jax import distributed
+
+        return nnx.merge(self.graphdef, distributed.process_local_view(self.params, self.mesh),
+                         distributed.process_local_view(self.rest, self.mesh))
 
     def state(self) -> dict[str, Any]:
         return {"params": self.params, "opt_state": self.opt_state}

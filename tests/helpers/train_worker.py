@@ -1,0 +1,82 @@
+"""One process of a local multi-process ``sgcd_jax.train.train`` run (tests/test_train_multihost.py).
+
+    python tests/helpers/train_worker.py --workdir W --name N --process_id 0 --num_processes 2 \
+        --port 12345 [--heartbeat_s 5] [--override key=json_value ...]
+
+Joins the job with short timeouts (explicit coordinator 127.0.0.1:port), runs the real training loop
+on the tiny config of tests/test_train_e2e.py plus the overrides, and prints one JSON line
+``{"event": "done", ...}`` with the run summary. ``--num_processes 1`` runs without jax.distributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+# The tiny end-to-end config (as tests/test_train_e2e.py), on a data=2 x fsdp=4 mesh.
+TINY = {
+    "run.num_iterations": 2, "run.eval_every": 0, "run.checkpoint_every": 1, "run.progress": False,
+    "run.tensorboard": False, "run.report": False, "model.hidden_size": 32, "model.intermediate_size": 64,
+    "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16,
+    "model.domain_vocab_size": 1024, "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 4,
+    "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
+    "optim.micro_batch_size": 4, "credit.reference_tokens": 256, "sft.enabled": False, "eval.num_tasks": 2,
+    "eval.at_start": False, "mesh.data": 2, "mesh.fsdp": 4, "mesh.tp": 1,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--process_id", type=int, default=0)
+    parser.add_argument("--num_processes", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--heartbeat_s", type=int, default=10)
+    parser.add_argument("--override", action="append", default=[], help="key=json value")
+    parser.add_argument("--mixed_rewards", action="store_true",
+                        help="verifier passes every odd sibling (a random tiny policy never succeeds): every "
+                             "group is mixed, so advantages, annotation, teacher and credit are non-trivial")
+    args = parser.parse_args()
+
+    import jax
+
+    from sgcd_jax import distributed
+    from sgcd_jax.config import configs_dir, load_config_file
+    from sgcd_jax.train import train
+
+    if args.num_processes > 1:
+        distributed.initialize(distributed.DistributedConfig(
+            cluster="explicit", coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
+            process_id=args.process_id, initialization_timeout_s=60, heartbeat_timeout_s=args.heartbeat_s,
+            shutdown_timeout_s=10))
+    if args.mixed_rewards:
+        from sgcd_jax import integration
+
+        rollout = integration.rollout
+
+        def rollout_with_mixed_rewards(*a, **k):
+            trajectories = rollout(*a, **k)
+            for traj in trajectories:
+                traj.reward = float(traj.sample_index % 2)
+            return trajectories
+
+        integration.rollout = rollout_with_mixed_rewards
+    overrides = dict(TINY, **{"run.workdir": args.workdir, "run.name": args.name})
+    for item in args.override:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    config = load_config_file(os.path.join(configs_dir(), "sgcd.py"), overrides)
+    print(json.dumps({"event": "ready", "process": jax.process_index(), "devices": jax.device_count()}), flush=True)
+    summary = train(config)
+    print(json.dumps({"event": "done", "process": jax.process_index(), "iteration": summary["iteration"],
+                      "eval": summary.get("eval", {})}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
