@@ -11,7 +11,9 @@
 #
 # Variables: NUM_PROCESSES (2), DEVICES_PER_PROCESS (4), PLATFORM (cpu|gpu, cpu),
 #   ENTRYPOINT ("python -m sgcd_jax.train"), LOG_DIR (runs/local_multiprocess_logs),
-#   COORDINATOR_PORT (a free port), HEARTBEAT_TIMEOUT_S (unused here; set in the config), DRY_RUN (0).
+#   COORDINATOR_PORT (a free port), HEARTBEAT_TIMEOUT_S (60: a peer silent this long stops the job;
+#   exported as SGCD_HEARTBEAT_TIMEOUT_S), DRY_RUN (0). The mesh comes from the config: set
+#   --config.mesh.data to a multiple of NUM_PROCESSES (params are replicated over data).
 set -euo pipefail
 
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
@@ -37,6 +39,9 @@ PY
 COORDINATOR_PORT="${COORDINATOR_PORT:-$(free_port)}"
 export SGCD_COORDINATOR_ADDRESS="127.0.0.1:${COORDINATOR_PORT}"
 export SGCD_NUM_PROCESSES="$NUM_PROCESSES"
+if [[ -n "${HEARTBEAT_TIMEOUT_S:-}" ]]; then
+  export SGCD_HEARTBEAT_TIMEOUT_S="$HEARTBEAT_TIMEOUT_S"
+fi
 
 pids=()
 cleanup() {

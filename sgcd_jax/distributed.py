@@ -40,6 +40,10 @@ ENV_NUM_PROCESSES = "SGCD_NUM_PROCESSES"
 ENV_PROCESS_ID = "SGCD_PROCESS_ID"
 ENV_CLUSTER = "SGCD_CLUSTER"  # overrides cluster="auto": explicit | slurm | tpu | none
 ENV_LOCAL_DEVICE_IDS = "SGCD_LOCAL_DEVICE_IDS"  # "0,1,2,3": GPUs this process owns
+# Timeouts from the environment (seconds), e.g. a short heartbeat in tests or a long barrier at scale.
+ENV_TIMEOUTS = {"initialization_timeout_s": "SGCD_INITIALIZATION_TIMEOUT_S",
+                "heartbeat_timeout_s": "SGCD_HEARTBEAT_TIMEOUT_S",
+                "shutdown_timeout_s": "SGCD_SHUTDOWN_TIMEOUT_S", "barrier_timeout_s": "SGCD_BARRIER_TIMEOUT_S"}
 _SLURM_REQUIRED = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
 BATCH_AXES = ("data", "fsdp")  # = sharding.BATCH_AXES: the batch dim is split over both
 
@@ -84,8 +88,10 @@ def resolve_config(cfg: DistributedConfig | None = None,
     Returns a config whose ``cluster`` is "explicit" (all three fields known), "slurm"/"tpu" (JAX
     auto-detection fills the rest) or "none" (single process).
     """
-    cfg = cfg or DistributedConfig()
     env = os.environ if environ is None else environ
+    if cfg is None:  # timeouts from the environment only when the caller did not choose them
+        cfg = DistributedConfig(**{name: value for name, key in ENV_TIMEOUTS.items()
+                                   if (value := _int_env(env, key)) is not None})
     mode = cfg.cluster
     if mode == "auto" and env.get(ENV_CLUSTER):
         mode = env[ENV_CLUSTER]
@@ -308,6 +314,27 @@ def replicated(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
 
     return jax.tree.map(place, tree)
+
+
+def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Global arrays → the same values replicated on every device of ``mesh`` (an all-gather).
+
+    Math jitted on replicated inputs is the single-device program, so its results are bitwise what a
+    one-device recomputation gives (``python -m sgcd_jax.rescore --require_exact``)."""
+    return _identity(tree, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree))
+
+
+def shard_rows_on_mesh(tree: Any, mesh: Mesh, batch_axes: tuple[str, ...] = BATCH_AXES) -> Any:
+    """Arrays with a leading batch dim → sharded over ``batch_axes`` like ``global_batch``'s (scalars
+    stay replicated). No arithmetic: replicated inputs are just sliced."""
+    axes = tuple(a for a in batch_axes if a in mesh.shape)
+    return _identity(tree, jax.tree.map(
+        lambda x: NamedSharding(mesh, PartitionSpec(axes, *([None] * (x.ndim - 1))) if x.ndim else PartitionSpec()),
+        tree))
+
+
+def _identity(tree: Any, shardings: Any) -> Any:
+    return jax.jit(lambda x: x, out_shardings=shardings)(tree)
 
 
 def local_rows(leaf: Any) -> np.ndarray:

@@ -72,7 +72,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     train_tasks = env_factory.tasks(config.env.train_split)
     eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
     # Process 0 builds first (a domain tokenizer is trained and saved in the run dir); the others load it.
-    barrier_s = distributed.DistributedConfig().barrier_timeout_s
+    barrier_s = distributed.resolve_config().barrier_timeout_s
     if process_count > 1 and not is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
     model, tokenizer = parts.build_model(config.model, seed=config.run.seed, run_dir=run_dir, env_factory=env_factory,

@@ -217,7 +217,7 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
         return
     n = len(trajectories)
     h = lambda x: distributed.local_rows(x)[:n]  # noqa: E731  this process's rows [n, ...]
-    rows = int(batch.tokens.shape[0]) // jax.process_count()
+    rows = int(batch.tokens.shape[0])  # global rows: the shape the credit function ran on
     tokens = {"token_ids": h(batch.tokens)[:, 1:], "loss_mask": h(batch.target_mask), "step_ids": h(batch.step_ids),
               "sampler_logprobs": h(batch.sampler_logprobs), "student_logprobs": h(features["student_logprobs"]),
               "teacher_logprobs": h(teacher_logprobs), "reverse_kl": h(reverse_kl),
@@ -277,11 +277,19 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0, adv_cfg)
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
     reverse_kl = features.get("reverse_kl", jnp.zeros_like(batch.target_mask))  # no teacher: q_T = p_S, KL = 0
-    credit = _credit(CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
-                                 teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
-                                 step_ids=batch.step_ids, reverse_kl=reverse_kl,
-                                 entropy=features.get("student_entropy")),
-                     credit_config(config.loss), iteration, config.loss.credit != "none")
+    credit_batch = CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
+                               teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
+                               step_ids=batch.step_ids, reverse_kl=reverse_kl, entropy=features.get("student_entropy"))
+    if learner.mesh is not None and learner.mesh.size > 1:
+        # Credit on replicated inputs (cheap elementwise math): the one-device program, so rescore
+        # reproduces the weights bitwise; then sliced back to the batch layout for the update.
+        credit = _credit(distributed.replicate_on_mesh(credit_batch, learner.mesh), credit_config(config.loss),
+                         iteration, config.loss.credit != "none")
+        credit = credit.replace(weights=distributed.shard_rows_on_mesh(credit.weights, learner.mesh),
+                                token_advantages=distributed.shard_rows_on_mesh(credit.token_advantages,
+                                                                                learner.mesh))
+    else:
+        credit = _credit(credit_batch, credit_config(config.loss), iteration, config.loss.credit != "none")
     if store is not None:
         start_store = time.perf_counter()
         store_iteration(store, iteration, trajectories, batch, features, teacher_logprobs, reverse_kl, credit,
