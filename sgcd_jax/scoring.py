@@ -109,17 +109,67 @@ def gather_rows(hidden: jax.Array, index: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSpec:
-    """Static choices of the scoring pass (hashable; a jit static argument)."""
+    """Static choices of the scoring pass (hashable; a jit static argument).
+
+    The teacher forward runs only on rows that have a credit reference (``has_teacher`` = 1), in
+    chunks of ``teacher_chunk_rows`` rows, each cut to the packed teacher length halved up to
+    ``teacher_length_halvings`` times while the longest teacher conversation still fits (960 →
+    512 → 256): one compiled teacher program per length (≤ halvings + 1 of them), however many rows
+    have a reference. ``teacher_chunk_rows=0``: one teacher forward over all N rows at the packed
+    length (rows without a reference included).
+    """
 
     vocab: VocabConfig
     with_teacher: bool
     with_reference: bool
+    teacher_chunk_rows: int = 8
+    teacher_length_halvings: int = 2
 
 
-@nnx.jit(static_argnames=("spec",))
+def teacher_plan(num_teacher_rows: int, longest: int, packed_length: int, spec: ScoreSpec) -> tuple[int, int]:
+    """(number of teacher chunks, teacher length) for ``num_teacher_rows`` rows with a reference whose
+    longest teacher conversation has ``longest`` tokens, packed at ``packed_length``."""
+    chunks = -(-num_teacher_rows // spec.teacher_chunk_rows)
+    length = packed_length
+    for _ in range(spec.teacher_length_halvings):
+        half = bucket(-(-length // 2))
+        if half < longest or half >= length:
+            break
+        length = half
+    return chunks, length
+
+
+@jax.jit
+def _teacher_need(has_teacher: jax.Array, teacher_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows with a reference, longest of their teacher conversations): replicated scalars."""
+    has = has_teacher > 0
+    return has.sum(), jnp.where(has, teacher_mask.sum(axis=1), 0).max()
+
+
 def score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, spec: ScoreSpec) -> dict[str, jax.Array]:
     """No-grad features per target position ([N, T-1] float32 each): student logprobs and entropy,
-    and with a teacher: teacher logprobs, reverse KL(p_S‖q_T); with a reference: ref logprobs."""
+    and with a teacher: teacher logprobs, reverse KL(p_S‖q_T); with a reference: ref logprobs.
+
+    Rows without a reference (``has_teacher`` = 0, padding rows included) get teacher = student:
+    teacher logprobs = student logprobs, reverse KL = 0. The chunk count and teacher length are read
+    from the batch (one small device reduction, the same on every process)."""
+    if not spec.with_teacher or spec.teacher_chunk_rows <= 0:
+        return _score(model, ref_model, batch, spec, False)
+    feats, student_hidden = _score(model, ref_model, batch, dataclasses.replace(spec, with_teacher=False), True)
+    count, longest = (int(x) for x in _teacher_need(batch.has_teacher, batch.teacher_mask))
+    chunks, length = teacher_plan(count, longest, batch.teacher_tokens.shape[1], spec)
+    for chunk in range(chunks):
+        feats["teacher_logprobs"], feats["reverse_kl"] = _teacher_chunk(
+            model, batch, student_hidden, feats["teacher_logprobs"], feats["reverse_kl"], chunk, spec, length)
+    return feats
+
+
+@nnx.jit(static_argnames=("spec", "return_hidden"))
+def _score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, spec: ScoreSpec,
+           return_hidden: bool):
+    """The student (and reference) pass; ``spec.with_teacher``: plus a teacher forward over all N rows.
+    ``return_hidden``: also the student hidden states [N, T-1, D], with teacher features initialised
+    to "no reference" (teacher = student, KL 0) for ``_teacher_chunk`` to fill in."""
     targets = batch.tokens[:, 1:]
     mask = batch.target_mask
     student_hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
@@ -138,7 +188,33 @@ def score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, s
         ref_hidden = forward_hidden(ref_model, batch.tokens, batch.token_mask)[:, :-1]
         feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, mask,
                                             features=("student_logprobs",))["student_logprobs"]
-    return jax.tree.map(jax.lax.stop_gradient, feats)
+    feats = jax.tree.map(jax.lax.stop_gradient, feats)
+    if not return_hidden:
+        return feats
+    feats["teacher_logprobs"] = feats["student_logprobs"]
+    feats["reverse_kl"] = jnp.zeros_like(feats["student_logprobs"])
+    return feats, jax.lax.stop_gradient(student_hidden)
+
+
+@nnx.jit(static_argnames=("spec", "length"))
+def _teacher_chunk(model: nnx.Module, batch: PackedBatch, student_hidden: jax.Array, teacher_logprobs: jax.Array,
+                   reverse_kl: jax.Array, chunk: jax.Array, spec: ScoreSpec, length: int):
+    """Teacher forward over the ``chunk``-th group of ``spec.teacher_chunk_rows`` rows that have a
+    reference (cut to ``length`` tokens); writes their teacher logprobs and reverse KL into the
+    [N, T-1] arrays. Fill slots past the last such row are computed on row 0 and dropped."""
+    rows, size = batch.tokens.shape[0], spec.teacher_chunk_rows
+    slots = -(-rows // size) * size
+    (picked,) = jnp.nonzero(batch.has_teacher > 0, size=slots, fill_value=rows)  # [slots] reference rows, then rows
+    ids = jax.lax.dynamic_slice_in_dim(picked, chunk * size, size)  # [K]
+    take = jnp.where(ids < rows, ids, 0)
+    tokens, mask = batch.teacher_tokens[take, :length], batch.teacher_mask[take, :length]  # [K, length]
+    index = jnp.minimum(batch.teacher_index[take], length - 1)  # [K, T-1]; only masked positions clip
+    teacher_hidden = gather_rows(forward_hidden(model, tokens, mask), index)  # [K, T-1, D]
+    pair = pair_stats(student_hidden[take], teacher_hidden, model.lm_head_kernel(), batch.tokens[take, 1:],
+                      spec.vocab, batch.target_mask[take], features=("teacher_logprobs", "reverse_kl"))
+    pair = jax.tree.map(jax.lax.stop_gradient, pair)
+    return (teacher_logprobs.at[ids].set(pair["teacher_logprobs"], mode="drop"),
+            reverse_kl.at[ids].set(pair["reverse_kl"], mode="drop"))
 
 
 def to_device(batch: Any) -> Any:
