@@ -1,7 +1,8 @@
 """The real training loop (``sgcd_jax.train.train``: SFT warm-up → rollout → selection → annotation →
 score → credit → update → eval → checkpoint) on 2 local processes × 4 simulated CPU devices reaches
-the parameters of 1 process × 8 devices, both on a (data=2, fsdp=4) mesh; killing a process makes
-its peer exit with an error instead of hanging.
+the parameters of 1 process × 8 devices, both on a (data=2, fsdp=4) mesh — also across a stop and
+an orbax restore of the sharded multi-process state; killing a process makes its peer exit with an
+error instead of hanging.
 
 Workers: tests/helpers/train_worker.py (tiny config, every odd sibling rewarded so advantages,
 annotation, teacher scoring and credit are non-trivial).
@@ -24,7 +25,8 @@ from helpers import multiproc  # noqa: E402
 
 WORKER = str(Path(__file__).resolve().parent / "helpers" / "train_worker.py")
 OVERRIDES = ["sft.enabled=true", "sft.steps=2", "sft.batch_size=2", "sft.num_demos=8",
-             "optim.learning_rate=0.001"]
+             "optim.learning_rate=0.001", "run.num_iterations=3", "run.keep_checkpoints=4"]
+EPISODES = 3 * 4 * 2  # iterations x tasks x siblings
 
 
 def worker_args(workdir: Path, name: str, heartbeat_s: int = 10, extra: tuple[str, ...] = ()) -> list[str]:
@@ -88,31 +90,40 @@ def seeded_run_dir(workdir: Path, reference: Path) -> Path:
 @pytest.mark.timeout(600)
 def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_path):
     run_dir = seeded_run_dir(tmp_path, single_process_run)
-    outputs = multiproc.run(worker_args(tmp_path, "run"), 2, 4, tmp_path, "pair", timeout_s=300)
-    assert all('"event": "done"' in out and '"iteration": 2' in out for out in outputs)
+    # Stopped (as if preempted) after 2 iterations, then restarted: restores the orbax checkpoint
+    # (params, optimizer state sharded over both processes) and runs iteration 3.
+    stopped = multiproc.run(worker_args(tmp_path, "run", extra=("run.stop_after_iterations=2",)), 2, 4, tmp_path,
+                            "pair", timeout_s=300)
+    assert all('"iteration": 2' in out for out in stopped)
+    resumed = multiproc.run(worker_args(tmp_path, "run"), 2, 4, tmp_path, "resumed", timeout_s=300)
+    assert all('"event": "done"' in out and '"iteration": 3' in out for out in resumed)
 
     # Rollouts: every episode sampled the same tokens on whichever process ran it (per-episode keys).
     single, multi = stored_rollouts(single_process_run), stored_rollouts(run_dir)
-    assert len(single) == 16 and sorted(single) == sorted(multi)  # 2 iterations x 4 tasks x 2 siblings
+    assert len(single) == EPISODES and sorted(single) == sorted(multi)
     for key in single:
         np.testing.assert_array_equal(multi[key]["token_ids"], single[key]["token_ids"], err_msg=str(key))
         np.testing.assert_allclose(multi[key]["credit_weights"], single[key]["credit_weights"], rtol=1e-5,
                                    atol=1e-6, err_msg=str(key))
     assert len(list((run_dir / "rollouts").glob("process_*"))) == 2  # one sub-store per process
 
-    # Params after SFT + 2 RL updates: equal within fp32 reduction-order noise (Adam divides each
-    # entry by its own magnitude, so near-zero gradient entries carry ~1e-6 differences).
-    final_single, final_multi = load_params(single_process_run, 2), load_params(run_dir, 2)
-    before = load_params(single_process_run, 1)
-    assert sorted(final_single) == sorted(final_multi)
-    diff = max(np.abs(final_single[k] - final_multi[k]).max() for k in final_single)
-    moved = max(np.abs(final_single[k] - before[k]).max() for k in final_single)
-    print(f"param max |1 process - 2 processes| = {diff:.3g}; last update moved params by {moved:.3g}")
-    assert moved > 1e-4, "the RL update did not change the params"
-    assert diff < 1e-5 and diff < moved / 20
+    # Params after SFT + 2 RL updates (checkpoint 2) and after the resumed 3rd: equal within fp32
+    # reduction-order noise (Adam divides each entry by its own magnitude, so near-zero gradient
+    # entries carry ~1e-6 differences).
+    for step in (2, 3):
+        final_single, final_multi = load_params(single_process_run, step), load_params(run_dir, step)
+        before = load_params(single_process_run, step - 1)
+        assert sorted(final_single) == sorted(final_multi)
+        diff = max(np.abs(final_single[k] - final_multi[k]).max() for k in final_single)
+        moved = max(np.abs(final_single[k] - before[k]).max() for k in final_single)
+        print(f"step {step}: param max |1 process - 2 processes| = {diff:.3g}; the update moved params by {moved:.3g}")
+        assert moved > 1e-4, "the RL update did not change the params"
+        assert diff < 1e-5 and diff < moved / 20
 
     # Job-wide metrics (reduced across processes, logged by process 0) match the one-process run.
-    for a, b in zip(train_records(single_process_run), train_records(run_dir), strict=True):
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]  # iteration 3 logged once, after the restore
+    for a, b in zip(train_records(single_process_run), records, strict=True):
         for key in ("reward_mean", "grad_norm", "entropy", "credit/weight_mean", "count/episodes"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
 
@@ -125,18 +136,19 @@ def test_killing_a_training_process_makes_its_peer_exit_with_an_error(single_pro
     for attempt in range(3):
         procs, logs = multiproc.spawn(worker_args(tmp_path, "run", heartbeat_s, ("run.num_iterations=50",)),
                                       2, 4, tmp_path, f"kill{attempt}")
+        joined = run_dir / "checkpoints" / "0"  # written after the SFT updates, before iteration 1
         deadline = time.monotonic() + 200
-        while (time.monotonic() < deadline and not (run_dir / "checkpoints" / "1").is_dir()
-               and all(p.poll() is None for p in procs)):
+        while time.monotonic() < deadline and not joined.is_dir() and all(p.poll() is None for p in procs):
             time.sleep(0.2)
-        if (run_dir / "checkpoints" / "1").is_dir():
+        if joined.is_dir():
             break
         multiproc.stop(procs)
         text = "\n".join(log.read_text() for log in logs)
         if not any(m in text.lower() for m in multiproc.PORT_TAKEN) or attempt == 2:
-            pytest.fail(f"the pair never finished its first iteration:\n{text[-4000:]}")
+            pytest.fail(f"the pair never reached its first checkpoint:\n{text[-4000:]}")
     try:
-        procs[1].kill()  # mid-training: process 0 is in the loop with collectives ahead
+        time.sleep(2.0)  # into the first iteration: process 0 has collectives ahead
+        procs[1].kill()
         killed_at = time.monotonic()
         bound_s = heartbeat_s * 4 + 30
         try:
@@ -152,3 +164,80 @@ def test_killing_a_training_process_makes_its_peer_exit_with_an_error(single_pro
     lowered = survivor.lower()
     assert ("heartbeat timeout" in lowered or "another task died" in lowered or "connection closed by peer" in lowered
             or "timed out" in lowered), survivor[-3000:]
+
+
+# ----------------------------------------------------------------------------- one-process pieces
+
+def test_timeouts_come_from_the_environment_unless_the_config_sets_them():
+    from sgcd_jax.distributed import DistributedConfig, resolve_config
+
+    env = {"SGCD_HEARTBEAT_TIMEOUT_S": "7", "SGCD_BARRIER_TIMEOUT_S": "90"}
+    resolved = resolve_config(environ=env)
+    assert (resolved.heartbeat_timeout_s, resolved.barrier_timeout_s, resolved.cluster) == (7, 90, "none")
+    assert resolve_config(DistributedConfig(heartbeat_timeout_s=3), environ=env).heartbeat_timeout_s == 3
+
+
+def test_a_batch_every_process_holds_is_split_over_the_batch_shards():
+    import jax
+
+    from sgcd_jax import distributed, sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
+    full = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    placed = distributed.global_batch_from_host(full, mesh)
+    assert placed.sharding.spec[0] == ("data", "fsdp")
+    for shard in placed.addressable_shards:  # device k of the (data, fsdp) grid holds rows [2k, 2k+2)
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+    np.testing.assert_array_equal(distributed.local_rows(placed), full)  # one process: all rows
+    assert distributed.process_local_view({"x": placed}, mesh)["x"] is placed  # one process: identity
+    assert jax.device_count() == 8
+
+
+def test_sharded_learner_matches_one_device_learner():
+    """Learner on a (data=2, fsdp=4) mesh — FSDP-sharded params and Adam state, strided micro-batches
+    of a global batch — takes the same optimizer step as the unsharded learner."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sgcd_jax import distributed, sharding
+    from sgcd_jax.config import OptimSpec
+    from sgcd_jax.losses import PolicyLossConfig, VocabConfig
+    from sgcd_jax.models import Decoder, ModelConfig
+    from sgcd_jax.rollout.trajectory import Trajectory
+    from sgcd_jax.scoring import pack, to_device
+    from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    spec = StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=16), micro_batch_size=4)
+    tx = make_optimizer(OptimSpec(learning_rate=1e-2, schedule="constant"), 4)
+    rng = np.random.default_rng(0)
+    trajectories = []
+    for i in range(16):
+        length = int(rng.integers(12, 30))
+        mask = (np.arange(length) >= 4).astype(np.int32)
+        trajectories.append(Trajectory(task_id=f"t{i // 2}", group_id=str(i // 2), sample_index=i % 2,
+                                       token_ids=rng.integers(0, 64, length).astype(np.int32), loss_mask=mask,
+                                       step_ids=np.where(mask > 0, 0, -1).astype(np.int32),
+                                       sampler_logprobs=np.zeros(length, np.float32), prompt_len=4, messages=[],
+                                       steps=[], reward=float(i % 2)))
+    host = pack(trajectories, min_length=32)
+    advantages = rng.normal(size=host.target_mask.shape).astype(np.float32)
+
+    def step(learner, batch, token_advantages):
+        zeros = jnp.zeros_like(batch.target_mask)
+        metrics = learner.update(StepInputs(batch, token_advantages, zeros - 1.0, zeros, zeros))
+        return metrics, distributed.fully_replicated_host_copy(learner.params)
+
+    plain_metrics, plain = step(Learner(Decoder(cfg, rngs=nnx.Rngs(0)), tx, spec), to_device(host),
+                                jnp.asarray(advantages))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
+    learner = Learner(Decoder(cfg, rngs=nnx.Rngs(0)), tx, spec, mesh=mesh)
+    mu = learner.opt_state[1][0].mu
+    assert mu["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.P("fsdp", None)  # like its param
+    sharded_metrics, sharded = step(learner, distributed.global_batch(host, mesh),
+                                    distributed.global_batch(advantages, mesh))
+    assert learner.params["lm_head"]["kernel"].sharding.spec == jax.P("fsdp", None)  # stays sharded
+    np.testing.assert_allclose(sharded_metrics["loss"], plain_metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5)
