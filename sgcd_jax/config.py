@@ -94,6 +94,7 @@ class EnvSpec:
     train_split: str = "train"
     eval_split: str = "test"
     num_tasks: int = 64  # airline_lite: tasks generated per split
+    tasks_per_db: int = 0  # airline_lite: 0 = one DB per split; k = a fresh DB (users, ids) every k tasks
     max_turns: int = 8
     user: str = "scripted"  # scripted | gemini | local
 
@@ -102,6 +103,7 @@ class EnvSpec:
         _one_of("env.difficulty", self.difficulty, ("easy", "medium", "hard", "mixed"))
         _check(self.max_turns >= 1, "env.max_turns must be >= 1")
         _check(self.num_tasks >= 1, "env.num_tasks must be >= 1")
+        _check(self.tasks_per_db >= 0, "env.tasks_per_db must be >= 0 (0 = one DB per split)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -76,7 +76,8 @@ def build_env(spec: EnvSpec) -> EnvFactory:
 
     kwargs = dict(max_turns=spec.max_turns, user=spec.user)
     if spec.name == "airline_lite":
-        kwargs.update(difficulty=spec.difficulty, num_tasks=spec.num_tasks, seed=spec.seed)
+        kwargs.update(difficulty=spec.difficulty, num_tasks=spec.num_tasks, seed=spec.seed,
+                      tasks_per_db=spec.tasks_per_db)
     return make_factory(spec.name, **kwargs)
 
 

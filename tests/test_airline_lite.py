@@ -126,3 +126,28 @@ def test_train_and_test_splits_share_no_entities():
                 found.update(str(args[k]) for k in ("user_id", "reservation_id") if k in args)
         return found
     assert entities("train") and not entities("train") & entities("test")
+
+
+def test_tasks_per_db_spreads_a_split_over_many_databases():
+    """tasks_per_db=k: every k tasks get a fresh DB, so ids seen in one shard do not repeat in the others
+    (what makes SFT demos teach copying ids rather than memorising 30 users), and the oracle still wins."""
+    import re
+
+    one_db = make_factory("airline_lite", difficulty="mixed", num_tasks=96, seed=5).tasks("train")
+    sharded_factory = make_factory("airline_lite", difficulty="mixed", num_tasks=96, seed=5, tasks_per_db=8)
+    sharded = sharded_factory.tasks("train")
+    assert len(sharded) == 96 and len({t.task_id for t in sharded}) == 96
+    assert len({t.payload["db_split"] for t in one_db}) == 1
+    assert len({t.payload["db_split"] for t in sharded}) == 12
+    assert [t.payload["index"] for t in sharded] == list(range(96))
+
+    def user_ids(tasks):
+        found = {m for t in tasks for m in re.findall(r"\b[a-z]+_[a-z]+_\d{4}\b", json.dumps(t.payload))}
+        return {m for m in found if not m.startswith(("credit_card", "gift_card"))}
+    assert len(user_ids(one_db)) <= 30 < 2 * 30 < len(user_ids(sharded))  # one DB holds 30 users
+    for task in sharded:
+        reward, info, _ = play(sharded_factory.make(), task, oracle_actions(task))
+        assert reward == 1.0, (task.task_id, info["fail_reasons"])
+    assert make_factory("airline_lite", num_tasks=10, seed=5, tasks_per_db=3).tasks("x")[9].payload["db_split"] == "x#3"
+    with pytest.raises(ValueError, match="tasks_per_db"):
+        make_factory("airline_lite", tasks_per_db=-1)

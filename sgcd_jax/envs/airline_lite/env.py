@@ -156,13 +156,22 @@ class _GoldCache:
 
 
 class AirlineLiteFactory:
-    """``tasks(split)``: ``num_tasks`` tasks per split ("train", "test", or any name), seeded."""
+    """``tasks(split)``: ``num_tasks`` tasks per split ("train", "test", or any name), seeded.
+
+    ``tasks_per_db``: 0 = every task of a split shares one generated DB (30 users, ~40 flights, ~90
+    reservations); k > 0 = each run of k tasks gets its own DB (``split#shard``), so a split spans
+    many distinct users, flights and reservation ids. With one DB, 256 SFT demos repeat the same 30
+    user ids and a tiny model memorises them instead of learning to copy ids from the request.
+    """
 
     name = ENV_NAME
 
     def __init__(self, difficulty: str = "easy", num_tasks: int = 64, seed: int = 0, max_turns: int = 8,
-                 **_: Any):
+                 tasks_per_db: int = 0, **_: Any):
+        if tasks_per_db < 0:
+            raise ValueError(f"airline_lite tasks_per_db={tasks_per_db} must be >= 0 (0 = one DB per split)")
         self.difficulty, self.num_tasks, self.seed, self.max_turns = difficulty, num_tasks, seed, max_turns
+        self.tasks_per_db = tasks_per_db
         self._gold = _GoldCache(seed)
         self._lock = threading.Lock()
         self._splits: dict[str, list[Task]] = {}
@@ -170,10 +179,20 @@ class AirlineLiteFactory:
     def tasks(self, split: str) -> list[Task]:
         with self._lock:
             if split not in self._splits:
-                payloads = generate_tasks(self.seed, split, self.num_tasks, self.difficulty)
+                payloads = self._generate(split)
                 self._splits[split] = [Task(f"lite-{self.seed}-{split}-{self.difficulty}-{p['index']}",
                                             ENV_NAME, p) for p in payloads]
             return list(self._splits[split])
+
+    def _generate(self, split: str) -> list[dict[str, Any]]:
+        if not self.tasks_per_db:
+            return generate_tasks(self.seed, split, self.num_tasks, self.difficulty)
+        payloads: list[dict[str, Any]] = []
+        for shard in range(-(-self.num_tasks // self.tasks_per_db)):
+            count = min(self.tasks_per_db, self.num_tasks - len(payloads))
+            for payload in generate_tasks(self.seed, f"{split}#{shard}", count, self.difficulty):
+                payloads.append({**payload, "index": len(payloads)})
+        return payloads
 
     def make(self) -> AirlineLiteEnv:
         return AirlineLiteEnv(self.max_turns, self.seed, self._gold)
