@@ -7,8 +7,8 @@ trajectories (no env/sampler): a tiny Qwen3-style ``models.Decoder`` placed by
 own rows and ``distributed.global_batch`` makes global arrays; then ``scoring.score`` (student and
 teacher passes), ``losses.compute_advantages`` (sibling groups straddle the processes),
 ``losses.sgcd_credit`` and ``train_step.Learner.update`` (micro-batched, AdamW). Metrics go through
-``distributed.reduce_metrics``. The full ``sgcd_jax.train`` loop is not used: it does not yet build
-global arrays (see docs/scale_out.md).
+``distributed.reduce_metrics``. The full ``sgcd_jax.train`` loop on several processes (rollout,
+annotation, eval, checkpoint restore) is tested in tests/test_train_multihost.py.
 """
 
 from __future__ import annotations
