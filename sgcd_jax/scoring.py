@@ -11,6 +11,7 @@ features line up with the student's token by token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax.struct
@@ -112,18 +113,21 @@ class ScoreSpec:
     """Static choices of the scoring pass (hashable; a jit static argument).
 
     The teacher forward runs only on rows that have a credit reference (``has_teacher`` = 1), in
-    chunks of ``teacher_chunk_rows`` rows, each cut to the packed teacher length halved up to
-    ``teacher_length_halvings`` times while the longest teacher conversation still fits (960 →
-    512 → 256): one compiled teacher program per length (≤ halvings + 1 of them), however many rows
-    have a reference. ``teacher_chunk_rows=0``: one teacher forward over all N rows at the packed
+    chunks of ``teacher_chunk_rows`` rows, cut to the shortest length of a ladder that holds the
+    longest teacher conversation: the packed teacher length shrunk by ``teacher_length_ratio`` up to
+    ``teacher_length_steps`` times, in multiples of 64 (960 → 768 → 576 → 448). One compiled teacher
+    program per length (≤ steps + 1 of them), however many rows have a reference; the forward's cost
+    grows faster than linearly in the length (attention), so the ladder pays for its compiles in a
+    few iterations. ``teacher_chunk_rows=0``: one teacher forward over all N rows at the packed
     length (rows without a reference included).
     """
 
     vocab: VocabConfig
     with_teacher: bool
     with_reference: bool
-    teacher_chunk_rows: int = 8
-    teacher_length_halvings: int = 2
+    teacher_chunk_rows: int = 4
+    teacher_length_steps: int = 3
+    teacher_length_ratio: float = 0.75
 
 
 def teacher_plan(num_teacher_rows: int, longest: int, packed_length: int, spec: ScoreSpec) -> tuple[int, int]:
@@ -131,11 +135,11 @@ def teacher_plan(num_teacher_rows: int, longest: int, packed_length: int, spec: 
     longest teacher conversation has ``longest`` tokens, packed at ``packed_length``."""
     chunks = -(-num_teacher_rows // spec.teacher_chunk_rows)
     length = packed_length
-    for _ in range(spec.teacher_length_halvings):
-        half = bucket(-(-length // 2))
-        if half < longest or half >= length:
+    for _ in range(spec.teacher_length_steps):
+        shorter = bucket(math.ceil(length * spec.teacher_length_ratio))
+        if shorter < longest or shorter >= length:
             break
-        length = half
+        length = shorter
     return chunks, length
 
 
@@ -155,8 +159,9 @@ def score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, s
     from the batch (one small device reduction, the same on every process)."""
     if not spec.with_teacher or spec.teacher_chunk_rows <= 0:
         return _score(model, ref_model, batch, spec, False)
+    need = _teacher_need(batch.has_teacher, batch.teacher_mask)  # dispatched first: ready before the student pass ends
     feats, student_hidden = _score(model, ref_model, batch, dataclasses.replace(spec, with_teacher=False), True)
-    count, longest = (int(x) for x in _teacher_need(batch.has_teacher, batch.teacher_mask))
+    count, longest = (int(x) for x in need)
     chunks, length = teacher_plan(count, longest, batch.teacher_tokens.shape[1], spec)
     for chunk in range(chunks):
         feats["teacher_logprobs"], feats["reverse_kl"] = _teacher_chunk(

@@ -85,23 +85,25 @@ def scored():
     host = pack(trajs, prompts, rows_multiple=4, length_multiple=16, min_teacher_length=256)
     batch = to_device(host)
     base = ScoreSpec(VocabConfig(chunk_size=32), with_teacher=True, with_reference=False)
-    specs = {"compact": base,  # one chunk of 8 (3 reference rows + 5 fill slots), length 256 → 64
-             "compact_chunks": dataclasses.replace(base, teacher_chunk_rows=2, teacher_length_halvings=3),
+    specs = {"compact": dataclasses.replace(base, teacher_chunk_rows=8),  # one chunk: 3 rows + 5 fill slots, 192 tokens
+             "compact_chunks": dataclasses.replace(base, teacher_chunk_rows=2, teacher_length_steps=8,
+                                                 teacher_length_ratio=0.5),  # 2 chunks, 64 tokens
              "uncompacted": dataclasses.replace(base, teacher_chunk_rows=0)}
     features = {name: jax.tree.map(np.asarray, score(model, None, batch, spec)) for name, spec in specs.items()}
     return model, trajs, prompts, host, features
 
 
-def test_teacher_plan_buckets_the_length_and_counts_chunks():
-    spec = ScoreSpec(VocabConfig(), True, False)  # chunks of 8 rows; 960 → 512 → 256 (multiples of 64)
-    assert teacher_plan(5, 300, 960, spec) == (1, 512)
-    assert teacher_plan(8, 512, 960, spec) == (1, 512)
-    assert teacher_plan(9, 513, 960, spec) == (2, 960)
-    assert teacher_plan(0, 0, 960, spec) == (0, 256)  # at most two halvings
+def test_teacher_plan_counts_chunks_and_picks_the_shortest_ladder_length():
+    spec = ScoreSpec(VocabConfig(), True, False, teacher_chunk_rows=8)  # 960 → 768 → 576 → 448
+    assert teacher_plan(5, 300, 960, spec) == (1, 448)
+    assert teacher_plan(8, 577, 960, spec) == (1, 768)
+    assert teacher_plan(9, 768, 960, spec) == (2, 768)
+    assert teacher_plan(9, 769, 960, spec) == (2, 960)
+    assert teacher_plan(0, 0, 960, spec) == (0, 448)  # at most 3 steps down
     assert teacher_plan(17, 950, 960, spec) == (3, 960)
-    small = dataclasses.replace(spec, teacher_chunk_rows=2, teacher_length_halvings=4)
+    small = dataclasses.replace(spec, teacher_chunk_rows=2, teacher_length_steps=8, teacher_length_ratio=0.5)
     assert teacher_plan(3, 40, 256, small) == (2, 64)  # 256 → 128 → 64, never below one 64-token bucket
-    assert teacher_plan(3, 40, 256, dataclasses.replace(small, teacher_length_halvings=0)) == (2, 256)
+    assert teacher_plan(3, 40, 256, dataclasses.replace(small, teacher_length_steps=0)) == (2, 256)
 
 
 def test_the_batch_really_exercises_compaction(scored):
@@ -110,8 +112,8 @@ def test_the_batch_really_exercises_compaction(scored):
     longest = int(host.teacher_mask[host.has_teacher > 0].sum(1).max())
     assert host.tokens.shape[0] == 8 and count == len(PROMPTS) and host.row_valid[-1] == 0
     assert host.teacher_tokens.shape[1] == 256 and longest == 30
-    assert teacher_plan(count, longest, 256, ScoreSpec(VocabConfig(), True, False)) == (1, 64)
-    small = ScoreSpec(VocabConfig(), True, False, teacher_chunk_rows=2, teacher_length_halvings=3)
+    assert teacher_plan(count, longest, 256, ScoreSpec(VocabConfig(), True, False, teacher_chunk_rows=8)) == (1, 192)
+    small = ScoreSpec(VocabConfig(), True, False, teacher_chunk_rows=2, teacher_length_steps=8, teacher_length_ratio=0.5)
     assert teacher_plan(count, longest, 256, small) == (2, 64)  # second chunk: one reference row, one fill slot
 
 

@@ -109,6 +109,8 @@ def summarize(history: list[dict[str, float]], skip: int) -> dict:
     out["measured_iterations_with_mixed_groups"] = sum(m.get("selection/mixed", 0) > 0 for m in measured)
     out["iteration_s"] = [round(m["time/iteration_s"], 3) for m in history]
     out["score_s"] = [round(m.get("time/score_s", 0.0), 3) for m in history]
+    out["rollout_s"] = [round(m.get("time/rollout_s", 0.0), 3) for m in history]
+    out["turns_mean"] = float(np.median([m.get("turns_mean", 0.0) for m in measured]))
     out["response_tokens_mean"] = float(np.median([m.get("response_tokens_mean", 0.0) for m in measured]))
     out["annotator_mean_latency_s"] = history[-1].get("annotator/mean_latency_s", 0.0)
     out["success_rate_mean"] = float(np.mean([m.get("success_rate", 0.0) for m in history]))
