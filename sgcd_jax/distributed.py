@@ -346,7 +346,12 @@ def local_rows(leaf: Any) -> np.ndarray:
     for shard in leaf.addressable_shards:
         start = shard.index[0].start or 0
         pieces.setdefault(start, np.asarray(shard.data))
-    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+    rows = np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+    if len(rows) == leaf.shape[0]:  # every row on this process: not split over processes
+        raise ValueError(f"local_rows: array {leaf.shape} ({leaf.sharding}) is not split over processes on "
+                         "its first dim, so this process's rows are unknown; reshard it first "
+                         "(distributed.shard_rows_on_mesh)")
+    return rows
 
 
 def local_mesh(mesh: Mesh) -> Mesh:

@@ -257,6 +257,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
                      with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
+    if learner.mesh is not None and learner.mesh.size > 1:  # the batch layout, whatever score returned
+        features = distributed.shard_rows_on_mesh(features, learner.mesh)
     jax.block_until_ready(features)
     timings["time/score_s"] = time.perf_counter() - start
 
@@ -275,6 +277,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     adv_cfg = AdvantageConfig(estimator=config.loss.advantage, eps=config.loss.adv_eps,
                               norm_by_std=config.loss.norm_by_std)
     advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0, adv_cfg)
+    if learner.mesh is not None and learner.mesh.size > 1:
+        advantages = advantages.replace(advantages=distributed.shard_rows_on_mesh(advantages.advantages, learner.mesh))
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
     reverse_kl = features.get("reverse_kl", jnp.zeros_like(batch.target_mask))  # no teacher: q_T = p_S, KL = 0
     credit_batch = CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],

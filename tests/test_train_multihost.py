@@ -106,6 +106,11 @@ def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_p
         np.testing.assert_allclose(multi[key]["credit_weights"], single[key]["credit_weights"], rtol=1e-5,
                                    atol=1e-6, err_msg=str(key))
     assert len(list((run_dir / "rollouts").glob("process_*"))) == 2  # one sub-store per process
+    # Each process stored exactly what the credit function saw for its rows: rescore is bitwise.
+    rescored = subprocess.run([sys.executable, "-m", "sgcd_jax.rescore", "--run_dir", str(run_dir), "--require_exact"],
+                              cwd=multiproc.REPO, env=multiproc.worker_env(1), capture_output=True, text=True,
+                              timeout=300)
+    assert rescored.returncode == 0, rescored.stdout[-2000:] + rescored.stderr[-2000:]
 
     # Params after SFT + 2 RL updates (checkpoint 2) and after the resumed 3rd: equal within fp32
     # reduction-order noise (Adam divides each entry by its own magnitude, so near-zero gradient
