@@ -43,6 +43,12 @@ class _Preemption:
     def _handle(self, signum, frame):  # noqa: ARG002
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (a collective when several processes run)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return distributed.reduce_metrics({"preempted": float(self.requested)}, "max")["preempted"] > 0
+
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -152,7 +158,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if pending is None:
                 pending = roll(iteration)
             ahead = None
-            if pipelined and not boundary(iteration + 1) and not preemption.requested:
+            preempted = preemption.agreed()  # one SIGTERMed process stops them all, at the same point
+            if pipelined and not boundary(iteration + 1) and not preempted:
                 ahead = roll(iteration + 1)  # its annotation runs while `pending` is scored and updated
             metrics, samples = finish(pending)
             pending = ahead
@@ -170,7 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 parts.write_samples(run_dir, samples)
             progress.advance("iterations", iteration,
                              f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
-            stop_now = preemption.requested or (config.run.stop_after_iterations and
+            stop_now = preempted or preemption.agreed() or (config.run.stop_after_iterations and
                                                 iteration - start_iteration >= config.run.stop_after_iterations)
             if stop_now and pending is not None:  # preempted with a batch in flight: drain it first
                 metrics, samples = finish(pending)
