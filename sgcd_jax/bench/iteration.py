@@ -1,19 +1,23 @@
 """python -m sgcd_jax.bench iteration — SGCD vs GRPO wall time per RL iteration on the quickstart setting.
 
 Both methods start from the SAME post-SFT parameters (one SFT warm-up, copied into each method's
-learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven exactly
-as ``sgcd_jax.train`` drives them (``train_parts.rollout_phase`` / ``update_phase``; SGCD with
+learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven as
+``sgcd_jax.train`` drives them (``train_parts.rollout_phase`` / ``update_phase``; SGCD with
 ``credit.async_annotation`` on, so iteration k's annotation runs while rollout k+1 does). The two
-methods' iterations are interleaved (GRPO i, SGCD i, GRPO i+1, …) so both see the same machine load
-on a shared CPU. The first ``--skip`` iterations of each (jit compiles, incl. SGCD's first teacher passes) are left out of the medians.
+methods' iterations are interleaved (GRPO i, SGCD i, GRPO i+1, ...) so both see the same machine
+load on a shared CPU. The first ``--skip`` iterations of each (jit compiles, incl. SGCD's first
+teacher passes) are left out of the medians. ``--cache DIR`` keeps the tokenizer and the post-SFT
+params, so a second run (e.g. of another version of the code) starts from the same params without
+the SFT (~2-4 min of the first run on 2 cores).
 
-An iteration's time is what ``train.py`` logs as ``time/iteration_s``: from the end of the previous
-update to the end of this one (pipelined SGCD: rollout k+1 + annotation wait + teacher context +
-score + update k; GRPO: rollout k + score + update k). Rollout time depends on how long the sampled
-episodes are, which differs between the two policies once they diverge, so the JSON also gives the
-ratio of the update-phase medians (annotation wait + teacher context + score + update), where the
-methods' code paths differ, and the iteration ratio at GRPO's rollout time. Iterations with no mixed group have no teacher forward; the JSON counts
-how many measured SGCD iterations had one.
+An iteration's time is what ``train.py`` logs as ``time/iteration_s``: from the start of the
+iteration's work to the end of its update (pipelined SGCD: rollout k+1 + annotation wait + teacher
+context + score + update k; GRPO: rollout k + score + update k). Rollout time depends on how long the
+sampled episodes are, which differs between the two policies once they diverge (and the sampler
+compiles new shapes as they appear), so the JSON also gives the ratio of the update-phase medians
+(annotation wait + teacher context + score + update: where the methods' code differs) and the
+iteration ratio at GRPO's rollout time. Iterations with no mixed group have no teacher forward; the
+JSON counts how many measured iterations had one.
 
 Prints one JSON object.
 """
