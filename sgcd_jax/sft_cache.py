@@ -1,0 +1,78 @@
+"""Reuse an SFT warm-up across runs that would compute the identical one (``sft.cache_dir``).
+
+A method comparison (``sgcd_jax.compare``: 4 methods × 3 seeds) starts every method of a seed from
+the same post-SFT policy; without a cache each run repeats the warm-up (about a third of a quickstart
+run). The key is a hash of everything the warm-up's result depends on: the model spec, the SFT spec,
+the env spec, ``run.seed`` (init and demo order), ``rollout.max_total_tokens`` (which demos fit), the
+tokenizer's files and the optimizer settings SFT reuses. Entries are orbax checkpoints written to a
+temporary name and renamed, so a crash mid-write never leaves an entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
+    """Hex digest of every input of the SFT warm-up (``config``: a TrainConfig)."""
+    parts = {"version": FORMAT_VERSION, "model": dataclasses.asdict(config.model),
+             "sft": {k: v for k, v in dataclasses.asdict(config.sft).items() if k != "cache_dir"},
+             "env": dataclasses.asdict(config.env), "seed": config.run.seed,
+             "max_total_tokens": config.rollout.max_total_tokens,
+             "optim": {k: getattr(config.optim, k) for k in ("schedule", "end_lr_fraction", "weight_decay", "b1", "b2",
+                                                             "grad_clip", "micro_batch_size", "warmup_steps")},
+             "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.loss.aggregation}}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        for name in sorted(os.listdir(tokenizer_dir)):
+            with open(os.path.join(tokenizer_dir, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:20]
+
+
+def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tuple[Any, dict]]) -> tuple[Any, dict]:
+    """(post-SFT params, metrics): restored from ``cache_dir/key`` when present, else ``run_sft()`` is
+    called and its params saved there. ``params``: the current params (the restore target's layout
+    and shardings). A corrupt entry is reported, removed and recomputed — it never fails the run."""
+    entry = os.path.abspath(os.path.join(cache_dir, key))
+    if os.path.isdir(entry):
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                restored = checkpointer.restore(os.path.join(entry, "params"), params)
+            with open(os.path.join(entry, "metrics.json")) as f:
+                metrics = json.load(f)
+            return restored, {**metrics, "sft/cache_hit": 1.0}
+        except Exception as err:  # noqa: BLE001 — a bad entry costs a recompute, never the run
+            logger.warning("SFT cache entry %s unreadable (%s); recomputing it", entry, err)
+            if jax.process_index() == 0:
+                shutil.rmtree(entry, ignore_errors=True)
+    new_params, metrics = run_sft()
+    tmp = f"{entry}.tmp-{os.getpid()}"
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(tmp, "params"), new_params)
+            checkpointer.wait_until_finished()
+        if jax.process_index() == 0:
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump({k: float(v) for k, v in metrics.items()}, f)
+            if not os.path.isdir(entry):
+                os.replace(tmp, entry)
+    except OSError as err:  # a full or read-only disk must not lose the run: train on without the cache
+        logger.warning("SFT cache write to %s failed (%s); continuing without caching", entry, err)
+    finally:
+        if jax.process_index() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return new_params, {**metrics, "sft/cache_hit": 0.0}
