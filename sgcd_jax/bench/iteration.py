@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for run in runs.values():
             run.close()
+        if not args.cache:
+            shutil.rmtree(workdir, ignore_errors=True)
     result = {"bench": "iteration", "config": "quickstart (configs/grpo.py vs configs/sgcd.py)",
               "iterations": args.iterations, "skipped": args.skip, "sft_steps": args.sft_steps, "seed": args.seed,
               "sft_s": round(sft_s, 1), "sft_nll_last": sft.get("sft/nll_last"),
