@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -400,15 +401,20 @@ def process_local_view(tree: Any, mesh: Mesh) -> Any:
 def reduce_metrics(metrics: Mapping[str, Any], op: str = "mean") -> dict[str, float]:
     """Combine per-process scalar metrics (host floats) into job-wide values, same on every process.
 
-    op: "mean" | "sum" | "max" | "min". For ratios use ``reduce_ratio`` on sums and denominators.
+    op: "mean" | "sum" | "max" | "min" over the processes that report a key (processes may report
+    different keys). For ratios use ``reduce_ratio`` on sums and denominators.
     """
-    reducers = {"mean": np.mean, "sum": np.sum, "max": np.max, "min": np.min}
+    reducers = {"mean": np.nanmean, "sum": np.nansum, "max": np.nanmax, "min": np.nanmin}
     if op not in reducers:
         raise ValueError(f"reduce_metrics op={op!r}; use one of {sorted(reducers)}")
     keys = sorted(metrics)
-    local = np.asarray([float(metrics[k]) for k in keys], np.float64)  # [K]
+    if jax.process_count() > 1:  # a key some process lacks (e.g. a failure reason it never saw) is NaN there
+        keys = sorted({k for other in allgather_json(keys, "metric-keys") for k in other})
+    local = np.asarray([float(metrics.get(k, np.nan)) for k in keys], np.float64)  # [K]
     gathered = _allgather_rows(local)  # [P, K]
-    return {k: float(v) for k, v in zip(keys, reducers[op](gathered, axis=0))}
+    with warnings.catch_warnings():  # a key that is NaN on every process stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: float(v) for k, v in zip(keys, reducers[op](gathered, axis=0))}
 
 
 def reduce_ratio(numerators: Mapping[str, float], denominators: Mapping[str, float]

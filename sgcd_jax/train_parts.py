@@ -253,7 +253,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                       min_length=length, min_teacher_length=teacher_length)
     _check_same_shapes(host_batch)
     batch = to_mesh(host_batch, learner)
-    needs_teacher = config.loss.needs_teacher and any(p is not None for p in prompts)
+    needs_teacher = config.loss.needs_teacher and any_process(any(p is not None for p in prompts))
     spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
                      with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
@@ -294,7 +294,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                                                                                 learner.mesh))
     else:
         credit = _credit(credit_batch, credit_config(config.loss), iteration, config.loss.credit != "none")
-    if store is not None:
+    if store is not None and trajectories:
         start_store = time.perf_counter()
         store_iteration(store, iteration, trajectories, batch, features, teacher_logprobs, reverse_kl, credit,
                         advantages, rewards, config)
@@ -365,7 +365,7 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
     samples: list = []
     update_started = time.perf_counter()
     kept = rolled.kept
-    if kept:
+    if any_process(bool(kept)):  # every process joins the update, with no rows if it kept none
         prompts: list = [None] * len(kept)
         references: dict = {}
         if config.loss.needs_teacher:
@@ -480,6 +480,14 @@ def evaluate_student(learner: Learner, env_factory, tasks, chat, config: TrainCo
         result = distributed.weighted_mean_across_processes(result, weight=len(mine), name="eval")
     result["time/eval_s"] = time.perf_counter() - start
     return result
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` on any process (the same answer on all: choices that pick jitted programs or
+    collectives must agree, or processes would wait on each other)."""
+    if jax.process_count() == 1:
+        return flag
+    return distributed.reduce_metrics({"flag": float(flag)}, "max")["flag"] > 0
 
 
 def local_mesh(learner: Learner):

@@ -106,6 +106,14 @@ def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_p
         np.testing.assert_allclose(multi[key]["credit_weights"], single[key]["credit_weights"], rtol=1e-5,
                                    atol=1e-6, err_msg=str(key))
     assert len(list((run_dir / "rollouts").glob("process_*"))) == 2  # one sub-store per process
+    # Process 1's groups (odd slots) are all-fail: no credit reference, weights 1 — yet it joined the
+    # teacher scoring pass that process 0's references needed (the choice is agreed across processes).
+    from sgcd_jax.store import open_all
+
+    weights = [np.concatenate([store.read_iteration(i, ("credit_weights",)).tokens["credit_weights"].ravel()
+                               for i in store.iterations]) for store in open_all(run_dir / "rollouts")]
+    weights = [w[~np.isnan(w)] for w in weights]
+    assert np.all(weights[1] == 1.0) and np.any(weights[0] != 1.0)
     # Each process stored exactly what the credit function saw for its rows: rescore is bitwise.
     rescored = subprocess.run([sys.executable, "-m", "sgcd_jax.rescore", "--run_dir", str(run_dir), "--require_exact"],
                               cwd=multiproc.REPO, env=multiproc.worker_env(1), capture_output=True, text=True,

@@ -40,8 +40,10 @@ def main() -> None:
     parser.add_argument("--heartbeat_s", type=int, default=10)
     parser.add_argument("--override", action="append", default=[], help="key=json value")
     parser.add_argument("--mixed_rewards", action="store_true",
-                        help="verifier passes every odd sibling (a random tiny policy never succeeds): every "
-                             "group is mixed, so advantages, annotation, teacher and credit are non-trivial")
+                        help="verifier passes every odd sibling of the tasks in even job-wide slots (a random tiny "
+                             "policy never succeeds): those groups are mixed, so advantages, annotation, teacher and "
+                             "credit are non-trivial; with 2 processes, process 1 (odd slots) has no credit "
+                             "reference at all and must still join the teacher scoring pass")
     args = parser.parse_args()
 
     import jax
@@ -60,10 +62,11 @@ def main() -> None:
 
         rollout = integration.rollout
 
-        def rollout_with_mixed_rewards(*a, **k):
-            trajectories = rollout(*a, **k)
-            for traj in trajectories:
-                traj.reward = float(traj.sample_index % 2)
+        def rollout_with_mixed_rewards(model, chat, env_factory, tasks, group_size, *a, **k):
+            trajectories = rollout(model, chat, env_factory, tasks, group_size, *a, **k)
+            slots = k.get("task_slots") or range(len(tasks))
+            for i, traj in enumerate(trajectories):
+                traj.reward = float(traj.sample_index % 2) if slots[i // group_size] % 2 == 0 else 0.0
             return trajectories
 
         integration.rollout = rollout_with_mixed_rewards
