@@ -239,6 +239,7 @@ class SFTSpec:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 3e-3
+    cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/sft_cache.py)
 
     def __post_init__(self):
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,

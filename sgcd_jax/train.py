@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax import distributed
+from sgcd_jax import distributed, sft_cache
 from sgcd_jax import train_parts as parts
 from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
@@ -110,7 +110,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         start_iteration, best_eval = int(meta["iteration"]), float(meta["best_eval"])
         progress.print(f"resumed from {checkpointer.directory} at iteration {start_iteration}")
     elif config.sft.enabled:
-        sft_metrics = parts.run_sft(learner, env_factory, chat, config, progress)
+        sft_metrics = _warm_up(learner, env_factory, chat, config, progress)
         progress.print(f"SFT warm-up: {sft_metrics}")
     # KL reference = the policy RL starts from (after SFT), saved once so a resumed run uses the same one.
     ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
@@ -228,6 +228,20 @@ def _local_key(key: jax.Array) -> jax.Array:
     if jax.process_count() == 1:
         return key
     return jax.random.wrap_key_data(np.asarray(jax.random.key_data(key)), impl=jax.random.key_impl(key))
+
+
+def _warm_up(learner: Learner, env_factory, chat, config: TrainConfig, progress: Progress) -> dict[str, float]:
+    """The SFT warm-up, or (``sft.cache_dir``) an identical earlier one restored from the cache."""
+    if not config.sft.cache_dir:
+        return parts.run_sft(learner, env_factory, chat, config, progress)
+
+    def compute():
+        metrics = parts.run_sft(learner, env_factory, chat, config, progress)
+        return learner.params, metrics
+
+    key = sft_cache.cache_key(config, os.path.join(config.run_dir, "tokenizer"))
+    learner.params, metrics = sft_cache.cached_sft(learner.params, key, config.sft.cache_dir, compute)
+    return metrics
 
 
 def _check_pipelining(config: TrainConfig) -> bool:

@@ -69,3 +69,37 @@ def test_key_covers_what_the_warm_up_depends_on(tmp_path):
     with_a = cache_key(base, str(tokenizer_dir))
     (tokenizer_dir / "tokenizer.json").write_text("b")
     assert with_a != cache_key(base, str(tokenizer_dir)) and with_a != key
+
+
+def test_trainer_restores_a_cached_warm_up_instead_of_recomputing(tmp_path, monkeypatch):
+    """Two runs with the same SFT inputs and sft.cache_dir: the second never calls run_sft and starts
+    RL from bit-identical params (its step-0 checkpoint equals the first run's)."""
+    from test_train_e2e import tiny_config
+
+    from sgcd_jax import train as train_lib
+    from sgcd_jax import train_parts
+    from sgcd_jax.checkpoint import TrainCheckpointer
+
+    cache = str(tmp_path / "sft_cache")
+    extra = {"run.num_iterations": 0, "run.report": False, "eval.at_start": False, "sft.cache_dir": cache}
+    first, _ = tiny_config(tmp_path, "first", **extra)
+    train_lib.train(first)
+    assert len([n for n in os.listdir(cache) if ".tmp-" not in n]) == 1
+
+    calls = []
+    real = train_parts.run_sft
+    monkeypatch.setattr(train_parts, "run_sft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second, _ = tiny_config(tmp_path, "second", **extra)
+    train_lib.train(second)
+    assert calls == []
+
+    def step0(run_dir):
+        ckpt = TrainCheckpointer(run_dir)
+        path = os.path.join(ckpt.directory, "0", "state")
+        ckpt.close()
+        return path
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as reader:
+        a = reader.restore(step0(first.run_dir))["params"]
+        b = reader.restore(step0(second.run_dir))["params"]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
