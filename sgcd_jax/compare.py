@@ -1,7 +1,9 @@
 """``python -m sgcd_jax.compare [--methods grpo grpo_kl sdpo sgcd] [--seeds 0 1 2] [--out runs/compare]
 [--config.key=value …]`` — the same budget for each method × seed (each run a subprocess of
 ``sgcd_jax.train``), then one report with mean ± min/max curves per method: success rate and the
-rate of successful state-changing tool calls.
+rate of successful state-changing tool calls. Every method of a seed starts RL from the same post-SFT
+policy: the warm-up runs once per seed and is restored from ``<out>/sft_cache`` (``sft.cache_dir``)
+by the other methods.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/compare")
     args, overrides = parser.parse_known_args(argv)
+    if not any(o.startswith("--config.sft.cache_dir") for o in overrides):
+        overrides.append(f"--config.sft.cache_dir={os.path.abspath(os.path.join(args.out, 'sft_cache'))}")
     groups: dict[str, list[str]] = {}
     timings = {}
     for method in args.methods:
