@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from sgcd_jax.models.config import ModelConfig
 from sgcd_jax.models.decoder import Linear
@@ -251,6 +252,7 @@ class GatedDeltaNet(nnx.Module):
             core, new_state = gated_delta_rule_recurrent(q, k, v, g, beta, recurrent_state)
         else:
             core, new_state = gated_delta_rule_chunked(q, k, v, g, beta, recurrent_state, self.chunk_size)
+        core = checkpoint_name(core, "attention_out")  # [B,T,Hv,Dv]: what remat "save_attention_out" keeps
         z = self.in_proj_z(x).reshape(batch, steps, self.num_v_heads, self.value_dim)
         out = self.norm(core.astype(self.dtype), z).reshape(batch, steps, self.num_v_heads * self.value_dim)
         return self.out_proj(out), new_conv_state, new_state

@@ -7,6 +7,10 @@ GatedAttention is GQA softmax attention with q/k RMSNorm over head_dim, rotary o
 `partial_rotary_factor · head_dim` dims, and an output gate: q_proj emits [query | gate] per head and the
 attention output is multiplied by sigmoid(gate) before o_proj. All RMSNorms outside the DeltaNet are
 zero-centred (scale = 1 + w, `cfg.extra["zero_centered_norm"]`), as in the checkpoints.
+Accelerator knobs act as in decoder.py: GatedAttention computes softmax attention with decoder.attention
+(`cfg.attention_impl`: einsum path or jax.nn.dot_product_attention / cuDNN), the Decoder wraps every block,
+hybrid ones too, in nnx.remat with `cfg.remat_policy`, and each token mixer's core output (attention before
+the gate, the delta rule before its gated norm) is named "attention_out" for the "save_attention_out" policy.
 HF's "full_attention" becomes "gated_full_attention" here because the family's "full_attention" block is
 the plain Llama/Qwen3 one. The DeltaNet's per-row conv and recurrent states live in `KVCache.extra` under
 "layers/{i}/conv" and "layers/{i}/recurrent" (KVCache.init creates them as zeros through
@@ -24,12 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache, kv_layer_index
 from sgcd_jax.models.config import ModelConfig
-from sgcd_jax.models.decoder import (AttentionContext, Linear, RMSNorm, SwiGLU, apply_rope, grouped_attention,
-                                     register_block)
+from sgcd_jax.models.decoder import AttentionContext, Linear, RMSNorm, SwiGLU, apply_rope, attention, register_block
 from sgcd_jax.models.gated_deltanet import GatedDeltaNet, deltanet_state_shapes
 from sgcd_jax.models.hf_format import ArchitectureAdapter, decoder_config_from_hf, register_architecture
 
@@ -67,6 +71,7 @@ class GatedAttention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg=cfg)
         self.shape = (h, kv, hd)
         self.kv_index = kv_layer_index(cfg, layer_index)  # only full-attention layers have k/v in the cache
+        self.attention_impl = cfg.attention_impl
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         batch, steps, _ = x.shape
@@ -82,7 +87,7 @@ class GatedAttention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = grouped_attention(q, k, v, ctx.attention_mask)  # [B,T,H,Dh]
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl), "attention_out")  # [B,T,H,Dh]
         gated = out.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))
         return self.o_proj(gated.astype(x.dtype).reshape(batch, steps, num_heads * head_dim)), cache
 
