@@ -401,14 +401,28 @@ def process_local_view(tree: Any, mesh: Mesh) -> Any:
 def reduce_metrics(metrics: Mapping[str, Any], op: str = "mean") -> dict[str, float]:
     """Combine per-process scalar metrics (host floats) into job-wide values, same on every process.
 
-    op: "mean" | "sum" | "max" | "min" over the processes that report a key (processes may report
-    different keys). For ratios use ``reduce_ratio`` on sums and denominators.
+    op: "mean" | "sum" | "max" | "min". Every process must pass the same keys (one allgather); when
+    processes may report different keys use ``reduce_metrics_union``. For ratios use
+    ``reduce_ratio`` on sums and denominators.
     """
-    reducers = {"mean": np.nanmean, "sum": np.nansum, "max": np.nanmax, "min": np.nanmin}
+    reducers = {"mean": np.mean, "sum": np.sum, "max": np.max, "min": np.min}
     if op not in reducers:
         raise ValueError(f"reduce_metrics op={op!r}; use one of {sorted(reducers)}")
     keys = sorted(metrics)
-    if jax.process_count() > 1:  # a key some process lacks (e.g. a failure reason it never saw) is NaN there
+    local = np.asarray([float(metrics[k]) for k in keys], np.float64)  # [K]
+    gathered = _allgather_rows(local)  # [P, K]
+    return {k: float(v) for k, v in zip(keys, reducers[op](gathered, axis=0))}
+
+
+def reduce_metrics_union(metrics: Mapping[str, Any], op: str = "mean") -> dict[str, float]:
+    """``reduce_metrics`` over the union of the processes' keys (the key lists go through the
+    coordinator's key-value store first): a key a process lacks — a failure reason it never saw —
+    is left out of that key's reduction there."""
+    reducers = {"mean": np.nanmean, "sum": np.nansum, "max": np.nanmax, "min": np.nanmin}
+    if op not in reducers:
+        raise ValueError(f"reduce_metrics_union op={op!r}; use one of {sorted(reducers)}")
+    keys = sorted(metrics)
+    if jax.process_count() > 1:
         keys = sorted({k for other in allgather_json(keys, "metric-keys") for k in other})
     local = np.asarray([float(metrics.get(k, np.nan)) for k in keys], np.float64)  # [K]
     gathered = _allgather_rows(local)  # [P, K]
