@@ -163,8 +163,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 ahead = roll(iteration + 1)  # its annotation runs while `pending` is scored and updated
             metrics, samples = finish(pending)
             pending = ahead
-            if process_count > 1:  # job-wide means (every process must log the same keys)
-                metrics = distributed.reduce_metrics(metrics)
+            if process_count > 1:  # job-wide means over the keys any process logged
+                metrics = distributed.reduce_metrics_union(metrics)
             if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
                 eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
                 logger.log(iteration, eval_result, phase="eval")
@@ -183,7 +183,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 metrics, samples = finish(pending)
                 pending = None
                 if process_count > 1:
-                    metrics = distributed.reduce_metrics(metrics)
+                    metrics = distributed.reduce_metrics_union(metrics)
                 logger.log(iteration, {**metrics, **counters.as_metrics()})
             if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
                 checkpointer.save(iteration, saveable(),
