@@ -21,7 +21,7 @@ def get_config():
     cfg.env.eval_split = "dev"
     cfg.env.max_turns = 40
     cfg.env.user = "scripted"
-    cfg.rollout.max_total_tokens = 24576
+    cfg.rollout.max_total_tokens = 24576  # longer rows: keeps the τ³ recipe's cudnn attention + full remat
     cfg.credit.success_threshold = 1.0
     cfg.eval.trials = 1
     return cfg

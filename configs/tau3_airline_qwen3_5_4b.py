@@ -29,6 +29,8 @@ def get_config():
     cfg.model.source = os.environ.get("QWEN3_5_4B_DIR", "checkpoints/Qwen3.5-4B")
     cfg.model.param_dtype = "float32"
     cfg.model.dtype = "bfloat16"
+    cfg.model.attention_impl = "cudnn"  # GPU flash attention (bf16); jax 0.10 "auto" = XLA's [T,S] scores. TPU: "xla"
+    cfg.model.remat_policy = "full"  # recompute each block in the backward: what docs/memory_plan.md assumes
     cfg.model.max_position_embeddings = 262144
     cfg.env.name = "tau3_airline"
     cfg.env.train_split = "train"

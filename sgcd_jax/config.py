@@ -74,11 +74,20 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"
     dtype: str = "float32"
+    attention_impl: str = "xla"  # ModelConfig.attention_impl: xla | dot_product_attention | cudnn (GPU) | auto
+    remat_policy: str = "none"  # ModelConfig.remat_policy: none | full | dots | dots_no_batch | save_attention_out
 
     def __post_init__(self):
+        from sgcd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES  # lazy: keeps this module jax-free
+
         _check(bool(self.source), "model.source must be 'tiny', a short name, an HF dir or a .gguf path")
         _one_of("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _one_of("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check(self.attention_impl != "cudnn" or self.dtype == "bfloat16",
+               "model.attention_impl='cudnn' needs model.dtype='bfloat16' (cuDNN attention has no float32 kernel); "
+               "in float32 use 'dot_product_attention' or 'xla'")
         _check(self.num_heads % max(self.num_kv_heads, 1) == 0,
                "model.num_heads must be a multiple of model.num_kv_heads")
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",

@@ -52,7 +52,8 @@ def build_model(spec: ModelSpec, *, seed: int, run_dir: str = "", env_factory: E
     from sgcd_jax.models import Decoder, ModelConfig, load_model, load_tokenizer
 
     if spec.source != "tiny":
-        return load_model(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype)
+        return load_model(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype,
+                          attention_impl=spec.attention_impl, remat_policy=spec.remat_policy)
     if spec.tokenizer == "domain-bpe":
         from sgcd_jax.domain_tokenizer import load_or_train
 
@@ -67,7 +68,8 @@ def build_model(spec: ModelSpec, *, seed: int, run_dir: str = "", env_factory: E
                       max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
                       param_dtype=spec.param_dtype, dtype=spec.dtype, rope_theta=10000.0,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.bos_token_id)
+                      bos_token_id=tokenizer.bos_token_id, attention_impl=spec.attention_impl,
+                      remat_policy=spec.remat_policy)
     return Decoder(cfg, rngs=nnx.Rngs(seed)), tokenizer
 
 

@@ -67,3 +67,36 @@ def test_resolved_config_round_trips_and_has_no_secret_keys(tmp_path):
     assert config_lib.from_config_dict(saved) == cfg
     flat = json.dumps(saved).lower()
     assert "api_key" not in flat and "password" not in flat
+
+
+# ----------------------------------------------------------------------------- model accelerator knobs
+def test_model_accelerator_knobs_parse_from_the_command_line():
+    cfg = parse_args(["train", "--config.model.attention_impl=dot_product_attention",
+                      "--config.model.remat_policy=save_attention_out"])
+    assert (cfg.model.attention_impl, cfg.model.remat_policy) == ("dot_product_attention", "save_attention_out")
+    default = parse_args(["train"])
+    assert (default.model.attention_impl, default.model.remat_policy) == ("xla", "none")
+
+
+def test_bad_model_accelerator_knobs_name_the_choices():
+    with pytest.raises(config_lib.ConfigError, match=r"model.attention_impl='flash'.*'dot_product_attention'"):
+        parse_args(["train", "--config.model.attention_impl=flash"])
+    with pytest.raises(config_lib.ConfigError, match=r"model.remat_policy='all'.*'save_attention_out'"):
+        parse_args(["train", "--config.model.remat_policy=all"])
+    with pytest.raises(config_lib.ConfigError, match="bfloat16"):  # cuDNN attention has no fp32 kernel
+        parse_args(["train", "--config.model.attention_impl=cudnn"])
+    cfg = parse_args(["train", "--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16"])
+    assert cfg.model.attention_impl == "cudnn"
+
+
+def test_built_models_carry_the_accelerator_knobs(tmp_path):
+    """source='tiny' builds its ModelConfig with them; a loaded checkpoint gets them replaced in its config."""
+    from sgcd_jax.integration import build_model, export_model
+    spec = config_lib.ModelSpec(attention_impl="dot_product_attention", remat_policy="dots", num_layers=1)
+    model, tokenizer = build_model(spec, seed=0)
+    assert (model.cfg.attention_impl, model.cfg.effective_remat_policy) == ("dot_product_attention", "dots")
+    export_model(model, tokenizer, str(tmp_path))
+    loaded, _ = build_model(config_lib.ModelSpec(source=str(tmp_path), attention_impl="auto",
+                                                 remat_policy="full"), seed=0)
+    assert (loaded.cfg.attention_impl, loaded.cfg.remat_policy) == ("auto", "full")
+    assert loaded.cfg.num_layers == 1 and loaded.cfg.hidden_size == spec.hidden_size  # the checkpoint's own dims
