@@ -141,7 +141,7 @@ class CreditSpec:
     annotator: str = "contrast"  # contrast | gemini | replay | none
     success_threshold: float = 1.0
     non_mixed_groups: str = "grpo"  # drop | grpo (keep, advantage is 0 anyway under GRPO)
-    max_oversample_rounds: int = 0
+    max_oversample_rounds: int = 0  # dynamic sampling: extra rollout rounds per iteration until every task slot holds a mixed group
     gemini_model: str = "gemini-2.5-flash"
     cache_dir: str = ""  # "" = run_dir/annotation_cache
     async_annotation: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1 (train.py)

@@ -20,7 +20,7 @@ from sgcd_jax import distributed, integration
 from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
-from sgcd_jax.credit.selection import group_siblings
+from sgcd_jax.credit.selection import fill_mixed_groups, group_siblings
 from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.data import TaskStream
 from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig, compute_advantages
@@ -346,12 +346,30 @@ def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory,
     rollout_s = time.perf_counter() - start
     counters.episodes += len(trajectories) * jax.process_count()  # every process rolls out as many
     counters.env_errors += sum(t.termination in ("error", "env_error", "env_timeout") for t in trajectories)
-    selection = select_groups(trajectories, SelectionConfig(success_threshold=config.credit.success_threshold,
-                                                            non_mixed=config.credit.non_mixed_groups))
+    selection_config = SelectionConfig(success_threshold=config.credit.success_threshold,
+                                       non_mixed=config.credit.non_mixed_groups)
+    selection = select_groups(trajectories, selection_config)
     groups = selection.mixed + selection.grpo
+    oversampling: dict[str, float] = {}
+    if config.credit.max_oversample_rounds > 0:  # dynamic sampling: more rounds until `share` groups are mixed
+
+        def draw(round_index: int) -> list[Trajectory]:
+            more_tasks = stream.next_tasks(share)
+            tasks.extend(more_tasks)
+            more = integration.rollout(learner.local_model(), chat, env_factory, more_tasks, config.rollout.group_size,
+                                       rng, config, task_slots=[s + round_index * share * jax.process_count() for s in slots],
+                                       mesh=local_mesh(learner))
+            for traj in more:  # a task drawn twice in one iteration must not merge two groups
+                traj.group_id = f"{traj.group_id}/round{round_index}"
+            return more
+
+        groups, trajectories, oversampling = fill_mixed_groups(selection, share, config.credit.max_oversample_rounds,
+                                                               draw, selection_config)
+        rollout_s = time.perf_counter() - start
+        counters.episodes += (len(trajectories) - share * config.rollout.group_size) * jax.process_count()
     kept = [t for g in groups for t in g.trajectories]
     metrics = {**episode_metrics(trajectories, config.credit.success_threshold), **selection.stats.as_metrics(),
-               "time/rollout_s": rollout_s,
+               **oversampling, "time/rollout_s": rollout_s,
                "throughput/rollout_tokens_per_s": sum(int(t.loss_mask.sum()) for t in trajectories) / max(rollout_s, 1e-9)}
     submitted = submit_annotation(groups, config, annotator) if kept else None
     return Rolled(index, tasks, groups, kept, metrics, submitted, started, counters.updates)

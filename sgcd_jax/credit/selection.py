@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from sgcd_jax.rollout.trajectory import Trajectory
@@ -215,3 +215,29 @@ class OversamplingPolicy:
                 f"{prefix}mixed_collected": float(len(self._mixed)),
                 f"{prefix}filled": float(len(self._mixed) >= self.config.target_mixed_groups),
                 **self.stats.as_metrics(prefix)}
+
+
+def fill_mixed_groups(first: SelectionResult, target: int, max_extra_rounds: int,
+                      draw: Callable[[int], Sequence[Trajectory]],
+                      config: SelectionConfig) -> tuple[list[SiblingGroup], list[Trajectory], dict[str, float]]:
+    """Dynamic sampling (DAPO-style) for the trainer: while fewer than ``target`` mixed groups are
+    collected, ``draw(round)`` rolls out another batch of tasks (same size every round, so the sampler
+    sees one shape), up to ``max_extra_rounds`` extra rounds. Returns (groups for the update: at most
+    ``target`` mixed ones, then non-mixed ``grpo`` groups only to fill up to ``target`` groups, so the
+    packed batch never outgrows its fixed shape; every trajectory rolled out; metrics)."""
+    mixed, non_mixed = list(first.mixed), list(first.grpo)
+    stats = first.stats
+    trajectories = [t for g in first.mixed + first.grpo + first.dropped for t in g.trajectories]
+    rounds = 0
+    while len(mixed) < target and rounds < max_extra_rounds:
+        rounds += 1
+        more = list(draw(rounds))
+        trajectories.extend(more)
+        result = select_groups(more, config)
+        mixed.extend(result.mixed)
+        non_mixed.extend(result.grpo)
+        stats = stats.merge(result.stats)
+    groups = mixed[:target] + non_mixed[:max(0, target - len(mixed))]
+    metrics = {"oversampling/extra_rounds": float(rounds), "oversampling/mixed_collected": float(len(mixed)),
+               "oversampling/filled": float(len(mixed) >= target), **stats.as_metrics("oversampling/")}
+    return groups, trajectories, metrics
