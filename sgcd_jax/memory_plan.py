@@ -69,7 +69,8 @@ def attention_implementation(name: str) -> str | None:
     """Config name → ``jax.nn.dot_product_attention(implementation=...)`` value.
 
     "xla": portable (CPU/TPU/GPU); "cudnn": cuDNN flash attention (GPU, bf16/fp16 only);
-    "auto": let JAX pick (cuDNN when it applies).
+    "auto": implementation=None, JAX's choice — in jax 0.10.2 that is always the XLA path (it
+    materialises [T, S] scores); ask for "cudnn" explicitly on GPUs.
     """
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {name!r}; use one of {sorted(ATTENTION_IMPLS)}")

@@ -19,7 +19,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # "xla": the explicit einsum + masked softmax in decoder.grouped_attention (default, today's numerics; without
 # a cache the query blocks skip the all-masked upper key blocks: decoder.causal_blocked_attention);
 # the others route full attention through jax.nn.dot_product_attention with implementation=
-# "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto").
+# "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto": JAX's
+# choice, which in jax 0.10.2 is always the XLA path — request "cudnn" explicitly on GPUs).
 ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "auto")
 # names of sgcd_jax.memory_plan.remat_policy (kept here too: memory_plan imports this module)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
