@@ -10,21 +10,15 @@ import sys
 import time
 
 import pytest
+from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
 from sgcd_jax.config import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "run.num_iterations": 3, "run.eval_every": 2, "run.checkpoint_every": 1, "run.progress": False,
-    "run.tensorboard": False, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
-    "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16, "model.domain_vocab_size": 1024,
-    "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 2, "rollout.group_size": 2,
-    "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768, "optim.micro_batch_size": 2,
-    "credit.reference_tokens": 256, "sft.steps": 2, "sft.batch_size": 2, "sft.num_demos": 8, "eval.num_tasks": 2,
-}
-VOLATILE = ("time", "time/", "throughput/", "annotator/latency")
+TINY = {**TINY_WORLD, "run.num_iterations": 3, "run.eval_every": 2, "run.checkpoint_every": 1, "sft.steps": 2,
+        "sft.batch_size": 2, "sft.num_demos": 8, "eval.num_tasks": 2}
 
 
 def tiny_config(workdir, name, **extra):
@@ -83,15 +77,7 @@ def test_mixed_groups_go_through_annotation_teacher_and_credit(tmp_path, monkeyp
     sibling: every group is mixed and annotation → teacher context → credit/distillation really runs."""
     from sgcd_jax import integration
 
-    rollout = integration.rollout
-
-    def rollout_with_mixed_rewards(*args, **kwargs):
-        trajectories = rollout(*args, **kwargs)
-        for traj in trajectories:
-            traj.reward = float(traj.sample_index % 2)
-        return trajectories
-
-    monkeypatch.setattr(integration, "rollout", rollout_with_mixed_rewards)
+    monkeypatch.setattr(integration, "rollout", coin_flip_rollout(integration.rollout))
     cfg = load_config_file(os.path.join(configs_dir(), f"{method}.py"),
                            {**TINY, "run.workdir": str(tmp_path), "run.name": method, "run.num_iterations": 2,
                             "run.eval_every": 0, "sft.steps": 1, "rollout.tasks_per_iteration": 3})

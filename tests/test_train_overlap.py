@@ -12,6 +12,7 @@ import os
 import time
 
 import pytest
+from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
 from sgcd_jax import train_parts
 from sgcd_jax.config import ConfigError, configs_dir, load_config_file
@@ -19,17 +20,9 @@ from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.store import RolloutStore
 from sgcd_jax.train import train
 
-TINY = {
-    "run.num_iterations": 4, "run.eval_every": 0, "run.checkpoint_every": 2, "run.progress": False,
-    "run.tensorboard": False, "run.report": False, "model.hidden_size": 32, "model.intermediate_size": 64,
-    "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16,
-    "model.domain_vocab_size": 1024, "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 2,
-    "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
-    "optim.micro_batch_size": 2, "credit.reference_tokens": 256, "sft.steps": 1, "sft.batch_size": 2,
-    "sft.num_demos": 8, "eval.num_tasks": 1,
-}
+TINY = {**TINY_WORLD, "run.num_iterations": 4, "run.eval_every": 0, "run.checkpoint_every": 2, "run.report": False,
+        "sft.steps": 1, "sft.batch_size": 2, "sft.num_demos": 8, "eval.num_tasks": 1}
 DELAY_S = 1.0
-VOLATILE = ("time", "time/", "throughput/", "annotator/latency")
 
 
 @pytest.fixture
@@ -37,14 +30,12 @@ def slow_world(monkeypatch):
     """Coin-flip verifier (every group mixed), a rollout that takes ≥1 s, an annotator that takes 1 s."""
     from sgcd_jax import integration
 
-    rollout = integration.rollout
+    rollout = coin_flip_rollout(integration.rollout)
     build_queue = train_parts.build_annotation_queue
 
     def slow_rollout(*args, **kwargs):
         started = time.perf_counter()
         trajectories = rollout(*args, **kwargs)
-        for traj in trajectories:
-            traj.reward = float(traj.sample_index % 2)
         time.sleep(max(0.0, DELAY_S - (time.perf_counter() - started)))
         return trajectories
 
@@ -106,15 +97,7 @@ def test_pipelined_annotation_waits_less_and_first_update_matches_sync(tmp_path,
 def test_pipelined_stop_at_checkpoint_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
     from sgcd_jax import integration
 
-    rollout = integration.rollout
-
-    def mixed(*args, **kwargs):
-        trajectories = rollout(*args, **kwargs)
-        for traj in trajectories:
-            traj.reward = float(traj.sample_index % 2)
-        return trajectories
-
-    monkeypatch.setattr(integration, "rollout", mixed)
+    monkeypatch.setattr(integration, "rollout", coin_flip_rollout(integration.rollout))
     extra = {"credit.async_annotation": True}
     full = train_records(run(tmp_path, "full", **extra))
     stopped = run(tmp_path, "stopped", **extra, **{"run.stop_after_iterations": 2})

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.tiny_train import TINY_WORLD, coin_flip_rollout
 
 from sgcd_jax.config import configs_dir, load_config_file
 from sgcd_jax.losses.credit import CreditConfig, lam_at
@@ -17,32 +18,20 @@ from sgcd_jax.store import RolloutStore
 from sgcd_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "run.num_iterations": 2, "run.eval_every": 0, "run.checkpoint_every": 0, "run.progress": False,
-    "run.tensorboard": False, "run.report": False, "model.hidden_size": 32, "model.intermediate_size": 64,
-    "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16,
-    "model.domain_vocab_size": 1024, "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 2,
-    "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
-    "optim.micro_batch_size": 2, "credit.reference_tokens": 256, "sft.steps": 1, "sft.batch_size": 2,
-    "sft.num_demos": 8, "eval.num_tasks": 1,
-}
+TINY = {**TINY_WORLD, "run.num_iterations": 2, "run.eval_every": 0, "run.checkpoint_every": 0, "run.report": False,
+        "sft.steps": 1, "sft.batch_size": 2, "sft.num_demos": 8, "eval.num_tasks": 1}
 
 
 @pytest.mark.slow
 def test_tiny_run_store_is_readable_and_rescore_reproduces_weights_exactly(tmp_path, monkeypatch):
     from sgcd_jax import integration
 
-    rollout = integration.rollout
     seen = {}
 
-    def rollout_with_mixed_rewards(*args, **kwargs):
-        trajectories = rollout(*args, **kwargs)
-        for traj in trajectories:
-            traj.reward = float(traj.sample_index % 2)
-            seen[(traj.group_id, traj.sample_index)] = traj
-        return trajectories
+    def remember(traj):
+        seen[(traj.group_id, traj.sample_index)] = traj
 
-    monkeypatch.setattr(integration, "rollout", rollout_with_mixed_rewards)
+    monkeypatch.setattr(integration, "rollout", coin_flip_rollout(integration.rollout, remember))
     cfg = load_config_file(os.path.join(configs_dir(), "sgcd.py"),
                            {**TINY, "run.workdir": str(tmp_path), "run.name": "stored"})
     run_dir = train(cfg)["run_dir"]

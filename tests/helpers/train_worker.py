@@ -17,17 +17,13 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from helpers.tiny_train import TINY_WORLD  # noqa: E402
 
 # The tiny end-to-end config (as tests/test_train_e2e.py), on a data=2 x fsdp=4 mesh.
-TINY = {
-    "run.num_iterations": 2, "run.eval_every": 0, "run.checkpoint_every": 1, "run.progress": False,
-    "run.tensorboard": False, "run.report": False, "model.hidden_size": 32, "model.intermediate_size": 64,
-    "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16,
-    "model.domain_vocab_size": 1024, "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 4,
-    "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
-    "optim.micro_batch_size": 4, "credit.reference_tokens": 256, "sft.enabled": False, "eval.num_tasks": 2,
-    "eval.at_start": False, "mesh.data": 2, "mesh.fsdp": 4, "mesh.tp": 1,
-}
+TINY = {**TINY_WORLD, "run.num_iterations": 2, "run.eval_every": 0, "run.checkpoint_every": 1, "run.report": False,
+        "rollout.tasks_per_iteration": 4, "optim.micro_batch_size": 4, "sft.enabled": False, "eval.num_tasks": 2,
+        "eval.at_start": False, "mesh.data": 2, "mesh.fsdp": 4, "mesh.tp": 1}
 
 
 def main() -> None:
