@@ -19,6 +19,7 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,15 @@ def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
     return digest.hexdigest()[:20]
 
 
+def _job_token() -> int:
+    """Process 0's pid, agreed by every process (a temp name unique per job, shared within it)."""
+    token = np.int64(os.getpid())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        token = multihost_utils.broadcast_one_to_all(token)
+    return int(token)
+
+
 def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tuple[Any, dict]]) -> tuple[Any, dict]:
     """(post-SFT params, metrics): restored from ``cache_dir/key`` when present, else ``run_sft()`` is
     called and its params saved there. ``params``: the current params (the restore target's layout
@@ -60,7 +70,7 @@ def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tupl
             if jax.process_index() == 0:
                 shutil.rmtree(entry, ignore_errors=True)
     new_params, metrics = run_sft()
-    tmp = f"{entry}.tmp-{os.getpid()}"
+    tmp = f"{entry}.tmp-{_job_token()}"  # one name for every process of the job: orbax writes it together
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), new_params)
