@@ -45,9 +45,7 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """Whether any process was asked to stop (a collective when several processes run)."""
-        if jax.process_count() == 1:
-            return self.requested
-        return distributed.reduce_metrics({"preempted": float(self.requested)}, "max")["preempted"] > 0
+        return parts.any_process(self.requested)
 
     def restore(self) -> None:
         if self._previous is not None:
