@@ -249,10 +249,21 @@ class SFTSpec:
     batch_size: int = 8
     learning_rate: float = 3e-3
     cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/sft_cache.py)
+    # An imperfect demonstrator: this airline_lite shortcut policy (envs/airline_lite/oracle.py SHORTCUTS,
+    # e.g. "silent") plays a seeded `demo_shortcut_rate` of the demos it applies to; "" = oracle only.
+    demo_shortcut: str = ""
+    demo_shortcut_rate: float = 0.0
 
     def __post_init__(self):
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,
                "sft.steps >= 0, sft.batch_size >= 1 and sft.num_demos >= 1 required")
+        _check(0.0 <= self.demo_shortcut_rate <= 1.0, "sft.demo_shortcut_rate must be in [0, 1]")
+        from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS
+
+        _check(self.demo_shortcut in ("",) + SHORTCUTS,
+               f"sft.demo_shortcut {self.demo_shortcut!r}: choose '' or one of {SHORTCUTS}")
+        _check(bool(self.demo_shortcut) or self.demo_shortcut_rate == 0.0,
+               "sft.demo_shortcut_rate > 0 needs sft.demo_shortcut (which shortcut the demonstrator takes)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

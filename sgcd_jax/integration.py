@@ -169,8 +169,12 @@ def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConf
                          f"{config.env.name!r}: set --config.sft.enabled=False")
     from sgcd_jax.envs.airline_lite import oracle_demos
 
-    demos = oracle_demos(env_factory, demo_split(config.env.train_split), config.sft.num_demos)
-    out = [demo_trajectory(d, chat, d.get("task_id", str(i))) for i, d in enumerate(demos) if d["reward"] >= 1.0]
+    demos = oracle_demos(env_factory, demo_split(config.env.train_split), config.sft.num_demos,
+                         shortcut=config.sft.demo_shortcut, shortcut_rate=config.sft.demo_shortcut_rate,
+                         seed=config.run.seed)
+    # Oracle demos that fail (truncated by the env) are dropped; the imperfect demonstrator's are kept.
+    out = [demo_trajectory(d, chat, d.get("task_id", str(i))) for i, d in enumerate(demos)
+           if d["reward"] >= 1.0 or d.get("shortcut")]
     return [t for t in out if len(t.token_ids) <= config.rollout.max_total_tokens]
 
 

@@ -88,11 +88,19 @@ def credit_config(loss: LossSpec) -> CreditConfig:
                         lam_decay_steps=loss.lambda_decay_steps)
 
 
+def vocab_config(config: TrainConfig) -> VocabConfig:
+    """Logprobs as the sampler drew them: logits / rollout.temperature (greedy rollouts: 1), as verl's
+    actor does, so the scoring pass's π_old equals the sampler's log-probs and the PPO ratio is 1 on
+    the first epoch at any temperature."""
+    temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
+    return VocabConfig(chunk_size=config.loss.vocab_chunk, temperature=temperature)
+
+
 def step_spec(config: TrainConfig) -> StepSpec:
     loss = config.loss
     distill = (DistillConfig(mode=loss.sdpo_mode, coef=loss.sdpo_coef, agg_mode=loss.aggregation)
                if loss.sdpo_coef > 0 else None)
-    return StepSpec(policy=policy_config(loss), vocab=VocabConfig(chunk_size=loss.vocab_chunk),
+    return StepSpec(policy=policy_config(loss), vocab=vocab_config(config),
                     micro_batch_size=config.optim.micro_batch_size, distill=distill)
 
 
@@ -254,7 +262,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     _check_same_shapes(host_batch)
     batch = to_mesh(host_batch, learner)
     needs_teacher = config.loss.needs_teacher and any_process(any(p is not None for p in prompts))
-    spec = ScoreSpec(vocab=VocabConfig(chunk_size=config.loss.vocab_chunk),
+    spec = ScoreSpec(vocab=vocab_config(config),
                      with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
     if learner.mesh is not None and learner.mesh.size > 1:  # the batch layout, whatever score returned
@@ -465,18 +473,20 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         raise ValueError(f"no oracle demonstration fits rollout.max_total_tokens={config.rollout.max_total_tokens}: "
                          "raise it or sft.num_demos")
     sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate),
-                  dataclasses.replace(learner.spec, sft=True, distill=None,
+                  dataclasses.replace(learner.spec, sft=True, distill=None,  # NLL of the untempered policy
+                                      vocab=dataclasses.replace(learner.spec.vocab, temperature=1.0),
                                       micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)),
                   mesh=learner.mesh)
     # Every process packs the same demonstrations; rows padded so they split over the batch shards.
     sft_rows = rows_multiple(learner, sft.spec.micro_batch_size) * jax.process_count()
     order = np.random.default_rng(config.run.seed).permutation(len(demos))
+    length = max(len(d.token_ids) for d in demos)  # one padded shape (one compile), no wider than the demos
     progress.phase("sft", config.sft.steps)
     nll = []
     for step in range(config.sft.steps):
         take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
         batch = to_mesh(pack(take, rows_multiple=sft_rows, pad_id=chat.pad_id,
-                             min_length=config.rollout.max_total_tokens), sft, same_on_every_process=True)
+                             min_length=length), sft, same_on_every_process=True)
         zeros = jnp.zeros_like(batch.target_mask)
         nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")

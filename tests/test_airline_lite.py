@@ -151,3 +151,34 @@ def test_tasks_per_db_spreads_a_split_over_many_databases():
     assert make_factory("airline_lite", num_tasks=10, seed=5, tasks_per_db=3).tasks("x")[9].payload["db_split"] == "x#3"
     with pytest.raises(ValueError, match="tasks_per_db"):
         make_factory("airline_lite", tasks_per_db=-1)
+
+
+def test_imperfect_demonstrator_plays_the_shortcut_on_a_seeded_fraction():
+    """sft.demo_shortcut: a seeded ~rate of the demos the shortcut applies to are the shortcut's own
+    conversation (kept with its true reward 0); tasks it does not apply to stay oracle demos."""
+    factory = make_factory("airline_lite", difficulty="easy", num_tasks=120, seed=0)
+    clean = oracle_demos(factory, "train", 120)
+    noisy = oracle_demos(factory, "train", 120, shortcut="silent", shortcut_rate=0.5, seed=0)
+    silent = [d for d in noisy if d.get("shortcut") == "silent"]
+    families = {t.task_id: t.payload["family"] for t in factory.tasks("train")}
+    assert all(families[d["task_id"]] in ("status", "membership") for d in silent)  # cancel_ok: nothing to say
+    eligible = sum(families[d["task_id"]] != "cancel_ok" for d in noisy)
+    assert 0.35 * eligible < len(silent) < 0.65 * eligible
+    for demo in silent:
+        assert demo["reward"] == 0.0 and demo["messages"][-1]["content"] == "###STOP###"
+        assert any(r.startswith("missing info") for r in demo["info"]["fail_reasons"])
+    for clean_demo, demo in zip(clean, noisy):
+        assert clean_demo["task_id"] == demo["task_id"]
+        if "shortcut" not in demo:
+            assert demo["messages"] == clean_demo["messages"] and demo["reward"] == 1.0
+    # seeded per task: a shorter prefix picks the same tasks, another seed other ones
+    prefix = oracle_demos(factory, "train", 40, shortcut="silent", shortcut_rate=0.5, seed=0)
+    assert [d.get("shortcut") for d in prefix] == [d.get("shortcut") for d in noisy[:40]]
+    other = oracle_demos(factory, "train", 120, shortcut="silent", shortcut_rate=0.5, seed=1)
+    assert [d.get("shortcut") for d in other] != [d.get("shortcut") for d in noisy]
+    assert all("shortcut" in d for d in oracle_demos(factory, "train", 30, shortcut="silent", shortcut_rate=1.0)
+               if families[d["task_id"]] != "cancel_ok")
+    with pytest.raises(ValueError, match="unknown demo shortcut"):
+        oracle_demos(factory, "train", 4, shortcut="lazy", shortcut_rate=0.5)
+    with pytest.raises(ValueError, match="rate"):
+        oracle_demos(factory, "train", 4, shortcut="silent", shortcut_rate=1.5)

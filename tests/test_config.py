@@ -50,6 +50,15 @@ def test_unknown_key_in_a_config_dict_is_rejected_with_valid_keys_listed():
         config_lib.from_config_dict({"loss": {"credit_lamda": 0.5}})
 
 
+def test_bad_demo_shortcut_names_the_choices():
+    with pytest.raises(config_lib.ConfigError, match=r"sft.demo_shortcut 'lazy'.*'silent'"):
+        parse_args(["train", "--config.sft.demo_shortcut=lazy"])
+    with pytest.raises(config_lib.ConfigError, match="demo_shortcut_rate"):
+        parse_args(["train", "--config.sft.demo_shortcut_rate=1.5"])
+    with pytest.raises(config_lib.ConfigError, match="demo_shortcut_rate"):  # a rate with no shortcut does nothing
+        parse_args(["train", "--config.sft.demo_shortcut=", "--config.sft.demo_shortcut_rate=0.5"])
+
+
 def test_wrong_type_is_rejected():
     with pytest.raises(config_lib.ConfigError, match="must be an int"):
         config_lib.from_config_dict({"rollout": {"group_size": "four"}})

@@ -122,3 +122,27 @@ def test_short_sft_on_demos_lowers_nll(world):
 def _contains(haystack: list[int], needle: list[int]) -> bool:
     n = len(needle)
     return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_scoring_reproduces_the_sampler_logprobs_at_the_rollout_temperature(world, temperature):
+    """π_old from the scoring pass equals what the sampler drew from (logits / rollout.temperature), so
+    the first PPO epoch's ratio is exactly 1; scored at temperature 1 instead, a T=0.6 sample differs."""
+    import dataclasses
+
+    from sgcd_jax.scoring import ScoreSpec, pack, score
+
+    config, env_factory, model, _, chat = world
+    config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=temperature,
+                                                                     max_new_tokens=16))
+    tasks = env_factory.tasks(config.env.train_split)[:2]
+    trajectories = integration.rollout(model, chat, env_factory, tasks, 2, jax.random.key(7), config)
+    batch = pack(trajectories, pad_id=chat.pad_id)
+    mask = np.asarray(batch.target_mask) > 0
+    assert mask.sum() > 20
+    for vocab, should_match in ((parts.vocab_config(config), True),
+                                (dataclasses.replace(parts.vocab_config(config), temperature=1.0), temperature == 1.0)):
+        logprobs = np.asarray(score(model, None, batch, ScoreSpec(vocab=vocab, with_teacher=False, with_reference=False))["student_logprobs"])
+        gap = np.abs(logprobs - np.asarray(batch.sampler_logprobs))[mask].max()
+        assert (gap < 2e-4) == should_match, (vocab.temperature, gap)
+    assert parts.step_spec(config).vocab.temperature == temperature  # the update step uses the same logits

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from sgcd_jax.envs.base import AgentAction, Env, EnvFactory, Task, ToolCall
 
-SHORTCUTS = ("cancel_nonrefundable", "guess_id", "guess_payment", "silent", "no_stop")
+SHORTCUTS = ("cancel_nonrefundable", "guess_id", "guess_payment", "silent", "no_stop", "no_lookup")
 
 
 def _turns(calls: list[dict[str, Any]], final: str | None) -> list[AgentAction]:
@@ -59,6 +60,8 @@ def shortcut_actions(task: Task, kind: str) -> list[AgentAction] | None:
         return _turns(p["actions"], "###STOP###")
     if kind == "no_stop":  # right tool calls, then keeps calling tools until the turn limit
         return _turns(p["actions"], None)
+    if kind == "no_lookup":  # answer at once, calling no tool (even when the words happen to be right)
+        return _turns([], p["final_message"])
     raise ValueError(f"unknown shortcut {kind!r}; choose one of {SHORTCUTS}")
 
 
@@ -84,10 +87,29 @@ def demo_conversation(factory: EnvFactory, task: Task) -> dict[str, Any]:
     return {**chat, "reward": reward, "info": info}
 
 
-def oracle_demos(factory: EnvFactory, split: str = "train", num_demos: int | None = None) -> list[dict[str, Any]]:
-    """Oracle conversations for the first ``num_demos`` tasks of ``split`` (SFT warm-up data)."""
-    tasks = factory.tasks(split)[:num_demos]
-    return [{**demo_conversation(factory, task), "task_id": task.task_id} for task in tasks]
+def oracle_demos(factory: EnvFactory, split: str = "train", num_demos: int | None = None, *,
+                 shortcut: str = "", shortcut_rate: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
+    """Demonstrations for the first ``num_demos`` tasks of ``split`` (SFT warm-up data): the oracle's
+    conversations, or an imperfect demonstrator's. With ``shortcut`` set, each task the shortcut applies
+    to is played by that shortcut policy instead, with probability ``shortcut_rate`` (seeded per task:
+    the same tasks at any ``num_demos``); those demos keep their true reward (0) and
+    ``"shortcut": kind``."""
+    if shortcut and shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown demo shortcut {shortcut!r}; choose one of {SHORTCUTS}")
+    if not 0.0 <= shortcut_rate <= 1.0:
+        raise ValueError(f"demo shortcut rate must be in [0, 1], got {shortcut_rate}")
+    out = []
+    for task in factory.tasks(split)[:num_demos]:
+        actions = None
+        if shortcut and random.Random(f"demo-shortcut-{seed}-{task.task_id}").random() < shortcut_rate:
+            actions = shortcut_actions(task, shortcut)
+        if actions is None:
+            demo = demo_conversation(factory, task)
+        else:
+            reward, info, chat = play(factory.make(), task, actions)
+            demo = {**chat, "reward": reward, "info": info, "shortcut": shortcut}
+        out.append({**demo, "task_id": task.task_id})
+    return out
 
 
 def oracle_policy(env: Env, task: Task) -> None:
