@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from typing import Any
 
@@ -230,12 +231,19 @@ class OptimSpec:
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # trajectories per micro-batch (grad accumulation across them)
     updates_per_iteration: int = 1
+    # RL updates only parameters whose path (e.g. 'layers/1/mlp/up_proj/kernel') matches this regex;
+    # "" = all. The SFT warm-up always trains everything.
+    trainable: str = ""
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate must be > 0")
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
         _check(self.updates_per_iteration >= 1, "optim.updates_per_iteration must be >= 1")
+        try:
+            re.compile(self.trainable)
+        except re.error as error:
+            raise ConfigError(f"optim.trainable={self.trainable!r} is not a regex: {error}") from None
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 = off)")
 
 

@@ -472,7 +472,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
     if not demos:
         raise ValueError(f"no oracle demonstration fits rollout.max_total_tokens={config.rollout.max_total_tokens}: "
                          "raise it or sft.num_demos")
-    sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate),
+    sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate, trainable=""),
                   dataclasses.replace(learner.spec, sft=True, distill=None,  # NLL of the untempered policy
                                       vocab=dataclasses.replace(learner.spec.vocab, temperature=1.0),
                                       micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)),

@@ -9,6 +9,7 @@ aggregation mode.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.struct
@@ -48,8 +49,37 @@ class StepSpec:
     sft: bool = False
 
 
-def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | None = None) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine (or constant) schedule, after global-norm clipping."""
+def param_path(path) -> str:
+    """'layers/0/mlp/up_proj/kernel': a parameter's place in the model, as ``optim.trainable`` matches it."""
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return "/".join(n for n in names if n != ".value" and n != "value")
+
+
+def trainable_labels(params, pattern: str):
+    """'train' / 'freeze' per leaf: parameters whose path ``re.search``-matches ``pattern`` train
+    ("" = all); a pattern that matches none is an error, not a silent no-op run."""
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if not pattern or re.search(pattern, param_path(path)) else "freeze", params)
+    if pattern and "train" not in jax.tree.leaves(labels):
+        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        raise ValueError(f"optim.trainable={pattern!r} matches no parameter; paths look like {paths[:4]}")
+    return labels
+
+
+def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | None = None, *,
+                   trainable: str | None = None) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine (or constant) schedule, after global-norm clipping.
+    ``trainable`` (default ``optim.trainable``): a regex over parameter paths; the others get zero
+    updates and no optimizer moments (clipping sees only the trained gradients)."""
+    trainable = optim.trainable if trainable is None else trainable
+    inner = _adamw(optim, total_steps, learning_rate)
+    if not trainable:
+        return inner
+    return optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()},
+                                 lambda params: trainable_labels(params, trainable))
+
+
+def _adamw(optim: OptimSpec, total_steps: int, learning_rate: float | None) -> optax.GradientTransformation:
     peak = optim.learning_rate if learning_rate is None else learning_rate
     total_steps = max(total_steps, optim.warmup_steps + 1)
     if optim.schedule == "cosine":

@@ -133,3 +133,41 @@ def test_non_finite_update_is_skipped_and_counted():
     assert metrics["skipped"] == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(learner.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_trainable_regex_freezes_the_other_parameters():
+    """optim.trainable='mlp': only MLP weights move, and they take AdamW's first step exactly."""
+    from sgcd_jax.train_step import param_path
+
+    model, trajs = tiny_model(), trajectories()
+    inputs, _ = step_inputs(model, trajs, teacher_prompts())
+    inputs = dataclasses.replace(inputs, token_advantages=inputs.batch.target_mask * 3.0)
+    optim = OptimSpec(learning_rate=1e-2, trainable="mlp")
+    learner = Learner(model, make_optimizer(optim, 10), spec())
+    before = jax.tree.map(np.array, learner.params)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, grads, _ = loss_and_grads(params, graphdef, rest, inputs, spec())
+    learner.update(inputs)
+    flat_before = jax.tree_util.tree_flatten_with_path(before)[0]
+    flat_grads = jax.tree.leaves(grads)
+    flat_after = jax.tree.leaves(learner.params)
+    mlp_norm = np.sqrt(sum(float(np.sum(np.square(g))) for (p, _), g in zip(flat_before, flat_grads)
+                           if "mlp" in param_path(p)))
+    moved = set()
+    for (path, old), grad, new in zip(flat_before, flat_grads, flat_after):
+        name, new = param_path(path), np.asarray(new)
+        if "mlp" not in name:
+            np.testing.assert_array_equal(old, new, err_msg=name)
+            continue
+        # AdamW's first step is lr * g / (|g| + eps) on the (clipped) gradient
+        clipped = np.asarray(grad) * min(1.0, 1.0 / mlp_norm)
+        np.testing.assert_allclose(new, old - 1e-2 * clipped / (np.abs(clipped) + 1e-8), rtol=1e-4, atol=1e-6)
+        moved.add(name.split("/")[-2])
+    assert moved == {"gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Learner(tiny_model(), make_optimizer(OptimSpec(trainable="nothing_here"), 10), spec())
+    # the SFT warm-up trains everything whatever optim.trainable says
+    sft = make_optimizer(optim, 10, trainable="")
+    state = sft.init(params)
+    updates, _ = sft.update(grads, state, params)
+    assert all(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
