@@ -97,13 +97,15 @@ def test_demos_equal_rollout_engine_rendering(world):
     trajectories = engine.run(tasks, env_factory, 1, jax.random.key(0))
     families = set()
     for demo, traj in zip(demos, trajectories):
-        assert traj.task_id == demo.task_id and traj.reward == 1.0, traj.info
+        assert traj.task_id == demo.task_id and traj.reward == demo.reward, traj.info
         np.testing.assert_array_equal(traj.token_ids, demo.token_ids)
         np.testing.assert_array_equal(traj.loss_mask, demo.loss_mask)
         np.testing.assert_array_equal(traj.step_ids, demo.step_ids)
         assert traj.prompt_len == demo.prompt_len
         families.add(by_id[demo.task_id].payload["family"])
     assert families == {"status", "membership", "cancel_ok"}
+    # the quickstart's imperfect demonstrator: some demos end silently (reward 0), the rest are the oracle's
+    assert {d.reward for d in demos} == {0.0, 1.0}
     # every demo turn fits the per-turn budget the policy samples under
     assert max(int((d.step_ids == s).sum()) for d in demos for s in range(d.step_ids.max() + 1)) \
         <= config.rollout.max_new_tokens
@@ -132,7 +134,9 @@ def test_scoring_reproduces_the_sampler_logprobs_at_the_rollout_temperature(worl
 
     from sgcd_jax.scoring import ScoreSpec, pack, score
 
-    config, env_factory, model, _, chat = world
+    config, env_factory, _, _, chat = world
+    model, _ = parts.build_model(config.model, seed=1, run_dir=config.run_dir, env_factory=env_factory,
+                                 train_split=config.env.train_split)  # its own: other tests donate the world's
     config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=temperature,
                                                                      max_new_tokens=16))
     tasks = env_factory.tasks(config.env.train_split)[:2]
