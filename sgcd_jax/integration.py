@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from sgcd_jax.config import EnvSpec, ModelSpec, TrainConfig
 from sgcd_jax.envs.base import EnvFactory, Task
-from sgcd_jax.rollout.trajectory import Trajectory
+from sgcd_jax.rollout.trajectory import Step, Trajectory
 
 
 class ChatAdapter:
@@ -151,7 +151,23 @@ def demo_trajectory(demo: dict[str, Any], chat: ChatAdapter, task_id: str = "dem
     return Trajectory(task_id=task_id, group_id=f"demo/{task_id}", sample_index=0,
                       token_ids=np.asarray(ids, np.int32), loss_mask=np.asarray(mask, np.int32),
                       step_ids=np.asarray(steps, np.int32), sampler_logprobs=np.zeros(n, np.float32),
-                      prompt_len=prompt_len, messages=list(messages), steps=[], reward=float(demo.get("reward", 1.0)))
+                      prompt_len=prompt_len, messages=list(messages), steps=demo_steps(messages),
+                      reward=float(demo.get("reward", 1.0)), info=dict(demo.get("info", {})))
+
+
+def demo_steps(messages: list[dict[str, Any]]) -> list[Step]:
+    """The assistant turns of a chat as rollout Steps (text, tool calls, the observations after them)."""
+    from sgcd_jax.envs.base import ToolCall
+
+    out: list[Step] = []
+    for message in messages:
+        if message["role"] == "assistant":
+            calls = [ToolCall(c.get("function", c)["name"], dict(c.get("function", c)["arguments"]), c.get("id", ""))
+                     for c in message.get("tool_calls") or []]
+            out.append(Step(index=len(out), text=message.get("content") or "", tool_calls=calls, observations=[]))
+        elif out:
+            out[-1].observations.append(dict(message))
+    return out
 
 
 def demo_split(train_split: str) -> str:

@@ -245,14 +245,15 @@ def _warm_up(learner: Learner, env_factory, chat, config: TrainConfig, progress:
 def _check_pipelining(config: TrainConfig) -> bool:
     """``credit.async_annotation``: iteration k's annotation runs during rollout k+1 and update k
     happens after it, so update k is one policy step off its samples; the PPO ratio then uses the
-    sampler's log-probs, which are π_old only for plain sampling."""
+    sampler's log-probs, which are π_old for untruncated sampling at any temperature (the learner
+    scores logits / rollout.temperature too), not under top-p / top-k truncation."""
     if not config.credit.async_annotation:
         return False
-    if config.rollout.temperature != 1.0 or config.rollout.top_p < 1.0:
+    if config.rollout.top_p < 1.0 or config.rollout.top_k > 0:
         raise config_lib.ConfigError(
-            f"credit.async_annotation=True needs rollout.temperature=1 and rollout.top_p=1 (got "
-            f"{config.rollout.temperature}, {config.rollout.top_p}): the delayed update uses the sampler's "
-            "log-probs as π_old. Set credit.async_annotation=False or sample plainly.")
+            f"credit.async_annotation=True needs rollout.top_p=1 and rollout.top_k=0 (got "
+            f"{config.rollout.top_p}, {config.rollout.top_k}): the delayed update uses the sampler's "
+            "log-probs as π_old, which truncation changes. Set credit.async_annotation=False or sample untruncated.")
     return True
 
 

@@ -109,3 +109,16 @@ def test_built_models_carry_the_accelerator_knobs(tmp_path):
                                                  remat_policy="full"), seed=0)
     assert (loaded.cfg.attention_impl, loaded.cfg.remat_policy) == ("auto", "full")
     assert loaded.cfg.num_layers == 1 and loaded.cfg.hidden_size == spec.hidden_size  # the checkpoint's own dims
+
+
+def test_pipelined_annotation_allows_any_temperature_but_not_truncated_sampling():
+    """The delayed update's π_old is the sampler's log-probs: equal to the learner's tempered logprobs
+    at any temperature, but not under top-p / top-k truncation."""
+    from sgcd_jax.train import _check_pipelining
+
+    assert _check_pipelining(parse_args(["train", "--config.credit.async_annotation=True",
+                                         "--config.rollout.temperature=0.7"]))
+    assert not _check_pipelining(parse_args(["train", "--config.credit.async_annotation=False"]))
+    for flag in ("--config.rollout.top_p=0.9", "--config.rollout.top_k=20"):
+        with pytest.raises(config_lib.ConfigError, match="top_p=1 and rollout.top_k=0"):
+            _check_pipelining(parse_args(["train", "--config.credit.async_annotation=True", flag]))

@@ -90,3 +90,26 @@ def test_edit_alignment_matches_levenshtein_with_same_tool_substitution():
     # different tools: cost 2 either way
     assert edit_alignment(_calls("p(1)"), _calls("q(1)"))[0] == 2
     assert edit_alignment([], _calls("q(1)")) == (1, [(None, 0)])
+
+
+def test_same_calls_but_a_failing_reply_marks_the_reply_step():
+    """The quickstart's decisive step: every sibling made the same lookup, the failed one then ended
+    without the answer. Its reply step is harmful (with the verifier's reason and the success's
+    reply beside it), the successes' reply steps are helpful; a call-level failure is left alone."""
+    lookup = call("get_flight_status", flight_number="HAT185", date="2024-05-15")
+    trajs = [make_trajectory("g", 0, 1.0, [[lookup], "Flight HAT185 on 2024-05-15 is on time."]),
+             make_trajectory("g", 1, 0.0, [[lookup], "###STOP###"],
+                             info={"fail_reasons": ["missing info: on time"]}),
+             make_trajectory("g", 2, 0.0, [[call("get_flight_status", flight_number="HAT158", date="2024-05-15")],
+                                           "Flight HAT158 on 2024-05-15 is delayed."]),
+             make_trajectory("g", 3, 1.0, [[lookup], "Flight HAT185 on 2024-05-15 is on time."])]
+    group = group_siblings(trajs, 1.0)[0]
+    reference = ContrastAnnotator().reference(group)
+    assert verdicts(reference, group) == {0: [H, H], 1: [H, X], 2: [X, N], 3: [H, H]}
+    why = reference.for_sibling(1).steps[1].reason
+    assert '"###STOP###"' in why and "is on time." in why and "missing info: on time" in why
+    assert "[1]" in reference.for_sibling(0).steps[1].reason  # names the sibling that failed at the reply
+    assert "Sibling 1 made the same calls but its reply at step 1 failed (missing info: on time)" in reference.summary
+    # without a reply-level failure nothing changes: the last steps stay neutral
+    only_calls = group_siblings([trajs[0], trajs[2]], 1.0)[0]
+    assert verdicts(ContrastAnnotator().reference(only_calls), only_calls) == {0: [H, N], 2: [X, N]}

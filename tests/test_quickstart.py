@@ -102,6 +102,10 @@ def test_demos_equal_rollout_engine_rendering(world):
         np.testing.assert_array_equal(traj.loss_mask, demo.loss_mask)
         np.testing.assert_array_equal(traj.step_ids, demo.step_ids)
         assert traj.prompt_len == demo.prompt_len
+        # the demo's steps (what the contrast annotator reads) are the engine's: same calls per turn
+        assert [[(c.name, c.arguments) for c in st.tool_calls] for st in demo.steps] == \
+            [[(c.name, c.arguments) for c in st.tool_calls] for st in traj.steps]
+        assert demo.info["fail_reasons"] == traj.info["fail_reasons"]
         families.add(by_id[demo.task_id].payload["family"])
     assert families == {"status", "membership", "cancel_ok"}
     # the quickstart's imperfect demonstrator: some demos end silently (reward 0), the rest are the oracle's

@@ -15,7 +15,7 @@ import pytest
 from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
 from sgcd_jax import train_parts
-from sgcd_jax.config import ConfigError, configs_dir, load_config_file
+from sgcd_jax.config import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.store import RolloutStore
 from sgcd_jax.train import train
@@ -108,15 +108,3 @@ def test_pipelined_stop_at_checkpoint_then_resume_matches_uninterrupted(tmp_path
     strip = lambda records: [{k: v for k, v in r.items() if not k.startswith("annotator/")}  # noqa: E731
                              for r in comparable(records)]
     assert strip(train_records(stopped)) == strip(full)
-
-
-def test_pipelining_refuses_tempered_sampling(tmp_path):
-    from sgcd_jax.train import _check_pipelining
-
-    cfg = load_config_file(os.path.join(configs_dir(), "sgcd.py"),
-                           {"run.workdir": str(tmp_path), "credit.async_annotation": True,
-                            "rollout.temperature": 0.7})
-    with pytest.raises(ConfigError, match="temperature"):
-        _check_pipelining(cfg)
-    assert _check_pipelining(load_config_file(os.path.join(configs_dir(), "sgcd.py"),
-                                              {"run.workdir": str(tmp_path)})) is False

@@ -7,6 +7,12 @@ sibling. Failure calls matched by the alignment (or made by some success elsewhe
 where a success's call is missing gets ``harmful`` ("omitted …"). In successful siblings, a
 state-changing call made by every success and missed by some failure is ``decisive``, calls
 shared with other successes or with all failures are ``helpful``, the rest ``neutral``.
+
+A failed sibling whose calls all match its closest success (nothing ``harmful``/``fatal``) failed in
+what it said: its last step is ``harmful`` with its reply beside the success's and the verifier's
+reasons (``info["fail_reasons"]``, e.g. "missing info: landed"), and the successes' last steps are
+``helpful`` ("the reply gave what the user asked"). Without this the step that decided such a group
+(e.g. a reply that ends the chat without the answer) read "neutral".
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ class ContrastAnnotator:
 
     def identity(self) -> str:
         writes = sorted(self.config.write_tools) if self.config.write_tools is not None else None
-        return f"contrast-v1:{json.dumps([writes, list(self.config.write_prefixes)])}"
+        return f"contrast-v2:{json.dumps([writes, list(self.config.write_prefixes)])}"
 
     def is_write(self, tool_name: str) -> bool:
         if self.config.write_tools is not None:
@@ -132,15 +138,21 @@ class ContrastAnnotator:
         success_keys = {t.sample_index: {c.key for c in calls[t.sample_index]} for t in successes}
         failure_keys = {t.sample_index: {c.key for c in calls[t.sample_index]} for t in failures}
         any_success_key = set().union(*success_keys.values())
-        siblings, notes = [], _SummaryNotes()
-        for traj, ok in zip(group.trajectories, group.successes):
-            if ok:
-                marks = self._mark_success(traj, calls[traj.sample_index], success_keys,
-                                           failure_keys, notes)
-            else:
-                marks = self._mark_failure(traj, calls, successes, any_success_key, notes)
-            siblings.append(SiblingCredit(sample_index=traj.sample_index,
-                                          steps=_steps_from_marks(traj, marks)))
+        notes, marks = _SummaryNotes(), {}
+        for traj in failures:
+            marks[traj.sample_index] = self._mark_failure(traj, calls, successes, any_success_key, notes)
+        for traj in successes:
+            marks[traj.sample_index] = self._mark_success(traj, calls[traj.sample_index], success_keys,
+                                                          failure_keys, notes)
+        if notes.replies:  # some failure matched a success call for call: its reply decided it
+            for traj in successes:
+                if traj.steps:
+                    failed = [idx for idx, _, _ in notes.replies]
+                    marks[traj.sample_index].setdefault(traj.steps[-1].index, []).append(
+                        (Verdict.HELPFUL, f"the reply {_said(traj)} gave what the user asked; failed "
+                                          f"siblings {failed} made the same calls and did not"))
+        siblings = [SiblingCredit(sample_index=t.sample_index, steps=_steps_from_marks(t, marks[t.sample_index]))
+                    for t in group.trajectories]
         return CreditReference(summary=notes.render(group), siblings=siblings)
 
     def _mark_success(self, traj, own_calls, success_keys, failure_keys, notes) -> dict:
@@ -194,6 +206,14 @@ class ContrastAnnotator:
             marks.setdefault(call.step, []).append((verdict, why))
         if pending_omissions and traj.steps:  # ended without the missing calls
             self._omitted(marks, traj.steps[-1].index, pending_omissions, best_ref, notes, traj)
+        bad = any(v in (Verdict.HARMFUL, Verdict.FATAL) for step in marks.values() for v, _ in step)
+        if not bad and traj.steps and not any(s.parse_error for s in traj.steps):
+            verifier = "; ".join(str(r) for r in traj.info.get("fail_reasons", [])[:2])
+            why = (f"made the same calls as successful sibling {best_ref.sample_index}, but the reply "
+                   f"{_said(traj)} did not give what its reply {_said(best_ref)} did"
+                   + (f" (verifier: {verifier})" if verifier else ""))
+            marks.setdefault(traj.steps[-1].index, []).append((Verdict.HARMFUL, why))
+            notes.replies.append((traj.sample_index, traj.steps[-1].index, verifier))
         return marks
 
     def _omitted(self, marks, step, omitted, ref, notes, traj) -> None:
@@ -203,6 +223,15 @@ class ContrastAnnotator:
         why = f"went on without {shown} that successful sibling {ref.sample_index} made"
         marks.setdefault(step, []).append((verdict, why))
         notes.omissions.append((traj.sample_index, step, shown))
+
+
+def _said(traj: Trajectory, limit: int = 80) -> str:
+    """The last step's text, quoted and cut ("(no reply)" when it only called tools)."""
+    last = traj.steps[-1] if traj.steps else None
+    text = (last.text or "").strip() if last is not None and not last.tool_calls else ""
+    if not text:
+        return "(no reply)"
+    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
 
 
 def _steps_from_marks(traj: Trajectory, marks: dict[int, list[tuple[Verdict, str]]]) -> list[StepCredit]:
@@ -223,6 +252,7 @@ class _SummaryNotes:
     decisive: dict[str, None] = dataclasses.field(default_factory=dict)  # ordered set
     divergences: list[tuple[int, int, str, Verdict]] = dataclasses.field(default_factory=list)
     omissions: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
+    replies: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)  # failed in what it said
 
     def render(self, group: SiblingGroup) -> str:
         ok = [t.sample_index for t in group.successful]
@@ -234,4 +264,7 @@ class _SummaryNotes:
             parts.append(f"Sibling {idx} step {step}: {text} ({verdict.value}).")
         for idx, step, shown in self.omissions[:3]:
             parts.append(f"Sibling {idx} step {step} went on without {shown}.")
+        for idx, step, verifier in self.replies[:3]:
+            parts.append(f"Sibling {idx} made the same calls but its reply at step {step} failed"
+                         + (f" ({verifier})." if verifier else "."))
         return " ".join(parts)[:1200]
