@@ -25,7 +25,7 @@ from sgcd_jax import train_parts as parts
 from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.data import TaskStream
-from sgcd_jax.metrics_log import MetricsLogger, Progress
+from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.sharding import MeshConfig, make_mesh
 from sgcd_jax.train_step import Learner, make_optimizer
 
@@ -191,14 +191,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 checkpointer.close()
                 return {"run_dir": run_dir, "iteration": iteration, "preempted": True}
         # ---- final eval, checkpoint, export, report
-        eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
-        logger.log(iteration, eval_result, phase="eval")
-        checkpointer.save(iteration, saveable(),
-                          parts.meta(iteration, stream, counters, best_eval), force=True)
-        if eval_result["success_rate"] > best_eval:
-            checkpointer.save_best(iteration, saveable(),
-                                   parts.meta(iteration, stream, counters, eval_result["success_rate"]),
-                                   eval_result["success_rate"])
+        if latest is not None and start_iteration >= config.run.num_iterations:
+            # a finished run started again: its final eval is on record; nothing to redo or re-log
+            eval_result = _last_eval(run_dir)
+            progress.print(f"already finished at iteration {start_iteration}")
+        else:
+            eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
+            logger.log(iteration, eval_result, phase="eval")
+            checkpointer.save(iteration, saveable(),
+                              parts.meta(iteration, stream, counters, best_eval), force=True)
+            if eval_result["success_rate"] > best_eval:
+                checkpointer.save_best(iteration, saveable(),
+                                       parts.meta(iteration, stream, counters, eval_result["success_rate"]),
+                                       eval_result["success_rate"])
         checkpointer.close()
     finally:
         preemption.restore()
@@ -240,6 +245,14 @@ def _warm_up(learner: Learner, env_factory, chat, config: TrainConfig, progress:
     key = sft_cache.cache_key(config, os.path.join(config.run_dir, "tokenizer"))
     learner.params, metrics = sft_cache.cached_sft(learner.params, key, config.sft.cache_dir, compute)
     return metrics
+
+
+def _last_eval(run_dir: str) -> dict[str, float]:
+    """The last eval record of a run (process 0 wrote it; empty where this process cannot read one)."""
+    evals = [r for r in read_metrics(run_dir) if r.get("phase") == "eval"] if os.path.isdir(run_dir) else []
+    if not evals:
+        return {}
+    return {k: v for k, v in evals[-1].items() if k not in ("step", "phase", "time")}
 
 
 def _check_pipelining(config: TrainConfig) -> bool:

@@ -69,6 +69,11 @@ def test_tiny_sgcd_run_every_phase_then_kill9_resume_matches(tmp_path):
     resumed = read_metrics(os.path.join(tmp_path, "killed"))
     assert comparable(resumed) == comparable(records)
 
+    # 3) starting the finished run again changes nothing: no second final eval, the same summary
+    again = train(cfg)
+    assert read_metrics(run_dir) == records
+    assert again["iteration"] == 3 and again["eval"]["success_rate"] == summary["eval"]["success_rate"]
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sgcd", "sdpo"])
