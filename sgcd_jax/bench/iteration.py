@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sgcd_jax.bench iteration")
     parser.add_argument("--iterations", type=int, default=16, help="RL iterations per method")
     parser.add_argument("--skip", type=int, default=4, help="first iterations left out (compiles)")
-    parser.add_argument("--sft-steps", type=int, default=800, help="SFT warm-up steps (quickstart: 800)")
+    parser.add_argument("--sft-steps", type=int, default=1000, help="SFT warm-up steps (quickstart: 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="", help="directory keeping the tokenizer and post-SFT params between "
                         "runs (e.g. to compare two versions of the code from the same params); '' = a temp dir")
