@@ -25,5 +25,7 @@ def get_config():
     cfg.optim.warmup_steps = 5
     cfg.optim.micro_batch_size = 4
     cfg.sft.enabled = False  # a pretrained chat model; enable to warm up on oracle demos
+    cfg.sft.demo_shortcut = ""  # oracle demos only (the quickstart's imperfect demonstrator is not inherited)
+    cfg.sft.demo_shortcut_rate = 0.0
     cfg.run.export_hf = True
     return cfg
