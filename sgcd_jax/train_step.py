@@ -49,19 +49,14 @@ class StepSpec:
     sft: bool = False
 
 
-def param_path(path) -> str:
-    """'layers/0/mlp/up_proj/kernel': a parameter's place in the model, as ``optim.trainable`` matches it."""
-    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    return "/".join(n for n in names if n != ".value" and n != "value")
-
-
 def trainable_labels(params, pattern: str):
-    """'train' / 'freeze' per leaf: parameters whose path ``re.search``-matches ``pattern`` train
-    ("" = all); a pattern that matches none is an error, not a silent no-op run."""
+    """'train' / 'freeze' per leaf: parameters whose path (sharding.path_to_str, e.g.
+    'layers/0/mlp/up_proj/kernel') ``re.search``-matches ``pattern`` train ("" = all); a pattern that
+    matches none is an error, not a silent no-op run."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "train" if not pattern or re.search(pattern, param_path(path)) else "freeze", params)
+        lambda path, _: "train" if not pattern or re.search(pattern, path_to_str(path)) else "freeze", params)
     if pattern and "train" not in jax.tree.leaves(labels):
-        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        paths = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         raise ValueError(f"optim.trainable={pattern!r} matches no parameter; paths look like {paths[:4]}")
     return labels
 

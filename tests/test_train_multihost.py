@@ -206,9 +206,11 @@ def test_a_batch_every_process_holds_is_split_over_the_batch_shards():
     assert jax.device_count() == 8
 
 
-def test_sharded_learner_matches_one_device_learner():
+@pytest.mark.parametrize("trainable", ["", "mlp"])
+def test_sharded_learner_matches_one_device_learner(trainable):
     """Learner on a (data=2, fsdp=4) mesh — FSDP-sharded params and Adam state, strided micro-batches
-    of a global batch — takes the same optimizer step as the unsharded learner."""
+    of a global batch — takes the same optimizer step as the unsharded learner (also with frozen
+    parameters: optim.trainable's multi_transform state is sharded like its params)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -223,7 +225,7 @@ def test_sharded_learner_matches_one_device_learner():
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     spec = StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=16), micro_batch_size=4)
-    tx = make_optimizer(OptimSpec(learning_rate=1e-2, schedule="constant"), 4)
+    tx = make_optimizer(OptimSpec(learning_rate=1e-2, schedule="constant", trainable=trainable), 4)
     rng = np.random.default_rng(0)
     trajectories = []
     for i in range(16):
@@ -246,8 +248,12 @@ def test_sharded_learner_matches_one_device_learner():
                                 jnp.asarray(advantages))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
     learner = Learner(Decoder(cfg, rngs=nnx.Rngs(0)), tx, spec, mesh=mesh)
-    mu = learner.opt_state[1][0].mu
-    assert mu["layers"][0]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.P("fsdp", None)  # like its param
+    moments = {sharding.path_to_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(learner.opt_state)
+               if leaf.ndim == 2}
+    assert any("up_proj" in name for name in moments)
+    assert all(leaf.sharding.spec == jax.P("fsdp", None) for name, leaf in moments.items()
+               if "up_proj" in name)  # like its param
+    assert trainable == "" or not any("q_proj" in name for name in moments)  # frozen: no moments
     sharded_metrics, sharded = step(learner, distributed.global_batch(host, mesh),
                                     distributed.global_batch(advantages, mesh))
     assert learner.params["lm_head"]["kernel"].sharding.spec == jax.P("fsdp", None)  # stays sharded

@@ -137,7 +137,7 @@ def test_non_finite_update_is_skipped_and_counted():
 
 def test_trainable_regex_freezes_the_other_parameters():
     """optim.trainable='mlp': only MLP weights move, and they take AdamW's first step exactly."""
-    from sgcd_jax.train_step import param_path
+    from sgcd_jax.sharding import path_to_str as param_path
 
     model, trajs = tiny_model(), trajectories()
     inputs, _ = step_inputs(model, trajs, teacher_prompts())
