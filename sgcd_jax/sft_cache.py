@@ -24,7 +24,9 @@ import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# Bumped whenever the warm-up's computation changes for the same config (2: SFT batches padded to the
+# longest demo instead of rollout.max_total_tokens), so an older entry is not restored as identical.
+FORMAT_VERSION = 2
 
 
 def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
