@@ -31,6 +31,7 @@ CURVES = (  # (metric key, phase, title)
     ("success_rate", "train", "train success rate"),
     ("success_rate", "eval", "eval success rate (bare student)"),
     ("state_change_success_rate", "train", "successful state-changing tool calls / episode"),
+    ("state_change_success_rate", "eval", "eval: successful state-changing tool calls / episode"),
     ("reward_mean", "train", "train reward"),
     ("credit/weight_mean", "train", "credit weight mean"),
     ("credit/frac_at_upper", "train", "credit weights at the upper bound (fraction)"),
@@ -159,7 +160,7 @@ def _summary_table(groups: dict[str, list[str]]) -> str:
         for d in dirs:
             records = read_metrics(d)
             for key, phase in (("success_rate", "eval"), ("success_rate", "train"),
-                               ("state_change_success_rate", "train")):
+                               ("state_change_success_rate", "eval"), ("state_change_success_rate", "train")):
                 _, values = _series(records, key, phase)
                 if len(values):
                     finals[f"{phase} {key} (final)"].append(values[-1])

@@ -17,7 +17,7 @@ def fake_run(root, name, slope):
     for step in range(1, 6):
         logger.log(step, {"success_rate": slope * step, "reward_mean": slope * step, "loss": 0.1,
                           "state_change_success_rate": 0.5 * slope * step})
-    logger.log(5, {"success_rate": slope * 4}, phase="eval")
+    logger.log(5, {"success_rate": slope * 4, "state_change_success_rate": slope}, phase="eval")
     logger.close()
     write_samples(run_dir, [{"title": "task 1 sibling 0", "reward": 0.0, "advantage": -0.87,
                              "tokens": ["<|im_start|>", "assistant", "<tool_call>", "cancel", "_reservation", "<"],
@@ -42,6 +42,9 @@ def test_report_compares_runs_and_writes_pngs(tmp_path):
     path = build_report(runs, str(tmp_path / "cmp"))
     html = open(path).read()
     assert "train_success_rate.png" in html and "eval_success_rate.png" in html
+    # the second comparison curve, on the bare student as well as in training
+    assert "eval_state_change_success_rate.png" in html and "train_state_change_success_rate.png" in html
+    assert "eval state_change_success_rate (final)" in html
     assert os.path.getsize(tmp_path / "cmp" / "train_success_rate.png") > 1000
     assert "grpo" in html and "sgcd" in html and "cancelled a non-refundable booking" in html
 
