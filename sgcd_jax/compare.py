@@ -44,13 +44,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             timings[name] = time.time() - started
             groups.setdefault(method, []).append(run_dir)
     report = build_report([d for ds in groups.values() for d in ds], args.out, groups)
-    finals = {}
+    finals, rl_wall = {}, {}
     for method, dirs in groups.items():
-        evals = [[r for r in read_metrics(d) if r["phase"] == "eval"] for d in dirs]
+        records = {d: read_metrics(d) for d in dirs}
+        evals = [[r for r in recs if r["phase"] == "eval"] for recs in records.values()]
         finals[method] = {"final_eval_success": [e[-1].get("success_rate") for e in evals if e],
                           "final_eval_state_change_success": [e[-1].get("state_change_success_rate") for e in evals if e]}
+        for d, recs in records.items():  # from the run's own records: a finished run started again is a no-op
+            if recs:
+                rl_wall[os.path.basename(d)] = round(recs[-1]["time"] - recs[0]["time"], 1)
     with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump({"finals": finals, "wall_s": timings}, f, indent=2)
+        json.dump({"finals": finals, "rl_wall_s": rl_wall, "process_wall_s": timings}, f, indent=2)
     print(json.dumps(finals, indent=2))
     print(f"report: {os.path.abspath(report)}")
 
