@@ -2,8 +2,8 @@
 
 A tiny random-init Decoder (2 layers, d=128) on a 1,024-token BPE trained on airline_lite's own text
 with SmolLM2's special tokens and chat template (sgcd_jax/domain_tokenizer.py: SmolLM2's 49k vocab
-made the LM head >90% of the step), trained on airline_lite (easy) on CPU: an SFT warm-up on oracle
-demonstrations, then SGCD RL with the offline ContrastAnnotator. No network, API key or accelerator.
+made the LM head >90% of the step), trained on airline_lite (easy) on CPU: an SFT warm-up on an
+imperfect demonstrator's conversations (below), then SGCD RL with the offline ContrastAnnotator. No network, API key or accelerator.
 
 Sizes are set by what made the student copy ids at all (measured, see sgcd_jax/domain_tokenizer.py): a
 whitespace-split domain BPE (ids tokenize the same in the request and in the tool call), one token per
@@ -16,7 +16,7 @@ greedy post-SFT policy therefore never reports (eval success 0 at step 0), while
 sometimes; the outcome reward (communicate_info) teaches it to report. Measured (96 held-out tasks,
 greedy): 0.0 -> 0.25 / 0.31 / 0.32 / 0.32 after 5/10/15/20 iterations; status tasks 0 -> 0.86, above the
 0.78 of the same warm-up on oracle-only demos. Copying reservation ids (cancel_ok) and user ids is what
-this 2-layer model does not learn in 1,000 steps; RL does not teach it either (README, "Quickstart").
+this 2-layer model does not learn in 1,000 steps; RL does not teach it either (README, "Status").
 A warm-up on oracle-only demos (``--config.sft.demo_shortcut_rate=0``) starts at 0.40 and RL does not
 raise it (0.40 -> 0.31): the step-0 errors are ids and statuses guessed from the date, which 20
 iterations of 32 episodes do not teach.
