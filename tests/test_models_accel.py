@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers.model_loss import nll_value_and_grads
 from sgcd_jax.models import Decoder, KVCache, ModelConfig
 from sgcd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 
@@ -118,16 +119,7 @@ def test_decoder_uses_blocked_attention_on_long_chunks_and_matches_cache_path():
 
 
 def _loss_grads(cfg: ModelConfig, reference: Decoder):
-    graphdef, params = nnx.split(same_weights(cfg, reference), nnx.Param)
-    targets = jnp.roll(TOKENS, -1, axis=1)
-
-    def loss(p):
-        model = nnx.merge(graphdef, p)
-        logprobs = jax.nn.log_softmax(model.logits(model(TOKENS, POSITIONS, MASK)[0]), axis=-1)
-        token_logprobs = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-        return -jnp.sum(jnp.where(MASK, token_logprobs, 0.0)) / MASK.sum()
-
-    return jax.value_and_grad(loss)(params)
+    return nll_value_and_grads(same_weights(cfg, reference), TOKENS, POSITIONS, MASK)
 
 
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers.model_loss import nll_value_and_grads
 from sgcd_jax.models import Decoder, KVCache
 from sgcd_jax.models import qwen3_5
 from sgcd_jax.models.config import REMAT_POLICIES
@@ -134,16 +135,7 @@ def test_dot_product_attention_prefill_and_decode_equal_einsum_path(reference):
 
 
 def _loss_grads(reference: Decoder, **knobs):
-    graphdef, params = nnx.split(same_weights(reference, **knobs), nnx.Param)
-    targets = jnp.roll(TOKENS, -1, axis=1)
-
-    def loss(p):
-        model = nnx.merge(graphdef, p)
-        logprobs = jax.nn.log_softmax(model.logits(model(TOKENS, POSITIONS, MASK)[0]), axis=-1)
-        token_logprobs = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-        return -jnp.sum(jnp.where(MASK, token_logprobs, 0.0)) / MASK.sum()
-
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return nll_value_and_grads(same_weights(reference, **knobs), TOKENS, POSITIONS, MASK, jit=True)
 
 
 @pytest.fixture(scope="module")
