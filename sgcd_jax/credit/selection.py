@@ -225,19 +225,15 @@ def fill_mixed_groups(first: SelectionResult, target: int, max_extra_rounds: int
     sees one shape), up to ``max_extra_rounds`` extra rounds. Returns (groups for the update: at most
     ``target`` mixed ones, then non-mixed ``grpo`` groups only to fill up to ``target`` groups, so the
     packed batch never outgrows its fixed shape; every trajectory rolled out; metrics)."""
-    mixed, non_mixed = list(first.mixed), list(first.grpo)
-    stats = first.stats
+    policy = OversamplingPolicy(OversamplingConfig(  # one accumulator for both drivers
+        target_mixed_groups=target, max_total_tasks=target * (max_extra_rounds + 1), max_rounds=max_extra_rounds + 1))
+    policy.add(first)
     trajectories = [t for g in first.mixed + first.grpo + first.dropped for t in g.trajectories]
-    rounds = 0
-    while len(mixed) < target and rounds < max_extra_rounds:
-        rounds += 1
-        more = list(draw(rounds))
+    while policy.need_more():
+        more = list(draw(policy.rounds))
         trajectories.extend(more)
-        result = select_groups(more, config)
-        mixed.extend(result.mixed)
-        non_mixed.extend(result.grpo)
-        stats = stats.merge(result.stats)
-    groups = mixed[:target] + non_mixed[:max(0, target - len(mixed))]
-    metrics = {"oversampling/extra_rounds": float(rounds), "oversampling/mixed_collected": float(len(mixed)),
-               "oversampling/filled": float(len(mixed) >= target), **stats.as_metrics("oversampling/")}
+        policy.add(select_groups(more, config))
+    mixed, non_mixed = policy.batch()
+    groups = mixed + non_mixed[:max(0, target - len(mixed))]
+    metrics = {**policy.as_metrics(), "oversampling/extra_rounds": float(policy.rounds - 1)}
     return groups, trajectories, metrics
