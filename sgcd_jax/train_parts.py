@@ -261,11 +261,12 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
                       min_length=length, min_teacher_length=teacher_length)
     _check_same_shapes(host_batch)
     batch = to_mesh(host_batch, learner)
+    multi_device = learner.mesh is not None and learner.mesh.size > 1  # results resharded to the batch layout
     needs_teacher = config.loss.needs_teacher and any_process(any(p is not None for p in prompts))
     spec = ScoreSpec(vocab=vocab_config(config),
                      with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
-    if learner.mesh is not None and learner.mesh.size > 1:  # the batch layout, whatever score returned
+    if multi_device:  # the batch layout, whatever score returned
         features = distributed.shard_rows_on_mesh(features, learner.mesh)
     jax.block_until_ready(features)
     timings["time/score_s"] = time.perf_counter() - start
@@ -285,14 +286,14 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     adv_cfg = AdvantageConfig(estimator=config.loss.advantage, eps=config.loss.adv_eps,
                               norm_by_std=config.loss.norm_by_std)
     advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0, adv_cfg)
-    if learner.mesh is not None and learner.mesh.size > 1:
+    if multi_device:
         advantages = advantages.replace(advantages=distributed.shard_rows_on_mesh(advantages.advantages, learner.mesh))
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
     reverse_kl = features.get("reverse_kl", jnp.zeros_like(batch.target_mask))  # no teacher: q_T = p_S, KL = 0
     credit_batch = CreditBatch(advantages=advantages.advantages, student_logprobs=features["student_logprobs"],
                                teacher_logprobs=teacher_logprobs, loss_mask=batch.target_mask,
                                step_ids=batch.step_ids, reverse_kl=reverse_kl, entropy=features.get("student_entropy"))
-    if learner.mesh is not None and learner.mesh.size > 1:
+    if multi_device:
         # Credit on replicated inputs (cheap elementwise math): the one-device program, so rescore
         # reproduces the weights bitwise; then sliced back to the batch layout for the update.
         credit = _credit(distributed.replicate_on_mesh(credit_batch, learner.mesh), credit_config(config.loss),

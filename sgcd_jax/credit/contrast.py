@@ -145,9 +145,9 @@ class ContrastAnnotator:
             marks[traj.sample_index] = self._mark_success(traj, calls[traj.sample_index], success_keys,
                                                           failure_keys, notes)
         if notes.replies:  # some failure matched a success call for call: its reply decided it
+            failed = [idx for idx, _, _ in notes.replies]
             for traj in successes:
                 if traj.steps:
-                    failed = [idx for idx, _, _ in notes.replies]
                     marks[traj.sample_index].setdefault(traj.steps[-1].index, []).append(
                         (Verdict.HELPFUL, f"the reply {_said(traj)} gave what the user asked; failed "
                                           f"siblings {failed} made the same calls and did not"))
