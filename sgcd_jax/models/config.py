@@ -16,12 +16,15 @@ import numpy as np
 from flax.core import FrozenDict
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# "xla": the explicit einsum + masked softmax in decoder.grouped_attention (default, today's numerics; without
-# a cache the query blocks skip the all-masked upper key blocks: decoder.causal_blocked_attention);
+# "xla": with a cache (prefill / continuation / decode) decoder.blockwise_attention (online softmax over key
+# blocks of `attention_block` slots: never [T, S] scores); without a cache up to T = attention_block the
+# explicit einsum + masked softmax (decoder.causal_blocked_attention: query blocks skip the all-masked upper
+# key blocks), blockwise beyond; "splash": JAX's Pallas TPU splash-attention kernel for the no-cache forward
+# (T a multiple of 128; Pallas interpreter off TPU), blockwise with a cache;
 # the others route full attention through jax.nn.dot_product_attention with implementation=
 # "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto": JAX's
 # choice, which in jax 0.10.2 is always the XLA path — request "cudnn" explicitly on GPUs).
-ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn", "auto", "splash")
 # names of sgcd_jax.memory_plan.remat_policy (kept here too: memory_plan imports this module)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 
@@ -60,6 +63,7 @@ class ModelConfig:
     remat: bool = False  # legacy switch: True == remat_policy "full" (used when remat_policy is "none")
     remat_policy: str = "none"  # one of REMAT_POLICIES: what a block saves for the backward pass (no-cache forward)
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS (see above)
+    attention_block: int = 512  # key/query block of decoder.blockwise_attention (memory O(block²) per head)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # block-specific settings
     architecture: str = "LlamaForCausalLM"  # HF architecture name used for export
 

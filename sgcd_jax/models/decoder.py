@@ -30,11 +30,17 @@ _INIT_STD = 0.02
 
 
 class AttentionContext(NamedTuple):
-    """What every block needs about the current chunk; built once per forward."""
+    """What every block needs about the current chunk; built once per forward.
+
+    The attention mask is implied, never stored: mask[b,t,s] = key_valid[b,s] & (s <= query_slots[b,t])
+    (causal + padding without a cache; the cache's valid slots up to the query's own slot with one).
+    `full_attention_mask(ctx)` builds the [B,T,S] array for the paths that need it.
+    """
 
     positions: jax.Array  # [B, T] int32
     token_mask: jax.Array  # [B, T] bool
-    attention_mask: jax.Array  # [B, T, S] bool; S = T without cache, cache.max_len with it
+    key_valid: jax.Array  # [B, S] bool: key slot holds a real token; S = T without cache, cache.max_len with it
+    query_slots: jax.Array  # [B, T] int32: slot of each query; query t may see key s iff key_valid[b,s] & s <= slot
     rope_cos: jax.Array  # [B, T, rotary_dim // 2] float32
     rope_sin: jax.Array  # [B, T, rotary_dim // 2] float32
     write_slots: jax.Array | None  # [B, T] int32 cache slot of each token; None without cache
@@ -117,23 +123,143 @@ def causal_blocks(steps: int) -> int:
     return max(1, min(CAUSAL_MAX_BLOCKS, steps // CAUSAL_BLOCK_MIN_ROWS))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, impl: str) -> jax.Array:
+def full_attention_mask(ctx: AttentionContext) -> jax.Array:
+    """[B, T, S] bool mask implied by ctx (materialises T × S: the einsum / dot_product_attention paths)."""
+    slot_ids = jnp.arange(ctx.key_valid.shape[1], dtype=jnp.int32)
+    return ctx.key_valid[:, None, :] & (slot_ids[None, None, :] <= ctx.query_slots[:, :, None])
+
+
+def _online_softmax_block(q, k, v, key_valid, key_slots, query_slots, carry):
+    """One key block of blockwise attention. q [B,Tq,Hkv,G,Dh] (pre-scaled), k/v [B,Sb,Hkv,Dh],
+    key_valid [B,Sb], key_slots [Sb], query_slots [B,Tq]; carry (m, l [B,Hkv,G,Tq], acc [B,Hkv,G,Tq,Dh])."""
+    m, l, acc = carry
+    mask = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])  # [B, Tq, Sb]
+    mask = mask[:, None, None]  # [B, 1, 1, Tq, Sb]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))  # -inf while no key seen
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    probs = jnp.where(mask, jnp.exp(scores - m_safe[..., None]), 0.0)
+    correction = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+    l = l * correction + probs.sum(axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v,
+                                                   preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, query_slots: jax.Array,
+                        block: int) -> jax.Array:
+    """Softmax attention with GQA that never materialises T × S: an online softmax (running max m, running
+    sum l, running output acc; the flash-attention recurrence) over key blocks of `block` slots, and query
+    blocks of `block` rows when T > block. Peak scratch per head is O(block²) instead of O(T·S).
+
+    mask[b,t,s] = key_valid[b,s] & (s <= query_slots[b,t]); key blocks no query of the block may see
+    (beyond the causal diagonal, or unused cache slots) are skipped by a `lax.cond`. Equal to
+    grouped_attention on rows with at least one visible key (fp32 summation order aside); rows with none
+    (padding) return 0. Differentiable: the per-block body is rematerialised in the backward pass, so the
+    saved residuals are O(T · D) per block, not the scores.
+    q [B,T,H,Dh], k/v [B,S,Hkv,Dh], key_valid [B,S] bool, query_slots [B,T] int32 → [B,T,H,Dh].
+    """
+    batch, steps, num_heads, head_dim = q.shape
+    num_kv, kv_len = k.shape[2], k.shape[1]
+    groups = num_heads // num_kv
+    kv_blocks = -(-kv_len // block)
+    pad_kv = kv_blocks * block - kv_len
+    if pad_kv:
+        k = jnp.pad(k, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
+        v = jnp.pad(v, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
+        key_valid = jnp.pad(key_valid, [(0, 0), (0, pad_kv)])
+    k_blocks = k.reshape(batch, kv_blocks, block, num_kv, head_dim).swapaxes(0, 1)  # [nb, B, Sb, Hkv, Dh]
+    v_blocks = v.reshape(batch, kv_blocks, block, num_kv, head_dim).swapaxes(0, 1)
+    valid_blocks = key_valid.reshape(batch, kv_blocks, block).swapaxes(0, 1)  # [nb, B, Sb]
+    slot_blocks = jnp.arange(kv_blocks * block, dtype=jnp.int32).reshape(kv_blocks, block)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def one_query_block(q_block, slots):  # q_block [B,Tq,H,Dh], slots [B,Tq]
+        q_rows = q_block.shape[1]
+        qg = (q_block.astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, q_rows, num_kv, groups, head_dim)
+        body_math = jax.checkpoint(_online_softmax_block)
+
+        def body(carry, blk):
+            k_b, v_b, valid_b, key_slots = blk
+            seen = jnp.any(valid_b[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None]))
+            carry = jax.lax.cond(seen, lambda c: body_math(qg, k_b, v_b, valid_b, key_slots, slots, c),
+                                 lambda c: c, carry)
+            return carry, None
+
+        init = (jnp.full((batch, num_kv, groups, q_rows), -jnp.inf, jnp.float32),
+                jnp.zeros((batch, num_kv, groups, q_rows), jnp.float32),
+                jnp.zeros((batch, num_kv, groups, q_rows, head_dim), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(body, init, (k_blocks, v_blocks, valid_blocks, slot_blocks))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, Hkv, G, Tq, Dh]
+        return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_rows, num_heads, head_dim).astype(q.dtype)
+
+    if steps <= block:
+        return one_query_block(q, query_slots)
+    q_blocks = -(-steps // block)
+    pad_q = q_blocks * block - steps
+    q_p = jnp.pad(q, [(0, 0), (0, pad_q), (0, 0), (0, 0)])
+    slots_p = jnp.pad(query_slots, [(0, 0), (0, pad_q)], constant_values=-1)  # padded queries see nothing
+    q_p = q_p.reshape(batch, q_blocks, block, num_heads, head_dim).swapaxes(0, 1)
+    slots_p = slots_p.reshape(batch, q_blocks, block).swapaxes(0, 1)
+    outs = jax.lax.map(lambda xs: one_query_block(*xs), (q_p, slots_p))  # [nq, B, Tq, H, Dh]
+    return outs.swapaxes(0, 1).reshape(batch, q_blocks * block, num_heads, head_dim)[:, :steps]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+    """Causal self-attention (no cache) through JAX's Pallas TPU splash-attention kernel
+    (jax.experimental.pallas.ops.tpu.splash_attention); padding via segment ids (real tokens 1, padding 0:
+    a padding query sees only padding keys, whose output is ignored). `interpret=True` runs the kernel in
+    the Pallas interpreter (CPU tests). T must be a multiple of 128 (the kernel's block size).
+    q [B,T,H,Dh], k/v [B,T,Hkv,Dh] → [B,T,H,Dh]."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, steps, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    if steps % 128:
+        raise ValueError(f"model.attention_impl='splash' needs sequence lengths that are multiples of 128, got {steps}")
+    mask = splash.MultiHeadMask([splash.CausalMask((steps, steps)) for _ in range(num_heads)])
+    block = min(512, steps)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    groups = num_heads // num_kv
+    scale = 1.0 / math.sqrt(head_dim)
+    qh = (q.astype(jnp.float32) * scale).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+    kh = jnp.repeat(k.transpose(0, 2, 1, 3), groups, axis=1)
+    vh = jnp.repeat(v.transpose(0, 2, 1, 3), groups, axis=1)
+    segments = token_mask.astype(jnp.int32)
+    out = jax.vmap(lambda qq, kk, vv, seg: kernel(qq, kk, vv, segment_ids=splash.SegmentIds(q=seg, kv=seg)))(
+        qh, kh, vh, segments)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, impl: str,
+              block: int = 512) -> jax.Array:
     """Full attention by `ModelConfig.attention_impl`; q [B,T,H,Dh], k/v [B,S,Hkv,Dh] → [B,T,H,Dh].
 
-    "xla" runs `grouped_attention` (without a cache `causal_blocked_attention`: same values on real
-    tokens); the others call `jax.nn.dot_product_attention` with the same mask (ctx.attention_mask:
-    causal + padding, or the cache's valid slots). Without a cache the mask is causal, so
-    `is_causal=True` is passed too: redundant for XLA, lets cuDNN skip the upper triangle.
+    "xla": with a cache (prefill, continuation, decode) always `blockwise_attention` (online softmax over
+    key blocks of `block` slots: no [T, S] scores, unused cache blocks skipped); without a cache
+    `causal_blocked_attention` up to T = `block` (same values on real tokens) and `blockwise_attention`
+    beyond. "splash": JAX's Pallas TPU splash-attention kernel without a cache (TPU; T a multiple of 128),
+    blockwise with one. The others call `jax.nn.dot_product_attention` with the same mask (causal +
+    padding, or the cache's valid slots); without a cache `is_causal=True` is passed too: redundant for
+    XLA, lets cuDNN skip the upper triangle.
     """
-    if impl == "xla":
-        blocks = causal_blocks(q.shape[1]) if ctx.write_slots is None else 1  # no cache: causal, S == T
-        if blocks > 1:
-            return causal_blocked_attention(q, k, v, ctx.attention_mask, blocks)
-        return grouped_attention(q, k, v, ctx.attention_mask)
+    no_cache = ctx.write_slots is None
+    if impl == "splash" and no_cache:
+        return splash_attention(q, k, v, ctx.token_mask, interpret=jax.default_backend() != "tpu")
+    if impl in ("xla", "splash"):
+        if no_cache and q.shape[1] <= block:
+            blocks = causal_blocks(q.shape[1])
+            if blocks > 1:
+                return causal_blocked_attention(q, k, v, full_attention_mask(ctx), blocks)
+            return grouped_attention(q, k, v, full_attention_mask(ctx))
+        return blockwise_attention(q, k, v, ctx.key_valid, ctx.query_slots, block)
     from sgcd_jax.memory_plan import attention_implementation  # memory_plan imports models.config
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=ctx.attention_mask[:, None],  # [B, 1, T, S]
-                                        is_causal=ctx.write_slots is None, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=full_attention_mask(ctx)[:, None],  # [B, 1, T, S]
+                                        is_causal=no_cache, implementation=implementation)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -179,6 +305,7 @@ class Attention(nnx.Module):
         self.shape = (h, kv, hd)
         self.layer_index = layer_index
         self.attention_impl = cfg.attention_impl
+        self.attention_block = cfg.attention_block
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         batch, steps, _ = x.shape
@@ -197,7 +324,8 @@ class Attention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl), "attention_out")  # [B,T,H,Dh]
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block),
+                              "attention_out")  # [B,T,H,Dh]
         return self.o_proj(out.reshape(batch, steps, num_heads * head_dim)), cache
 
 
@@ -267,9 +395,8 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(cfg.dtype)  # [B, T, D]
         cos, sin = rope_angles(cfg, positions)
         if cache is None:
-            causal = jnp.tril(jnp.ones((steps, steps), jnp.bool_))
-            mask = causal[None] & token_mask[:, None, :]  # [B, T, T]
-            ctx = AttentionContext(positions, token_mask, mask, cos, sin, None)
+            query_slots = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32)[None], token_mask.shape)
+            ctx = AttentionContext(positions, token_mask, token_mask, query_slots, cos, sin, None)
             policy_name = cfg.effective_remat_policy
             if policy_name == "none":
                 run = _run_block_no_cache
@@ -282,9 +409,7 @@ class Decoder(nnx.Module):
         rows = jnp.arange(tokens.shape[0])[:, None]
         write_slots = cache.end[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]  # [B, T]
         valid = cache.valid.at[rows, write_slots].set(token_mask, mode="drop")  # [B, S]
-        slot_ids = jnp.arange(cache.max_len, dtype=jnp.int32)
-        mask = valid[:, None, :] & (slot_ids[None, None, :] <= write_slots[:, :, None])  # [B, T, S]
-        ctx = AttentionContext(positions, token_mask, mask, cos, sin, write_slots)
+        ctx = AttentionContext(positions, token_mask, valid, write_slots, cos, sin, write_slots)
         for block in self.layers:
             x, cache = block(x, ctx, cache)
         cache = cache.replace(valid=valid, end=cache.end + token_mask.sum(axis=1, dtype=jnp.int32))

@@ -72,6 +72,7 @@ class GatedAttention(nnx.Module):
         self.shape = (h, kv, hd)
         self.kv_index = kv_layer_index(cfg, layer_index)  # only full-attention layers have k/v in the cache
         self.attention_impl = cfg.attention_impl
+        self.attention_block = cfg.attention_block
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         batch, steps, _ = x.shape
@@ -87,7 +88,8 @@ class GatedAttention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl), "attention_out")  # [B,T,H,Dh]
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block),
+                              "attention_out")  # [B,T,H,Dh]
         gated = out.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))
         return self.o_proj(gated.astype(x.dtype).reshape(batch, steps, num_heads * head_dim)), cache
 
