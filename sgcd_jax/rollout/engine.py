@@ -9,7 +9,13 @@ prompt) are appended to the episode's KV-cache row and one assistant turn is sam
 episodes' env calls run concurrently in a thread pool with a per-call timeout; rejected calls become
 error observations the agent sees. An env that raises, hangs or returns garbage ends only its own
 episode (termination "env_error" / "env_timeout"). Episodes end on env done, `max_turns` or
-`max_total_tokens`; their cache rows are then released (the batch compacts).
+`max_total_tokens`; their cache rows are then released (the batch compacts). Each trajectory keeps its
+end reason (`termination`: env_done / the env's own / max_turns / max_tokens / env_error / env_timeout).
+
+With `decode_slots > 0` the turns are not synchronous (continuous batching, `sampling.continuous`): a
+fixed number of decode slots; a turn that ends goes to the env pool at once while the other slots keep
+decoding, and a slot whose episode ended or waits is given to a queued turn. Same per-episode keys, so
+the same tokens as the synchronous loop (tests/test_continuous_batching.py).
 """
 
 from __future__ import annotations
@@ -67,11 +73,16 @@ class RolloutConfig:
     env_timeout_s: float = 60.0  # per reset / step / reward call
     env_workers: int = 32
     stop_strings: tuple[str, ...] = ()
+    # > 0: continuous batching over this many decode slots (sampling.continuous; needs a generator with
+    # `continuous(num_slots)`, no stop strings); 0: synchronous turns (every live episode, then every env)
+    decode_slots: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_tokens_per_turn", "max_total_tokens", "env_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RolloutConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.decode_slots < 0:
+            raise ValueError(f"RolloutConfig.decode_slots must be >= 0, got {self.decode_slots}")
         if self.env_timeout_s <= 0:
             raise ValueError(f"RolloutConfig.env_timeout_s must be positive, got {self.env_timeout_s}")
 
@@ -109,22 +120,32 @@ class RolloutEngine:
                         for t, task in enumerate(tasks) for g in range(group_size)]
             self._reset_all(episodes, env_factory, pool)
             episode_keys = _episode_keys(rng, slots, group_size)  # [tasks * G], task-major
-            session = self.generator.session()
-            turn = 0
-            while live := [e for e in episodes if not e.done]:
-                turn_keys = _turn_keys(episode_keys, [len(e.steps) for e in episodes])  # [tasks * G]
-                self._generate_turn(session, live, {e.key: turn_keys[e.key[0] * group_size + e.key[1]]
-                                                    for e in live})
-                self._step_envs([e for e in live if not e.done], pool)
-                turn += 1
-            session.step({}, max_new_tokens=0, rng=rng)  # release the cache
+            compiles_before = _compiles(self.generator)
+            if self._continuous():
+                turn, batching = self._run_continuous(episodes, episode_keys, group_size, pool)
+            else:
+                session = self.generator.session()
+                turn = 0
+                while live := [e for e in episodes if not e.done]:
+                    turn_keys = _turn_keys(episode_keys, [len(e.steps) for e in episodes])  # [tasks * G]
+                    self._generate_turn(session, live, {e.key: turn_keys[e.key[0] * group_size + e.key[1]]
+                                                        for e in live})
+                    self._step_envs([e for e in live if not e.done], pool)
+                    turn += 1
+                session.step({}, max_new_tokens=0, rng=rng)  # release the cache
+                stats = getattr(session, "stats", None)
+                batching = {} if stats is None else {
+                    "decode_row_steps": float(stats.decode_row_steps),
+                    "slot_utilization": stats.generated_tokens / max(stats.decode_row_steps, 1)}
+            compiles = _compiles(self.generator) - compiles_before
             trajectories = self._finish_all(episodes, pool)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a hung env thread must not block us
         elapsed = time.monotonic() - started
         generated = sum(int(t.loss_mask.sum()) for t in trajectories)
         self.last_run_stats = {"wall_s": elapsed, "generated_tokens": float(generated),
-                               "generated_tokens_per_s": generated / max(elapsed, 1e-9), "turn_rounds": float(turn)}
+                               "generated_tokens_per_s": generated / max(elapsed, 1e-9), "turn_rounds": float(turn),
+                               "compiles": float(compiles), **batching}
         return trajectories
 
     def chat(self, messages: list[dict[str, Any]], *, max_new_tokens: int = 256, rng: jax.Array | None = None) -> str:
@@ -175,24 +196,27 @@ class RolloutEngine:
                                stop_strings=cfg.stop_strings)
         elapsed = time.monotonic() - started
         for episode in live:
-            out = outputs[episode.key]
-            step_index = len(episode.steps)
-            episode.add_generated(out.token_ids, out.logprobs, step_index)
-            episode.timing["generate_s"] += elapsed
-            episode.metrics["generated_tokens"] += len(out.token_ids)
-            text = self._decode_turn(out.token_ids)
-            parsed = parse_tool_calls(text, episode.tools)
-            episode.messages.append({"role": "assistant", "content": text})
-            episode.steps.append(Step(index=step_index, text=text, tool_calls=list(parsed.action.tool_calls),
-                                      observations=[], parse_error="; ".join(e.message for e in parsed.errors)))
-            episode.metrics["turns"] += 1
-            episode.metrics["tool_calls"] += parsed.num_calls
-            for error in parsed.errors:
-                episode.metrics[error.kind] += 1
-            episode.parsed = parsed
-            episode.ended_with_end_of_turn = bool(len(out.token_ids)) and int(out.token_ids[-1]) in self.stop_token_ids
-            if len(episode.token_ids) >= cfg.max_total_tokens:
-                episode.finish("max_tokens")
+            self._record_turn(episode, outputs[episode.key], elapsed)
+
+    def _record_turn(self, episode: Episode, out: TurnOutput, elapsed: float) -> None:
+        """Book one generated turn: tokens/logprobs/loss mask, parsed tool calls, budget end."""
+        step_index = len(episode.steps)
+        episode.add_generated(out.token_ids, out.logprobs, step_index)
+        episode.timing["generate_s"] += elapsed
+        episode.metrics["generated_tokens"] += len(out.token_ids)
+        text = self._decode_turn(out.token_ids)
+        parsed = parse_tool_calls(text, episode.tools)
+        episode.messages.append({"role": "assistant", "content": text})
+        episode.steps.append(Step(index=step_index, text=text, tool_calls=list(parsed.action.tool_calls),
+                                  observations=[], parse_error="; ".join(e.message for e in parsed.errors)))
+        episode.metrics["turns"] += 1
+        episode.metrics["tool_calls"] += parsed.num_calls
+        for error in parsed.errors:
+            episode.metrics[error.kind] += 1
+        episode.parsed = parsed
+        episode.ended_with_end_of_turn = bool(len(out.token_ids)) and int(out.token_ids[-1]) in self.stop_token_ids
+        if len(episode.token_ids) >= self.config.max_total_tokens:
+            episode.finish("max_tokens")
 
     def _step_envs(self, live: list[Episode], pool) -> None:
         deadline = time.monotonic() + self.config.env_timeout_s
@@ -204,39 +228,120 @@ class RolloutEngine:
             futures[episode.key] = pool.submit(episode.env.step, action)
         for episode in live:
             started = time.monotonic()
-            observations, done, termination = [], False, ""
             if episode.key in futures:
                 try:
                     result = checked_env_step(wait_result(futures[episode.key], deadline, "env.step"))
                 except EnvCallError as exc:
-                    episode.metrics[exc.termination] += 1
-                    episode.finish(exc.termination, str(exc))
+                    self._apply_env_result(episode, exc)
                     continue
                 finally:
                     episode.timing["env_s"] += time.monotonic() - started
-                observations, done, termination = result.observations, result.done, result.termination
-                episode.metrics["env_tool_errors"] += result.tool_errors
-            observations = observations + episode.parsed.error_observations()
-            episode.steps[-1].observations = observations
-            if done:
-                episode.messages += observations  # shown to humans; never read by the policy
-                episode.finish(termination or "env_done")
-                continue
-            if len(episode.steps) >= self.config.max_turns:
-                episode.messages += observations
-                episode.finish("max_turns")
-                continue
-            try:
-                suffix = self.renderer.continuation_ids(
-                    episode.messages, observations, episode.tools, add_generation_prompt=True,
-                    generated_ended_with_end_of_turn=episode.ended_with_end_of_turn)
-            except Exception as exc:  # noqa: BLE001
-                episode.finish("env_error", f"rendering observations failed: {type(exc).__name__}: {exc}")
-                continue
+                self._apply_env_result(episode, result)
+            else:
+                self._apply_env_result(episode, None)
+
+    def _apply_env_result(self, episode: Episode, result: Any) -> None:
+        """Book an env step (an EnvStep, an EnvCallError, or None when only rejected calls were made): the
+        observations, the end (done / max_turns / max_tokens / env error) or the next turn's pending ids."""
+        if isinstance(result, EnvCallError):
+            episode.metrics[result.termination] += 1
+            episode.finish(result.termination, str(result))
+            return
+        observations, done, termination = [], False, ""
+        if result is not None:
+            observations, done, termination = result.observations, result.done, result.termination
+            episode.metrics["env_tool_errors"] += result.tool_errors
+        observations = observations + episode.parsed.error_observations()
+        episode.steps[-1].observations = observations
+        if done:
+            episode.messages += observations  # shown to humans; never read by the policy
+            episode.finish(termination or "env_done")
+            return
+        if len(episode.steps) >= self.config.max_turns:
             episode.messages += observations
-            episode.add_context(suffix)
-            if len(episode.token_ids) >= self.config.max_total_tokens:
-                episode.finish("max_tokens")
+            episode.finish("max_turns")
+            return
+        try:
+            suffix = self.renderer.continuation_ids(
+                episode.messages, observations, episode.tools, add_generation_prompt=True,
+                generated_ended_with_end_of_turn=episode.ended_with_end_of_turn)
+        except Exception as exc:  # noqa: BLE001
+            episode.finish("env_error", f"rendering observations failed: {type(exc).__name__}: {exc}")
+            return
+        episode.messages += observations
+        episode.add_context(suffix)
+        if len(episode.token_ids) >= self.config.max_total_tokens:
+            episode.finish("max_tokens")
+
+    # ------------------------------------------------------------------ continuous batching
+    def _continuous(self) -> bool:
+        return self.config.decode_slots > 0 and hasattr(self.generator, "continuous")
+
+    def _run_continuous(self, episodes: list[Episode], episode_keys: jax.Array, group_size: int,
+                        pool) -> tuple[int, dict[str, float]]:
+        """Decode slots refilled across episodes: a turn that ends goes to the env thread pool at once while
+        the other slots keep decoding; the observation comes back as the episode's next queued turn. The
+        same per-episode keys as the synchronous loop (fold_in(episode key, turn), then token position)."""
+        cfg = self.config
+        if cfg.stop_strings:
+            raise ValueError("rollout stop strings need the synchronous engine (rollout.decode_slots=0)")
+        slots = self.generator.continuous(cfg.decode_slots)
+        index = {e.key: e.key[0] * group_size + e.key[1] for e in episodes}
+        in_env: dict[Any, tuple[concurrent.futures.Future, float, float]] = {}  # key → (future, started, deadline)
+        turn_started: dict[Any, float] = {}
+
+        def queue_turn(episode: Episode) -> None:
+            budget = min(cfg.max_tokens_per_turn, cfg.max_total_tokens - len(episode.token_ids))
+            key = _turn_keys(episode_keys[index[episode.key]][None], [len(episode.steps)])[0]
+            slots.submit(episode.key, episode.pending, max_new_tokens=budget, rng=key)
+            turn_started[episode.key] = time.monotonic()
+
+        for episode in episodes:
+            if not episode.done:
+                queue_turn(episode)
+        by_key = {e.key: e for e in episodes}
+        chunks = 0
+        while slots.has_work() or in_env:
+            if slots.has_work():
+                outputs = slots.step()
+                chunks += 1
+            else:  # every live episode waits on its env: block until one returns
+                concurrent.futures.wait([f for f, _, _ in in_env.values()], return_when="FIRST_COMPLETED",
+                                        timeout=max(min(d for _, _, d in in_env.values()) - time.monotonic(), 0.0))
+                outputs = {}
+            for key, out in outputs.items():
+                episode = by_key[key]
+                self._record_turn(episode, out, time.monotonic() - turn_started[key])
+                if episode.done:
+                    slots.release(key)
+                    continue
+                action: AgentAction = episode.parsed.action
+                if episode.parsed.errors and not action.tool_calls:
+                    self._apply_env_result(episode, None)  # only rejected calls: the env is not called
+                    self._continue_or_release(episode, slots, queue_turn)
+                    continue
+                now = time.monotonic()
+                in_env[key] = (pool.submit(episode.env.step, action), now, now + cfg.env_timeout_s)
+            for key in [k for k, (f, _, d) in in_env.items() if f.done() or time.monotonic() >= d]:
+                future, started, deadline = in_env.pop(key)
+                episode = by_key[key]
+                try:
+                    result = checked_env_step(wait_result(future, deadline, "env.step"))
+                except EnvCallError as exc:
+                    result = exc
+                episode.timing["env_s"] += time.monotonic() - started
+                self._apply_env_result(episode, result)
+                self._continue_or_release(episode, slots, queue_turn)
+        stats = slots.stats
+        return chunks, {"decode_row_steps": float(stats.decode_row_steps), "slot_utilization": stats.slot_utilization,
+                        "parked_rows": float(stats.parked)}
+
+    @staticmethod
+    def _continue_or_release(episode: Episode, slots, queue_turn) -> None:
+        if episode.done:
+            slots.release(episode.key)
+        else:
+            queue_turn(episode)
 
     def _finish_all(self, episodes: list[Episode], pool) -> list[Trajectory]:
         deadline = time.monotonic() + self.config.env_timeout_s
@@ -281,6 +386,11 @@ def _episode_keys(rng: jax.Array, slots: Sequence[int], group_size: int) -> jax.
 @jax.jit
 def _turn_keys_impl(episode_keys: jax.Array, turns: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(episode_keys, turns)
+
+
+def _compiles(generator: Any) -> int:
+    compiles = getattr(generator, "compiles", None)
+    return int(compiles()) if callable(compiles) else 0
 
 
 def _turn_keys(episode_keys: jax.Array, turns: list[int]) -> list[jax.Array]:

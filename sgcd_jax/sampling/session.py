@@ -44,6 +44,7 @@ class SessionStats:
     shared_prefix_tokens_saved: int = 0  # prompt tokens not recomputed thanks to sibling sharing
     generated_tokens: int = 0
     decode_row_steps: int = 0  # batch rows × decode steps actually run (incl. idle rows)
+    prefill_calls: int = 0  # append_chunk calls (a long append is several chunks)
 
 
 class Sampler:
@@ -52,7 +53,8 @@ class Sampler:
     def __init__(self, model: nnx.Module, *, params: SamplingParams = SamplingParams(),
                  stop_token_ids: Sequence[int] | None = None, decode_steps_per_chunk: int = 32,
                  min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
-                 row_axes: str | tuple[str, ...] | None = None, decode_text: Callable[[Sequence[int]], str] | None = None):
+                 row_axes: str | tuple[str, ...] | None = None, decode_text: Callable[[Sequence[int]], str] | None = None,
+                 prefill_chunk: int = 512, max_cache_len: int | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
@@ -68,6 +70,32 @@ class Sampler:
             row_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
         self.row_axes = (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
         self.decode_text = decode_text  # needed only for stop strings
+        if prefill_chunk < min_chunk_len or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"rollout.prefill_chunk must be a power of two >= {min_chunk_len}, got {prefill_chunk}")
+        # prompts / observations longer than this are appended in chunks of this many tokens: prefill memory
+        # (activations [B, chunk, D], attention blocks) is bounded by the chunk, not the prompt
+        self.prefill_chunk = prefill_chunk
+        # cache-length buckets: powers of two from min_cache_len, the last one capped at max_cache_len (the
+        # whole-conversation budget + one decode chunk): a fixed ladder chosen by the config
+        self.max_cache_len = max_cache_len
+
+    def cache_bucket(self, needed: int, current: int = 0) -> int:
+        """Cache length for `needed` slots: the next power of two (>= current), capped at max_cache_len."""
+        size = next_bucket(needed, max(self.min_cache_len, current))
+        if self.max_cache_len is not None and needed <= self.max_cache_len:
+            size = min(size, max(self.max_cache_len, current))
+        return size
+
+    def continuous(self, num_slots: int):
+        """A ContinuousSession: `num_slots` decode rows refilled across episodes (sampling.continuous)."""
+        from sgcd_jax.sampling.continuous import ContinuousSession
+
+        return ContinuousSession(self, num_slots)
+
+    @staticmethod
+    def compiles() -> int:
+        """Compiled shapes of the two generation kernels so far (process-wide; count deltas per run)."""
+        return append_chunk._cache_size() + decode_chunk._cache_size()
 
     def update_weights(self, model: nnx.Module) -> None:
         """Use new policy weights (after a train step) for the next sessions."""
@@ -242,26 +270,39 @@ class GenerationSession:
         rows = next_bucket(len(prefixes), 1)
         rows = -(-rows // sampler.batch_multiple) * sampler.batch_multiple
         longest = max(map(len, prefixes))
-        cache = KVCache.init(sampler.cfg, rows, next_bucket(longest + 1, sampler.min_cache_len))
+        cache = KVCache.init(sampler.cfg, rows, sampler.cache_bucket(longest + 1))
         padded = [list(p) for p in prefixes] + [[]] * (rows - len(prefixes))
         cache, _ = self._run_append(sampler.shard_cache(cache), padded)
         return cache
 
     # ------------------------------------------------------------------ device calls
     def _run_append(self, cache: KVCache, append_ids: list[list[int]]) -> tuple[KVCache, jax.Array]:
+        """Append each row's ids in chunks of at most sampler.prefill_chunk tokens (widths bucketed to powers of
+        two); return the cache and the logits after each row's last appended token."""
         sampler = self.sampler
-        width = next_bucket(max(max(map(len, append_ids)), 1), sampler.min_chunk_len)
-        tokens = np.zeros((len(append_ids), width), np.int32)
-        mask = np.zeros((len(append_ids), width), bool)
-        for row, ids in enumerate(append_ids):
-            tokens[row, :len(ids)] = ids
-            mask[row, :len(ids)] = True
+        longest = max(max(map(len, append_ids)), 1)
         ends = np.asarray(cache.end)
-        needed = int((ends + mask.sum(1)).max()) + 1
-        cache = sampler.shard_cache(grow_cache(cache, next_bucket(needed, cache.max_len)))
-        self.stats.prefill_tokens += int(mask.sum())
-        return append_chunk(sampler.graphdef, sampler.state, cache, sampler.shard_rows(jnp.asarray(tokens)),
-                            sampler.shard_rows(jnp.asarray(mask)))
+        needed = int((ends + np.asarray([len(ids) for ids in append_ids])).max()) + 1
+        cache = sampler.shard_cache(grow_cache(cache, sampler.cache_bucket(needed, cache.max_len)))
+        self.stats.prefill_tokens += sum(map(len, append_ids))
+        next_logits = None
+        for start in range(0, longest, sampler.prefill_chunk):
+            pieces = [ids[start:start + sampler.prefill_chunk] for ids in append_ids]
+            width = next_bucket(max(max(map(len, pieces)), 1), sampler.min_chunk_len)
+            tokens = np.zeros((len(pieces), width), np.int32)
+            mask = np.zeros((len(pieces), width), bool)
+            for row, ids in enumerate(pieces):
+                tokens[row, :len(ids)] = ids
+                mask[row, :len(ids)] = True
+            cache, logits = append_chunk(sampler.graphdef, sampler.state, cache,
+                                         sampler.shard_rows(jnp.asarray(tokens)), sampler.shard_rows(jnp.asarray(mask)))
+            if next_logits is None:
+                next_logits = logits
+            else:  # rows whose ids ended in an earlier chunk keep that chunk's logits
+                has_tokens = sampler.shard_rows(jnp.asarray(mask.any(axis=1)))
+                next_logits = jnp.where(has_tokens[:, None], logits, next_logits)
+            self.stats.prefill_calls += 1
+        return cache, next_logits
 
     def _append(self, append_ids: list[list[int]]) -> jax.Array:
         self.cache, next_logits = self._run_append(self.cache, append_ids)
@@ -293,8 +334,8 @@ class GenerationSession:
                 next_logits, active, remaining, work_rows = self._park_idle_rows(
                     next_logits, active, remaining, work_rows, parked)
             ends = np.asarray(self.cache.end)
-            self.cache = sampler.shard_cache(grow_cache(self.cache, next_bucket(int(ends.max()) + steps + 1,
-                                                                                self.cache.max_len)))
+            self.cache = sampler.shard_cache(grow_cache(self.cache, sampler.cache_bucket(int(ends.max()) + steps + 1,
+                                                                                         self.cache.max_len)))
             if keys_by_row is None:
                 rng, chunk_key = jax.random.split(rng)
             else:  # the same per-row keys every chunk: decode_chunk folds in each token's position

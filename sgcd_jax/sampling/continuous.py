@@ -1,0 +1,249 @@
+"""Continuous batching: a fixed number of decode slots whose rows are handed from episode to episode.
+
+    slots = sampler.continuous(num_slots=8)
+    slots.submit("ep0", prompt_ids, max_new_tokens=128, rng=key0)   # queue a turn (prompt or observation)
+    while slots.has_work():
+        for key, out in slots.step().items():                       # one decode chunk over all slots
+            ...  # hand `out` to the env (thread pool); later: slots.submit(key, observation_ids, ...)
+    slots.release("ep0")                                              # episode over: its slot is free
+
+A slot is FREE, ACTIVE (decoding a turn) or IDLE (its episode waits on env/user; the cache row is kept so
+the observation is appended, not re-prefilled). When a submitted turn finds no free slot, the least
+recently used IDLE slot's row is parked (copied out of the batch) and handed over; a parked episode gets
+a slot back, row restored, when its next turn is submitted. Each `step` first appends every queued chunk
+(chunked prefill, like GenerationSession), then runs one `decode_chunk` of `decode_steps_per_chunk` tokens
+over all slots, and returns the turns that ended in it. Per-row sampling keys (fold_in(rng, position))
+make a turn's tokens independent of which slot it ran in and of who shared the batch. New episodes whose
+prompts share everything but the last token (siblings) are prefilled once and the row copied.
+Stop strings are not supported here (use GenerationSession).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgcd_jax.models.cache import KVCache
+from sgcd_jax.sampling.kernels import decode_chunk, grow_cache, next_bucket
+from sgcd_jax.sampling.session import GenerationSession, TurnOutput
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
+    """cache rows[i] ← source row i (same max_len)."""
+    return KVCache(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
+                   valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
+                   extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra})
+
+
+@dataclasses.dataclass
+class _Turn:
+    ids: list[int]
+    budget: int
+    rng: jax.Array
+
+
+@dataclasses.dataclass
+class SlotStats:
+    decode_row_steps: int = 0  # slots × decode steps run
+    generated_tokens: int = 0  # useful row-steps
+    parked: int = 0  # rows copied out to free a slot for a waiting episode
+    restored: int = 0
+
+    @property
+    def slot_utilization(self) -> float:
+        return self.generated_tokens / max(self.decode_row_steps, 1)
+
+
+class ContinuousSession:
+    """Fixed decode slots refilled across episodes; see the module docstring."""
+
+    def __init__(self, sampler, num_slots: int):
+        if num_slots <= 0:
+            raise ValueError(f"rollout.decode_slots must be positive, got {num_slots}")
+        self.sampler = sampler
+        self.num_slots = -(-num_slots // sampler.batch_multiple) * sampler.batch_multiple
+        self.helper = GenerationSession(sampler)  # prefix prefill + chunked append + its stats
+        self.cache: KVCache | None = None
+        self.next_logits: jax.Array | None = None
+        self.owner: list[Hashable | None] = [None] * self.num_slots
+        self.active = np.zeros(self.num_slots, bool)
+        self.remaining = np.zeros(self.num_slots, np.int32)
+        self.keys: list[jax.Array | None] = [None] * self.num_slots
+        self.generated: list[list[int]] = [[] for _ in range(self.num_slots)]
+        self.logprobs: list[list[float]] = [[] for _ in range(self.num_slots)]
+        self.last_used = np.zeros(self.num_slots, np.int64)
+        self.queue: dict[Hashable, _Turn] = {}
+        self.parked: dict[Hashable, KVCache] = {}
+        self.stats = SlotStats()
+        self._clock = 0
+
+    # ------------------------------------------------------------------ public
+    def submit(self, key: Hashable, ids: Sequence[int], *, max_new_tokens: int, rng: jax.Array) -> None:
+        """Queue `key`'s next turn: append `ids` (whole prompt for a new key, observation suffix after) and decode."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"empty chunk for key {key!r}: every turn must append at least one token")
+        if key in self.queue or self._slot_of(key) is not None and self.active[self._slot_of(key)]:
+            raise ValueError(f"key {key!r} already has a turn in flight")
+        self.queue[key] = _Turn(ids, int(max_new_tokens), rng)
+
+    def release(self, key: Hashable) -> None:
+        """The episode is over: free its slot / parked row."""
+        self.queue.pop(key, None)
+        self.parked.pop(key, None)
+        slot = self._slot_of(key)
+        if slot is not None:
+            self.owner[slot], self.active[slot] = None, False
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or bool(self.active.any())
+
+    def step(self) -> dict[Hashable, TurnOutput]:
+        """Admit queued turns into slots (appending their chunks), then decode one chunk; → turns that ended."""
+        if self.queue:
+            self._admit()
+        if not self.active.any():
+            return {}
+        return self._decode_chunk()
+
+    # ------------------------------------------------------------------ internals
+    def _slot_of(self, key: Hashable) -> int | None:
+        try:
+            return self.owner.index(key)
+        except ValueError:
+            return None
+
+    def _ensure_cache(self, max_len: int) -> None:
+        sampler = self.sampler
+        if self.cache is None:
+            self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, sampler.cache_bucket(max_len)))
+            self.next_logits = sampler.shard_rows(jnp.zeros((self.num_slots, sampler.cfg.vocab_size), jnp.float32))
+        elif max_len > self.cache.max_len:
+            self.cache = sampler.shard_cache(grow_cache(self.cache, sampler.cache_bucket(max_len, self.cache.max_len)))
+
+    def _put(self, slots: list[int], source: KVCache) -> None:
+        self._ensure_cache(source.max_len)
+        source = grow_cache(source, self.cache.max_len)
+        self.cache = self.sampler.shard_cache(put_rows(self.cache, jnp.asarray(slots, jnp.int32), source))
+
+    def _free_slot(self) -> int | None:
+        free = [s for s in range(self.num_slots) if self.owner[s] is None]
+        if free:
+            return free[0]
+        idle = [s for s in range(self.num_slots) if not self.active[s] and self.owner[s] not in self.queue]
+        if not idle:
+            return None
+        slot = min(idle, key=lambda s: self.last_used[s])  # park the least recently used waiting episode
+        self.parked[self.owner[slot]] = self.cache.take_rows(jnp.asarray([slot], jnp.int32))
+        self.stats.parked += 1
+        self.owner[slot] = None
+        return slot
+
+    def _admit(self) -> None:
+        admitted: dict[int, list[int]] = {}  # slot → ids still to append
+        new_keys: list[tuple[Hashable, int]] = []
+        for key in list(self.queue):
+            slot = self._slot_of(key)
+            if slot is None:
+                slot = self._free_slot()
+                if slot is None:
+                    continue  # every slot decodes or holds a queued key: wait for a later step
+                self.owner[slot] = key
+                if key in self.parked:
+                    self._put([slot], self.parked.pop(key))
+                    self.stats.restored += 1
+                else:
+                    new_keys.append((key, slot))
+            turn = self.queue.pop(key)
+            admitted[slot] = turn.ids
+            self.active[slot] = True
+            self.remaining[slot] = turn.budget
+            self.keys[slot] = turn.rng
+            self.generated[slot], self.logprobs[slot] = [], []
+        if new_keys:
+            self._prefill_new(new_keys, admitted)
+        append = [admitted.get(s, []) for s in range(self.num_slots)]
+        self._ensure_cache(1)
+        self.cache, logits = self.helper._run_append(self.cache, append)
+        has = self.sampler.shard_rows(jnp.asarray([bool(ids) for ids in append]))
+        self.next_logits = jnp.where(has[:, None], logits, self.next_logits)
+        self.active &= self.remaining > 0
+
+    def _prefill_new(self, new_keys: list[tuple[Hashable, int]], admitted: dict[int, list[int]]) -> None:
+        """Reset the new keys' rows: siblings (prompts equal but for the last token) share one prefill of the
+        prefix, copied into each sibling's slot; the last token is then appended like any chunk."""
+        prefixes: dict[tuple[int, ...], int] = {}
+        for key, slot in new_keys:
+            prefix = tuple(admitted[slot][:-1])
+            if prefix and prefix not in prefixes:
+                prefixes[prefix] = len(prefixes)
+        sources, slots = [], []
+        if prefixes:
+            prefix_cache = self.helper._prefill_prefixes(list(prefixes))
+            gather, sibling_prefixes = [], []
+            for key, slot in new_keys:
+                if len(admitted[slot]) > 1:
+                    gather.append(prefixes[tuple(admitted[slot][:-1])])
+                    sibling_prefixes.append(admitted[slot][:-1])
+                    slots.append(slot)
+                    admitted[slot] = admitted[slot][-1:]
+            self.helper.stats.shared_prefix_tokens_saved += sum(
+                len(admitted_prefix) for admitted_prefix in sibling_prefixes) - sum(map(len, prefixes))
+            sources.append(prefix_cache.take_rows(jnp.asarray(gather, jnp.int32)))
+        empty_slots = [slot for key, slot in new_keys if slot not in slots]
+        if empty_slots:
+            template = self.cache if self.cache is not None else None
+            empty = KVCache.init(self.sampler.cfg, len(empty_slots), self.sampler.min_cache_len)
+            if template is not None:
+                empty = empty.replace(extra={n: jnp.zeros((len(empty_slots),) + x.shape[1:], x.dtype)
+                                             for n, x in template.extra.items()})
+            sources.append(empty)
+            slots.extend(empty_slots)
+        for source, chunk in zip(sources, self._split(slots, [s.batch_size for s in sources])):
+            self._put(chunk, source)
+
+    @staticmethod
+    def _split(items: list[int], sizes: list[int]) -> list[list[int]]:
+        out, start = [], 0
+        for size in sizes:
+            out.append(items[start:start + size])
+            start += size
+        return out
+
+    def _decode_chunk(self) -> dict[Hashable, TurnOutput]:
+        sampler = self.sampler
+        steps = sampler.decode_steps_per_chunk
+        ends = np.asarray(self.cache.end)
+        self._ensure_cache(int(ends.max()) + steps + 1)
+        filler = next(k for k in self.keys if k is not None)
+        keys = sampler.shard_rows(jnp.stack([k if k is not None else filler for k in self.keys]))
+        active = self.active.copy()
+        (self.cache, self.next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
+         num_generated) = decode_chunk(
+            sampler.graphdef, sampler.state, self.cache, self.next_logits, sampler.shard_rows(jnp.asarray(active)),
+            sampler.shard_rows(jnp.asarray(self.remaining)), keys, params=sampler.params, num_steps=steps,
+            stop_ids=sampler.stop_token_ids)
+        tokens, token_logprobs, num_generated = np.asarray(tokens), np.asarray(token_logprobs), np.asarray(num_generated)
+        self.stats.decode_row_steps += self.num_slots * int(num_generated.max())
+        self.stats.generated_tokens += int(num_generated.sum())
+        self.active, self.remaining = np.asarray(active_dev).copy(), np.asarray(remaining_dev).copy()
+        self._clock += 1
+        finished = {}
+        for slot in np.flatnonzero(active):
+            n = int(num_generated[slot])
+            self.generated[slot] += tokens[slot, :n].tolist()
+            self.logprobs[slot] += token_logprobs[slot, :n].tolist()
+            self.last_used[slot] = self._clock
+            if not self.active[slot]:
+                ids = self.generated[slot]
+                reason = "stop_token" if ids and ids[-1] in sampler.stop_token_ids else "length"
+                finished[self.owner[slot]] = TurnOutput(np.asarray(ids, np.int32),
+                                                        np.asarray(self.logprobs[slot], np.float32), reason)
+                self.keys[slot] = None
+        return finished
