@@ -125,8 +125,13 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    prefill_chunk: int = 512  # prompts/observations appended in chunks of this many tokens (power of two >= 16)
+    decode_slots: int = 0  # > 0: continuous batching over this many decode rows; 0: synchronous turns
 
     def __post_init__(self):
+        _check(self.prefill_chunk >= 16 and not self.prefill_chunk & (self.prefill_chunk - 1),
+               "rollout.prefill_chunk must be a power of two >= 16")
+        _check(self.decode_slots >= 0, "rollout.decode_slots must be >= 0 (0 = synchronous turns)")
         _check(self.group_size >= 2, "rl.group_size (G) must be >= 2 for group advantages")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature must be >= 0")

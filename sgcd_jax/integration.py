@@ -90,6 +90,11 @@ def export_model(model: nnx.Module, tokenizer: Any, out_dir: str) -> str:
     return out_dir
 
 
+def rollout_cache_len(max_total_tokens: int, decode_steps: int = 32) -> int:
+    """Top KV-cache bucket of a rollout: the whole-conversation budget + one decode chunk, to a multiple of 64."""
+    return -(-(max_total_tokens + decode_steps + 1) // 64) * 64
+
+
 def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, temperature: float | None = None,
                 mesh: Mesh | None = None):
     from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
@@ -98,9 +103,11 @@ def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, te
     r = config.rollout
     params = SamplingParams(temperature=r.temperature if temperature is None else temperature,
                             top_p=r.top_p, top_k=r.top_k)
-    sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids(), mesh=mesh)
+    sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids(), mesh=mesh,
+                      prefill_chunk=r.prefill_chunk, max_cache_len=rollout_cache_len(r.max_total_tokens))
     return RolloutEngine(sampler, chat.renderer, RolloutConfig(
-        max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens))
+        max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens,
+        decode_slots=r.decode_slots))
 
 
 def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task], group_size: int,
@@ -114,6 +121,7 @@ def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks
     trajectories = engine.run(list(tasks), env_factory, group_size, rng, task_slots=task_slots)
     for traj in trajectories:
         traj.timing.setdefault("engine_wall_s", engine.last_run_stats.get("wall_s", 0.0))
+        traj.timing.setdefault("engine_compiles", engine.last_run_stats.get("compiles", 0.0))
     return trajectories
 
 

@@ -9,8 +9,11 @@ Per device, for the recommended mesh (data, fsdp, tp):
   ("full": block inputs only + one block's working set; "dots": every matmul output; "none"),
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
-- KV cache: the rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows, tp heads)
-Peak = params + optimizer + max(activations, KV cache): the cache is freed before the train step.
+- rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows,
+  tp heads), plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
+  observations in chunks: activations [rows, chunk, ·] of one layer and one [chunk, attention_block] fp32
+  score block per head of decoder.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
+Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
 The plan is the mesh with the smallest tp, then the largest data axis, that stays under 75% of HBM
 (else under 90%);
 if none fits, the rollout batch is halved (decoded in waves), then bf16 params + AdamW moments.
@@ -148,7 +151,9 @@ class Workload:
     compute_bytes: int = 2  # bf16 activations / KV cache
     vocab_chunk: int = 128  # tokens per chunk of the vocabulary math
     remat: str = "full"
-    attention: str = "flash"  # flash (cuDNN / Splash) | naive
+    attention: str = "flash"  # flash (cuDNN / Splash) | blockwise (XLA online softmax) | naive ([T, T] scores)
+    prefill_chunk: int = 512  # rollout.prefill_chunk: tokens per append call
+    attention_block: int = 512  # model.attention_block: key/query block of decoder.blockwise_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +168,17 @@ class Plan:
     kv_cache: float
     fits: bool
     note: str = ""
+    prefill: float = 0.0  # GiB: chunked-prefill working set beside the cache (rollout = kv_cache + prefill)
+
+    @property
+    def rollout(self) -> float:
+        return self.kv_cache + self.prefill
 
     @property
     def peak(self) -> float:
         """Params and optimizer state stay resident; the rollout KV cache is freed before the train
         step allocates activations, so only the larger of the two counts."""
-        return self.params + self.optimizer + max(self.activations, self.kv_cache)
+        return self.params + self.optimizer + max(self.activations, self.rollout)
 
 
 # ----------------------------------------------------------------------------- the arithmetic
@@ -204,6 +214,11 @@ def activation_bytes(cfg: ModelConfig, work: Workload, tp: int = 1) -> int:
     elementwise = tokens * (2 * f + 4 * d + q + 2 * kv) * b // tp  # act(gate)·up, norms, rope
     if work.attention == "naive":  # [H, T, T] fp32 scores + probabilities
         scores = 2 * work.micro_batch_rows * cfg.num_heads * work.seq_len ** 2 * 4 // tp
+    elif work.attention == "blockwise":  # one [block, block] score block + probs; plus, for the backward pass,
+        # lax.scan's saved carries (m, l, acc fp32) per key block: nblocks × T × H × (Dh + 2)
+        blocks = -(-work.seq_len // work.attention_block)
+        scores = (2 * work.micro_batch_rows * cfg.num_heads * work.attention_block ** 2 * 4
+                  + blocks * work.micro_batch_rows * work.seq_len * cfg.num_heads * (cfg.head_dim + 2) * 4) // tp
     else:  # flash: softmax statistics only
         scores = work.micro_batch_rows * cfg.num_heads * work.seq_len * 4 * 2 // tp
     block_working_set = matmul_outs + elementwise + scores
@@ -217,6 +232,19 @@ def activation_bytes(cfg: ModelConfig, work: Workload, tp: int = 1) -> int:
     vocab = 2 * work.micro_batch_rows * work.vocab_chunk * cfg.vocab_size * 4 // tp
     residual_stream = 2 * tokens * d * 4  # fp32 hidden + its gradient
     return L * saved[work.remat] + block_working_set + vocab + residual_stream
+
+
+def prefill_bytes(cfg: ModelConfig, work: Workload, rows: int, tp: int = 1) -> int:
+    """Working set of one chunked-prefill call beside the cache: the chunk's residual stream (fp32) and one
+    layer's activations, one blockwise-attention score block per head ([chunk, attention_block] fp32,
+    scores + probabilities), and the next-token logits [rows, V] fp32. Independent of max_total_tokens."""
+    chunk = min(work.prefill_chunk, work.seq_len)
+    tokens = rows * chunk
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = tokens * (q + 2 * kv + 2 * d + 3 * f) * work.compute_bytes // tp
+    scores = 2 * rows * cfg.num_heads * chunk * min(work.attention_block, work.seq_len) * 4 // tp
+    return 2 * tokens * d * 4 + layer + scores + rows * cfg.vocab_size * 4
 
 
 def candidate_meshes(devices: int, cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -241,6 +269,7 @@ def _plan_for_mesh(model: str, cfg: ModelConfig, hardware: Hardware, work: Workl
              optimizer=optimizer_bytes(cfg, work) / shard / GIB,
              activations=activation_bytes(cfg, work, tp) / GIB,
              kv_cache=kv_cache_bytes(cfg, rollout_rows, work.seq_len, work.compute_bytes) / tp / GIB,
+             prefill=prefill_bytes(cfg, work, rollout_rows, tp) / GIB,
              fits=False)
     return dataclasses.replace(p, fits=p.peak <= HBM_HEADROOM * hardware.hbm_gib)
 
@@ -290,18 +319,20 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         f"Workload asked: rollout batch {work.rollout_batch} trajectories × {work.seq_len} tokens "
         f"(KV cache), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
         f"device, fp32 params + AdamW (fp32 μ, ν, gradient), bf16 activations and KV cache, "
-        f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}. "
-        "GiB per device; mesh = (data, fsdp, tp); peak = params + optimizer + max(activations, KV).",
+        f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}, rollout prefill in "
+        f"chunks of {work.prefill_chunk} tokens with attention blocks of {work.attention_block}. "
+        "GiB per device; mesh = (data, fsdp, tp); rollout = KV cache + chunked-prefill working set; "
+        "peak = params + optimizer + max(activations, rollout).",
         "",
         "| model | params (B) | hardware | mesh (data, fsdp, tp) | params | optimizer+grad | "
-        "activations | rollout KV cache | peak | HBM | fits | adjustments |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "activations | rollout KV cache | prefill chunk | peak | HBM | fits | adjustments |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in plans:
         billions = num_params(model_config(p.model)) / 1e9
         lines.append(
             f"| {p.model} | {billions:.2f} | {p.hardware.name} | {p.mesh} | {p.params:.1f} | "
-            f"{p.optimizer:.1f} | {p.activations:.1f} | {p.kv_cache:.1f} | {p.peak:.1f} | "
+            f"{p.optimizer:.1f} | {p.activations:.1f} | {p.kv_cache:.1f} | {p.prefill:.2f} | {p.peak:.1f} | "
             f"{p.hardware.hbm_gib:.0f} | {'yes' if p.fits else 'no'} | {p.note or '—'} |")
     lines += [
         "",
@@ -310,7 +341,13 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "Notes: the same sharded params serve rollout (decode), the score pass and the train step, so "
         "there is no second copy for the sampler. With `attention='naive'` the [H, T, T] scores of "
         "one 16k-token row alone take ~64 GiB: long-horizon runs need the flash path "
-        "(`attention_implementation('cudnn')` on GPU, a Splash kernel on TPU). Qwen3.5-4B keeps k/v only "
+        "(`attention_implementation('cudnn')` on GPU, `model.attention_impl='splash'` on TPU: JAX's Pallas "
+        "splash kernel). Rollout never builds [T, S] scores: the cache path is `decoder.blockwise_attention` "
+        "(online softmax over key blocks), so a 4.4k-token τ³ prompt costs one prefill chunk's working set "
+        "(the 'prefill chunk' column) on top of the cache, not a [chunk, max_total_tokens] score matrix per "
+        "head; the XLA no-cache path beyond attention_block is blockwise too, but its backward keeps one "
+        "(m, l, acc) carry per key block (`--attention blockwise`): train long rows with cuDNN / splash. "
+        "Qwen3.5-4B keeps k/v only "
         "for its full-attention layers (1 in 4) plus fixed-size DeltaNet states; its activations use "
         "the attention-layer formula for every layer (an approximation for the DeltaNet layers).",
         "",

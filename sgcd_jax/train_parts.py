@@ -379,6 +379,7 @@ def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory,
     kept = [t for g in groups for t in g.trajectories]
     metrics = {**episode_metrics(trajectories, config.credit.success_threshold), **selection.stats.as_metrics(),
                **oversampling, "time/rollout_s": rollout_s,
+               "rollout/compiles": max((t.timing.get("engine_compiles", 0.0) for t in trajectories), default=0.0),
                "throughput/rollout_tokens_per_s": sum(int(t.loss_mask.sum()) for t in trajectories) / max(rollout_s, 1e-9)}
     submitted = submit_annotation(groups, config, annotator) if kept else None
     return Rolled(index, tasks, groups, kept, metrics, submitted, started, counters.updates)

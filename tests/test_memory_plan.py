@@ -59,6 +59,20 @@ def test_activation_estimate_orders_remat_policies_and_attention():
     assert memory_plan.activation_bytes(cfg, Workload(), tp=4) < size()
 
 
+def test_prefill_working_set_is_bounded_by_the_chunk_not_the_conversation():
+    """Chunked prefill + blockwise attention: the rollout working set beside the cache does not grow with
+    max_total_tokens, and is far below one [H, chunk, S] fp32 score matrix of the old cache path."""
+    cfg = memory_plan.model_config("Qwen3-4B")
+    short, long = Workload(seq_len=4096), Workload(seq_len=16384)
+    assert memory_plan.prefill_bytes(cfg, short, 8) == memory_plan.prefill_bytes(cfg, long, 8)
+    assert memory_plan.prefill_bytes(cfg, long, 8) == 2 * memory_plan.prefill_bytes(cfg, long, 4)  # per row
+    old_scores = 8 * cfg.num_heads * 512 * 16384 * 4
+    assert memory_plan.prefill_bytes(cfg, long, 8) < 0.3 * old_scores
+    assert memory_plan.prefill_bytes(cfg, Workload(prefill_chunk=256), 8) < memory_plan.prefill_bytes(cfg, long, 8)
+    size = lambda **kw: memory_plan.activation_bytes(cfg, Workload(**kw))  # noqa: E731
+    assert size(attention="flash") < size(attention="blockwise") < size(attention="naive")
+
+
 def test_every_plan_uses_all_devices_and_fits_or_says_why():
     for model in memory_plan.MODELS:
         for hardware in memory_plan.HARDWARE:

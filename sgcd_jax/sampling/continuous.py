@@ -34,11 +34,14 @@ from sgcd_jax.sampling.session import GenerationSession, TurnOutput
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
-    """cache rows[i] ← source row i (same max_len)."""
-    return KVCache(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
-                   valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
-                   extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra})
+def put_row(cache: KVCache, slot: jax.Array, source: KVCache, source_row: jax.Array) -> KVCache:
+    """cache row `slot` ← source row `source_row` (same max_len), in place: one row copied, never the batch."""
+    def put(dst, src, axis):
+        row = jax.lax.dynamic_index_in_dim(src, source_row, axis, keepdims=True)
+        return jax.lax.dynamic_update_index_in_dim(dst, row, slot, axis)
+    return KVCache(k=put(cache.k, source.k, 1), v=put(cache.v, source.v, 1), valid=put(cache.valid, source.valid, 0),
+                   end=put(cache.end, source.end, 0),
+                   extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra})
 
 
 @dataclasses.dataclass
@@ -121,16 +124,20 @@ class ContinuousSession:
 
     def _ensure_cache(self, max_len: int) -> None:
         sampler = self.sampler
-        if self.cache is None:
-            self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, sampler.cache_bucket(max_len)))
+        if self.cache is None:  # the top bucket at once when the config caps it: no growth copies later
+            length = sampler.max_cache_len if sampler.max_cache_len and max_len <= sampler.max_cache_len else \
+                sampler.cache_bucket(max_len)
+            self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, length))
             self.next_logits = sampler.shard_rows(jnp.zeros((self.num_slots, sampler.cfg.vocab_size), jnp.float32))
         elif max_len > self.cache.max_len:
             self.cache = sampler.shard_cache(grow_cache(self.cache, sampler.cache_bucket(max_len, self.cache.max_len)))
 
-    def _put(self, slots: list[int], source: KVCache) -> None:
+    def _put(self, slots: list[int], source: KVCache, source_rows: list[int] | None = None) -> None:
         self._ensure_cache(source.max_len)
         source = grow_cache(source, self.cache.max_len)
-        self.cache = self.sampler.shard_cache(put_rows(self.cache, jnp.asarray(slots, jnp.int32), source))
+        for slot, row in zip(slots, range(len(slots)) if source_rows is None else source_rows):
+            self.cache = put_row(self.cache, jnp.int32(slot), source, jnp.int32(row))
+        self.cache = self.sampler.shard_cache(self.cache)
 
     def _free_slot(self) -> int | None:
         free = [s for s in range(self.num_slots) if self.owner[s] is None]
@@ -183,7 +190,7 @@ class ContinuousSession:
             prefix = tuple(admitted[slot][:-1])
             if prefix and prefix not in prefixes:
                 prefixes[prefix] = len(prefixes)
-        sources, slots = [], []
+        slots: list[int] = []
         if prefixes:
             prefix_cache = self.helper._prefill_prefixes(list(prefixes))
             gather, sibling_prefixes = [], []
@@ -195,7 +202,7 @@ class ContinuousSession:
                     admitted[slot] = admitted[slot][-1:]
             self.helper.stats.shared_prefix_tokens_saved += sum(
                 len(admitted_prefix) for admitted_prefix in sibling_prefixes) - sum(map(len, prefixes))
-            sources.append(prefix_cache.take_rows(jnp.asarray(gather, jnp.int32)))
+            self._put(slots, prefix_cache, gather)
         empty_slots = [slot for key, slot in new_keys if slot not in slots]
         if empty_slots:
             template = self.cache if self.cache is not None else None
@@ -203,18 +210,7 @@ class ContinuousSession:
             if template is not None:
                 empty = empty.replace(extra={n: jnp.zeros((len(empty_slots),) + x.shape[1:], x.dtype)
                                              for n, x in template.extra.items()})
-            sources.append(empty)
-            slots.extend(empty_slots)
-        for source, chunk in zip(sources, self._split(slots, [s.batch_size for s in sources])):
-            self._put(chunk, source)
-
-    @staticmethod
-    def _split(items: list[int], sizes: list[int]) -> list[list[int]]:
-        out, start = [], 0
-        for size in sizes:
-            out.append(items[start:start + size])
-            start += size
-        return out
+            self._put(empty_slots, empty)
 
     def _decode_chunk(self) -> dict[Hashable, TurnOutput]:
         sampler = self.sampler
