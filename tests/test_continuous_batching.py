@@ -80,6 +80,10 @@ def test_continuous_equals_synchronous_token_for_token(setup):
     engine = RolloutEngine(sampler, renderer, RolloutConfig(**base, decode_slots=2))
     cont = engine.run(tasks, Factory(), 2, rng)
     assert engine.last_run_stats["parked_rows"] > 0  # 6 episodes on 2 slots: rows were handed over
+    assert engine.last_run_stats["compiles"] > 0  # 2-row slot batch: shapes the sync run did not use
+    again = engine.run(tasks, Factory(), 2, rng)
+    assert engine.last_run_stats["compiles"] == 0  # one compile per bucket: flat after the first iteration
+    assert [t.token_ids.tolist() for t in again] == [t.token_ids.tolist() for t in cont]
     assert [t.termination for t in sync] == [t.termination for t in cont]
     assert sorted({len(t.steps) for t in cont}) == [1, 2, 4]  # heavy tail: different episode lengths
     for a, b in zip(sync, cont):

@@ -66,11 +66,14 @@ class SlotStats:
 class ContinuousSession:
     """Fixed decode slots refilled across episodes; see the module docstring."""
 
-    def __init__(self, sampler, num_slots: int):
+    def __init__(self, sampler, num_slots: int, decode_steps: int | None = None):
         if num_slots <= 0:
             raise ValueError(f"rollout.decode_slots must be positive, got {num_slots}")
         self.sampler = sampler
         self.num_slots = -(-num_slots // sampler.batch_multiple) * sampler.batch_multiple
+        # tokens per decode call: a slot whose turn ends mid-call idles until the call returns, so shorter
+        # calls refill sooner (more host round trips); default min(sampler.decode_steps_per_chunk, 8)
+        self.decode_steps = decode_steps or min(sampler.decode_steps_per_chunk, 8)
         self.helper = GenerationSession(sampler)  # prefix prefill + chunked append + its stats
         self.cache: KVCache | None = None
         self.next_logits: jax.Array | None = None
@@ -214,7 +217,7 @@ class ContinuousSession:
 
     def _decode_chunk(self) -> dict[Hashable, TurnOutput]:
         sampler = self.sampler
-        steps = sampler.decode_steps_per_chunk
+        steps = self.decode_steps
         ends = np.asarray(self.cache.end)
         self._ensure_cache(int(ends.max()) + steps + 1)
         filler = next(k for k in self.keys if k is not None)

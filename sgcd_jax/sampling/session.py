@@ -86,11 +86,11 @@ class Sampler:
             size = min(size, max(self.max_cache_len, current))
         return size
 
-    def continuous(self, num_slots: int):
+    def continuous(self, num_slots: int, decode_steps: int | None = None):
         """A ContinuousSession: `num_slots` decode rows refilled across episodes (sampling.continuous)."""
         from sgcd_jax.sampling.continuous import ContinuousSession
 
-        return ContinuousSession(self, num_slots)
+        return ContinuousSession(self, num_slots, decode_steps)
 
     @staticmethod
     def compiles() -> int:
