@@ -90,9 +90,10 @@ def export_model(model: nnx.Module, tokenizer: Any, out_dir: str) -> str:
     return out_dir
 
 
-def rollout_cache_len(max_total_tokens: int, decode_steps: int = 32) -> int:
-    """Top KV-cache bucket of a rollout: the whole-conversation budget + one decode chunk, to a multiple of 64."""
-    return -(-(max_total_tokens + decode_steps + 1) // 64) * 64
+def rollout_cache_len(max_total_tokens: int, decode_steps: int = 32, block: int = 512) -> int:
+    """Top KV-cache bucket of a rollout: the whole-conversation budget + one decode chunk, rounded up to a
+    multiple of the attention block (model.attention_block) so blockwise attention slices it without padding."""
+    return -(-(max_total_tokens + decode_steps + 1) // block) * block
 
 
 def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, temperature: float | None = None,

@@ -159,10 +159,10 @@ def run_sync(sampler, work, keys, pool) -> tuple[dict, dict]:
                     "slot_utilization": s.generated_tokens / max(s.decode_row_steps, 1)}
 
 
-def run_continuous(sampler, work, keys, pool, slots_n: int) -> tuple[dict, dict]:
+def run_continuous(sampler, work, keys, pool, slots_n: int, decode_steps: int) -> tuple[dict, dict]:
     from sgcd_jax.rollout.engine import _turn_keys_impl
 
-    slots = sampler.continuous(slots_n)
+    slots = sampler.continuous(slots_n, decode_steps)
     turn = {e: 0 for e in range(len(work))}
     tokens: dict[int, list[list[int]]] = {e: [] for e in range(len(work))}
 
@@ -216,7 +216,7 @@ def bench_synthetic(args) -> dict:
             before = sampler.compiles()
             started = time.perf_counter()
             if name == "new":
-                tokens, stats = run_continuous(sampler, work, keys, pool, args.slots)
+                tokens, stats = run_continuous(sampler, work, keys, pool, args.slots, args.decode_steps)
             else:
                 tokens, stats = run_sync(sampler, work, keys, pool)
             wall = time.perf_counter() - started
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-old", action="store_const", const="old", dest="skip_old", default="")
     parser.add_argument("--episodes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-steps", type=int, default=4, help="synthetic: tokens per continuous decode call")
     parser.add_argument("--synthetic-hidden", type=int, default=256)
     parser.add_argument("--synthetic-layers", type=int, default=4)
     args = parser.parse_args(argv)

@@ -162,25 +162,26 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
     batch, steps, num_heads, head_dim = q.shape
     num_kv, kv_len = k.shape[2], k.shape[1]
     groups = num_heads // num_kv
-    kv_blocks = -(-kv_len // block)
-    pad_kv = kv_blocks * block - kv_len
-    if pad_kv:
+    key_block = min(block, kv_len)
+    kv_blocks = -(-kv_len // key_block)
+    pad_kv = kv_blocks * key_block - kv_len
+    if pad_kv:  # copies k/v: keep cache lengths multiples of the block (sampling buckets are)
         k = jnp.pad(k, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
         v = jnp.pad(v, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
         key_valid = jnp.pad(key_valid, [(0, 0), (0, pad_kv)])
-    k_blocks = k.reshape(batch, kv_blocks, block, num_kv, head_dim).swapaxes(0, 1)  # [nb, B, Sb, Hkv, Dh]
-    v_blocks = v.reshape(batch, kv_blocks, block, num_kv, head_dim).swapaxes(0, 1)
-    valid_blocks = key_valid.reshape(batch, kv_blocks, block).swapaxes(0, 1)  # [nb, B, Sb]
-    slot_blocks = jnp.arange(kv_blocks * block, dtype=jnp.int32).reshape(kv_blocks, block)
     scale = 1.0 / math.sqrt(head_dim)
+    body_math = jax.checkpoint(_online_softmax_block)
 
     def one_query_block(q_block, slots):  # q_block [B,Tq,H,Dh], slots [B,Tq]
         q_rows = q_block.shape[1]
         qg = (q_block.astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, q_rows, num_kv, groups, head_dim)
-        body_math = jax.checkpoint(_online_softmax_block)
 
-        def body(carry, blk):
-            k_b, v_b, valid_b, key_slots = blk
+        def body(carry, index):
+            start = index * key_block  # key blocks are sliced in place: no blocked copy of the cache
+            k_b = jax.lax.dynamic_slice_in_dim(k, start, key_block, axis=1)
+            v_b = jax.lax.dynamic_slice_in_dim(v, start, key_block, axis=1)
+            valid_b = jax.lax.dynamic_slice_in_dim(key_valid, start, key_block, axis=1)
+            key_slots = start + jnp.arange(key_block, dtype=jnp.int32)
             seen = jnp.any(valid_b[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None]))
             carry = jax.lax.cond(seen, lambda c: body_math(qg, k_b, v_b, valid_b, key_slots, slots, c),
                                  lambda c: c, carry)
@@ -189,7 +190,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
         init = (jnp.full((batch, num_kv, groups, q_rows), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, num_kv, groups, q_rows), jnp.float32),
                 jnp.zeros((batch, num_kv, groups, q_rows, head_dim), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(body, init, (k_blocks, v_blocks, valid_blocks, slot_blocks))
+        (_, l, acc), _ = jax.lax.scan(body, init, jnp.arange(kv_blocks, dtype=jnp.int32))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, Hkv, G, Tq, Dh]
         return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_rows, num_heads, head_dim).astype(q.dtype)
 

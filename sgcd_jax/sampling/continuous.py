@@ -14,7 +14,9 @@ a slot back, row restored, when its next turn is submitted. Each `step` first ap
 (chunked prefill, like GenerationSession), then runs one `decode_chunk` of `decode_steps_per_chunk` tokens
 over all slots, and returns the turns that ended in it. Per-row sampling keys (fold_in(rng, position))
 make a turn's tokens independent of which slot it ran in and of who shared the batch. New episodes whose
-prompts share everything but the last token (siblings) are prefilled once and the row copied.
+prompts share everything but the last token (siblings) are prefilled once and the row copied. In the
+tail of a rollout (at most half the slots decoding) the active rows decode as a smaller batch when rows
+are short enough that copying them is cheap (`shrink_row_bytes`).
 Stop strings are not supported here (use GenerationSession).
 """
 
@@ -44,6 +46,14 @@ def put_row(cache: KVCache, slot: jax.Array, source: KVCache, source_row: jax.Ar
                    extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra})
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
+    """cache rows[i] ← source row i for distinct rows (a shrunk decode batch written back)."""
+    return KVCache(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
+                   valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
+                   extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra})
+
+
 @dataclasses.dataclass
 class _Turn:
     ids: list[int]
@@ -66,7 +76,8 @@ class SlotStats:
 class ContinuousSession:
     """Fixed decode slots refilled across episodes; see the module docstring."""
 
-    def __init__(self, sampler, num_slots: int, decode_steps: int | None = None):
+    def __init__(self, sampler, num_slots: int, decode_steps: int | None = None,
+                 shrink_row_bytes: int = 64 * 2**20):
         if num_slots <= 0:
             raise ValueError(f"rollout.decode_slots must be positive, got {num_slots}")
         self.sampler = sampler
@@ -74,6 +85,10 @@ class ContinuousSession:
         # tokens per decode call: a slot whose turn ends mid-call idles until the call returns, so shorter
         # calls refill sooner (more host round trips); default min(sampler.decode_steps_per_chunk, 8)
         self.decode_steps = decode_steps or min(sampler.decode_steps_per_chunk, 8)
+        # when at most half the slots decode (the tail of a rollout), decode the active rows as a smaller
+        # power-of-two batch (rows copied out and back) — only while a row's cache is at most this many bytes:
+        # on CPU copying long rows costs more than the smaller batch saves (0 = never shrink)
+        self.shrink_row_bytes = shrink_row_bytes
         self.helper = GenerationSession(sampler)  # prefix prefill + chunked append + its stats
         self.cache: KVCache | None = None
         self.next_logits: jax.Array | None = None
@@ -215,29 +230,54 @@ class ContinuousSession:
                                              for n, x in template.extra.items()})
             self._put(empty_slots, empty)
 
+    def _decode_rows(self) -> np.ndarray:
+        """Slot of each row of this decode call: every slot, or (tail) the active ones padded to a power of two."""
+        all_rows = np.arange(self.num_slots)
+        row_bytes = (self.cache.k.nbytes + self.cache.v.nbytes) // self.num_slots
+        if not self.shrink_row_bytes or row_bytes > self.shrink_row_bytes:
+            return all_rows
+        active = np.flatnonzero(self.active)
+        target = next_bucket(len(active), 1)
+        target = -(-target // self.sampler.batch_multiple) * self.sampler.batch_multiple
+        if target > self.num_slots // 2:
+            return all_rows
+        others = [s for s in all_rows if not self.active[s]][:target - len(active)]  # distinct idle padding
+        return np.concatenate([active, np.asarray(others, np.int64)]).astype(np.int32)
+
     def _decode_chunk(self) -> dict[Hashable, TurnOutput]:
         sampler = self.sampler
         steps = self.decode_steps
         ends = np.asarray(self.cache.end)
         self._ensure_cache(int(ends.max()) + steps + 1)
+        rows = self._decode_rows()
+        shrunk = len(rows) < self.num_slots
         filler = next(k for k in self.keys if k is not None)
-        keys = sampler.shard_rows(jnp.stack([k if k is not None else filler for k in self.keys]))
-        active = self.active.copy()
-        (self.cache, self.next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
-         num_generated) = decode_chunk(
-            sampler.graphdef, sampler.state, self.cache, self.next_logits, sampler.shard_rows(jnp.asarray(active)),
-            sampler.shard_rows(jnp.asarray(self.remaining)), keys, params=sampler.params, num_steps=steps,
+        keys = sampler.shard_rows(jnp.stack([self.keys[s] if self.keys[s] is not None else filler for s in rows]))
+        active = self.active[rows].copy()
+        if shrunk:
+            index = jnp.asarray(rows)
+            cache, logits = sampler.shard_cache(self.cache.take_rows(index)), jnp.take(self.next_logits, index, 0)
+        else:
+            cache, logits = self.cache, self.next_logits
+        (cache, logits, active_dev, remaining_dev, _, tokens, token_logprobs, num_generated) = decode_chunk(
+            sampler.graphdef, sampler.state, cache, logits, sampler.shard_rows(jnp.asarray(active)),
+            sampler.shard_rows(jnp.asarray(self.remaining[rows])), keys, params=sampler.params, num_steps=steps,
             stop_ids=sampler.stop_token_ids)
+        if shrunk:
+            self.cache = sampler.shard_cache(put_rows(self.cache, index, cache))
+            self.next_logits = self.next_logits.at[index].set(logits)
+        else:
+            self.cache, self.next_logits = cache, logits
         tokens, token_logprobs, num_generated = np.asarray(tokens), np.asarray(token_logprobs), np.asarray(num_generated)
-        self.stats.decode_row_steps += self.num_slots * int(num_generated.max())
+        self.stats.decode_row_steps += len(rows) * int(num_generated.max())
         self.stats.generated_tokens += int(num_generated.sum())
-        self.active, self.remaining = np.asarray(active_dev).copy(), np.asarray(remaining_dev).copy()
+        self.active[rows], self.remaining[rows] = np.asarray(active_dev), np.asarray(remaining_dev)
         self._clock += 1
         finished = {}
-        for slot in np.flatnonzero(active):
-            n = int(num_generated[slot])
-            self.generated[slot] += tokens[slot, :n].tolist()
-            self.logprobs[slot] += token_logprobs[slot, :n].tolist()
+        for pos in np.flatnonzero(active):
+            slot, n = int(rows[pos]), int(num_generated[pos])
+            self.generated[slot] += tokens[pos, :n].tolist()
+            self.logprobs[slot] += token_logprobs[pos, :n].tolist()
             self.last_used[slot] = self._clock
             if not self.active[slot]:
                 ids = self.generated[slot]
