@@ -22,15 +22,11 @@ raise it (0.40 -> 0.31): the step-0 errors are ids and statuses guessed from the
 iterations of 32 episodes do not teach.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from sgcd_jax.config import base_config
 
 
 def get_config():
-    cfg = base.get_config()
+    cfg = base_config("base")
     cfg.run.name = "quickstart"
     cfg.run.num_iterations = 20
     cfg.run.eval_every = 5
@@ -56,7 +52,7 @@ def get_config():
     cfg.rollout.max_new_tokens = 64  # the longest demo turn is ~50 domain-BPE tokens (tests/test_quickstart.py)
     cfg.rollout.max_total_tokens = 384  # demos are 180-260 tokens (84-token prompt)
     cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (train_parts.vocab_config)
-    cfg.credit.annotator = "contrast"
+    cfg.annotation.name = "contrast"
     cfg.loss.credit = "sgcd"
     cfg.optim.learning_rate = 1e-4  # 3e-4 drifts the warm-up's priors (oracle-only warm-up: 0.40 -> 0.31)
     cfg.optim.warmup_steps = 0

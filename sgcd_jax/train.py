@@ -1,4 +1,4 @@
-"""``python -m sgcd_jax.train [--config configs/x.py] [--config.key=value …]`` — the training loop.
+"""``python -m sgcd_jax.train [--config configs/x.py] [--config.key=value …] [--dry_run]`` — the training loop.
 
 One iteration (DESIGN.md): grain task stream → rollouts (G siblings per task) → verifier rewards →
 sibling selection → annotation (async queue) → teacher contexts → one jitted scoring pass
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax import distributed, sft_cache
+from sgcd_jax import cli, distributed, sft_cache
 from sgcd_jax import train_parts as parts
 from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
@@ -111,7 +111,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         sft_metrics = _warm_up(learner, env_factory, chat, config, progress)
         progress.print(f"SFT warm-up: {sft_metrics}")
     # KL reference = the policy RL starts from (after SFT), saved once so a resumed run uses the same one.
-    ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
+    ref_model = parts.reference_model(learner, checkpointer, config) if config.needs_reference else None
     logger = (MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
                             resume_step=start_iteration + 1 if latest is not None else None) if is_main else _NullLogger())
     if latest is None:
@@ -120,7 +120,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpointer.save(0, saveable(), parts.meta(0, stream, counters, best_eval),
                           force=True)
 
-    annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
+    annotator = parts.build_annotation_queue(config.annotation, run_dir) if config.loss.needs_teacher else None
     store = parts.open_rollout_store(config)
     preemption = _Preemption()
     progress.phase("iterations", config.run.num_iterations)
@@ -256,45 +256,31 @@ def _last_eval(run_dir: str) -> dict[str, float]:
 
 
 def _check_pipelining(config: TrainConfig) -> bool:
-    """``credit.async_annotation``: iteration k's annotation runs during rollout k+1 and update k
+    """``annotation.asynchronous``: iteration k's annotation runs during rollout k+1 and update k
     happens after it, so update k is one policy step off its samples; the PPO ratio then uses the
     sampler's log-probs, which are π_old for untruncated sampling at any temperature (the learner
     scores logits / rollout.temperature too), not under top-p / top-k truncation."""
-    if not config.credit.async_annotation:
+    if not config.annotation.asynchronous:
         return False
     if config.rollout.top_p < 1.0 or config.rollout.top_k > 0:
         raise config_lib.ConfigError(
-            f"credit.async_annotation=True needs rollout.top_p=1 and rollout.top_k=0 (got "
+            f"annotation.asynchronous=True needs rollout.top_p=1 and rollout.top_k=0 (got "
             f"{config.rollout.top_p}, {config.rollout.top_k}): the delayed update uses the sampler's "
-            "log-probs as π_old, which truncation changes. Set credit.async_annotation=False or sample untruncated.")
+            "log-probs as π_old, which truncation changes. Set annotation.asynchronous=False or sample untruncated.")
     return True
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """``--config path.py`` plus ``--config.a.b=value`` overrides (ml_collections config_flags)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flag_values = flags.FlagValues()
-    default = os.path.join(config_lib.configs_dir(), "quickstart.py")
-    try:
-        config_flags.DEFINE_config_file("config", default, "experiment config file", flag_values=flag_values,
-                                        sys_argv=list(argv), lock_config=True)
-        flag_values(argv)
-        config_dict = flag_values.config
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-        overrides = [a for a in argv[1:] if a.startswith("--config")]
-        raise config_lib.ConfigError(f"bad command line {overrides}: {err}. Keys and defaults: "
-                                     "configs/base.py") from None
-    return config_lib.from_config_dict(config_dict)
+    """``--config path.py`` plus ``--config.a.b=value`` overrides (``sgcd_jax.cli``)."""
+    return cli.parse_args(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv if argv is None else argv
-    try:
-        config = parse_args(argv)
-    except config_lib.ConfigError as err:
-        sys.exit(f"config error: {err}")
+    config, dry_run = cli.parse_or_exit(argv)
+    if dry_run:  # validated; nothing built
+        print(cli.resolved_json(config))
+        return
     distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
     summary = train(config)

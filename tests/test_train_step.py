@@ -60,8 +60,10 @@ def step_inputs(model, trajs, prompts, token_advantages=None, micro=4):
 
 
 def spec(micro=4, distill=None):
+    if distill is None:
+        return StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=32), micro_batch_size=micro)
     return StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=32), micro_batch_size=micro,
-                    distill=distill)
+                    aux=("sdpo",), distill=distill)
 
 
 def params_after_update(model, inputs, step_spec):

@@ -3,7 +3,7 @@
 Both methods start from the SAME post-SFT parameters (one SFT warm-up, copied into each method's
 learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven as
 ``sgcd_jax.train`` drives them (``train_parts.rollout_phase`` / ``update_phase``; SGCD with
-``credit.async_annotation`` on, so iteration k's annotation runs while rollout k+1 does). The two
+``annotation.asynchronous`` on, so iteration k's annotation runs while rollout k+1 does). The two
 methods' iterations are interleaved (GRPO i, SGCD i, GRPO i+1, ...) so both see the same machine
 load on a shared CPU. The first ``--skip`` iterations of each (jit compiles, incl. SGCD's first
 teacher passes) are left out of the medians. ``--cache DIR`` keeps the tokenizer and the post-SFT
@@ -57,9 +57,9 @@ class MethodRun:
         self.stream = TaskStream(train_tasks, seed=config.run.seed)
         self.counters = parts.Counters()
         self.rng = jax.random.key(config.run.seed)
-        self.annotator = (parts.build_annotation_queue(config.credit, config.run_dir)
+        self.annotator = (parts.build_annotation_queue(config.annotation, config.run_dir)
                           if config.loss.needs_teacher else None)
-        self.pipelined = config.credit.async_annotation and self.annotator is not None
+        self.pipelined = config.annotation.asynchronous and self.annotator is not None
         self.pending = None
         self.index = 0
 
@@ -103,7 +103,7 @@ def load(method: str, workdir: str, args) -> "TrainConfig":  # noqa: F821
                  "run.num_iterations": args.iterations, "sft.steps": args.sft_steps,
                  "run.store_rollouts": False}
     if method == "sgcd":
-        overrides["credit.async_annotation"] = True
+        overrides["annotation.asynchronous"] = True
     return config_lib.load_config_file(os.path.join(config_lib.configs_dir(), f"{method}.py"), overrides)
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               "sft_s": round(sft_s, 1), "sft_nll_last": sft.get("sft/nll_last"),
               "sft_params_loaded_from": sft.get("sft/loaded_from"),
               "jax_backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-              "sgcd_async_annotation": configs["sgcd"].credit.async_annotation}
+              "sgcd_async_annotation": configs["sgcd"].annotation.asynchronous}
     for method in runs:
         result[method] = summarize(history[method], args.skip)
     grpo, sgcd = result["grpo"], result["sgcd"]
