@@ -65,7 +65,7 @@ def run_eval(config: TrainConfig, model: Any, tokenizer: Any, *, split: str, tri
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", required=True, help="a training run dir (config.json + checkpoints/)")
     parser.add_argument("--best", action="store_true", help="use the best-by-eval checkpoint")
     parser.add_argument("--split", default=None, help="env split (default: the run's env.eval_split)")

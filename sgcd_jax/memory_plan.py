@@ -319,7 +319,8 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description="per-device memory table → docs/memory_plan.md")
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.memory_plan",
+                                     description="per-device memory table → docs/memory_plan.md")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory_plan.md"))
     for field in dataclasses.fields(Workload):
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)

@@ -109,7 +109,7 @@ def test_fill_mixed_groups_draws_rounds_until_target_and_caps_the_batch():
 
 
 def test_trainer_rollout_phase_oversamples_with_fresh_tasks_slots_and_group_ids(monkeypatch):
-    """credit.max_oversample_rounds > 0: rollout_phase draws more tasks from the stream (same size each
+    """annotation.max_oversample_rounds > 0: rollout_phase draws more tasks from the stream (same size each
     round, new sampling slots, group ids that stay distinct) until every slot holds a mixed group."""
     import jax
 

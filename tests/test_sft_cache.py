@@ -58,7 +58,7 @@ def test_key_covers_what_the_warm_up_depends_on(tmp_path):
     base = config_lib.load_config_file(CONFIG)
     key = cache_key(base)
     assert key == cache_key(config_lib.load_config_file(CONFIG))
-    assert key == cache_key(config_lib.load_config_file(CONFIG, {"loss.credit": "none", "credit.annotator": "none",
+    assert key == cache_key(config_lib.load_config_file(CONFIG, {"loss.credit": "none", "annotation.name": "none",
                                                                  "sft.cache_dir": "/elsewhere"}))
     for override in ({"sft.steps": 7}, {"run.seed": 1}, {"env.tasks_per_db": 3}, {"model.num_layers": 3},
                      {"rollout.max_total_tokens": 512}, {"sft.learning_rate": 1e-3}):
