@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tp")
@@ -143,3 +143,12 @@ def jit_sharded_forward(model: nnx.Module, mesh: Mesh, extra_rules: Sequence[tup
 
     jitted = jax.jit(forward, in_shardings=(shardings, batch2, batch2, batch2), out_shardings=batch_sharding(mesh, 3))
     return jitted, state
+
+
+def place(array: np.ndarray, leaf: jax.ShapeDtypeStruct, sharding: NamedSharding | SingleDeviceSharding,
+          source: str) -> jax.Array:
+    """Host array → device array with `sharding`, checking shape against the model's parameter."""
+    if tuple(array.shape) != tuple(leaf.shape):
+        raise ValueError(f"{source}: shape {tuple(array.shape)} does not match the model's {tuple(leaf.shape)}")
+    array = array.astype(leaf.dtype)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: array[index])

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from sgcd_jax.models.config import ModelConfig
 from sgcd_jax.models.decoder import Decoder
 from sgcd_jax.models.hf_format import adapter_for, hf_tensor_name
-from sgcd_jax.sharding import path_to_str, state_shardings
+from sgcd_jax.sharding import path_to_str, place, state_shardings  # noqa: F401  (place: re-exported)
 
 
 def _smollm2_gguf() -> str:
@@ -149,12 +149,3 @@ def _safetensors_reader(model_dir: str, cfg: ModelConfig) -> TensorReader:
             return jax.make_array_from_callback(leaf.shape, sharding, shard)
 
     return read
-
-
-def place(array: np.ndarray, leaf: jax.ShapeDtypeStruct, sharding: NamedSharding | SingleDeviceSharding,
-          source: str) -> jax.Array:
-    """Host array → device array with `sharding`, checking shape against the model's parameter."""
-    if tuple(array.shape) != tuple(leaf.shape):
-        raise ValueError(f"{source}: shape {tuple(array.shape)} does not match the model's {tuple(leaf.shape)}")
-    array = array.astype(leaf.dtype)
-    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: array[index])
