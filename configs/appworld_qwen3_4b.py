@@ -6,7 +6,7 @@ is the fraction of unit tests passed (success threshold 1.0 for groups); eval re
     python -m sgcd_jax.train --config configs/appworld_qwen3_4b.py
 """
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Ablation on the quickstart setting: plain GRPO (no credit weights, no teacher)."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """GRPO + KL to the frozen initial policy (k3 estimator)."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

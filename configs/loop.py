@@ -1,6 +1,6 @@
 """LOOP / RLOO leave-one-out advantages, no credit weights."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

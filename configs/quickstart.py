@@ -22,7 +22,7 @@ raise it (0.40 -> 0.31): the step-0 errors are ids and statuses guessed from the
 iterations of 32 episodes do not teach.
 """
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

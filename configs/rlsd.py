@@ -1,6 +1,6 @@
 """RLSD: w = clip(exp(sign(A)·δ), 1±ε), λ mix; no renormalisation, token granularity."""
 
-from sgcd_jax.config import base_config, credit_preset
+from sgcd_jax.config_files import base_config, credit_preset
 
 
 def get_config():

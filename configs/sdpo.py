@@ -1,7 +1,7 @@
 """SDPO-style direct self-distillation: GRPO + an actor loss pulling the student toward the
 teacher (same policy conditioned on the credit reference). The teacher IS in the gradient here."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """SGCD (defaults of the credit family): decoupled β, bounds, mean-1 renormalisation, token level."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

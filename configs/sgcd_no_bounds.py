@@ -1,6 +1,6 @@
 """SGCD ablation: no clipping of the raw weights: bounds [0.01, 100] that never bind in practice."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

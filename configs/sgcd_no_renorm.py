@@ -1,6 +1,6 @@
 """SGCD ablation: no mean-1 renormalisation per trajectory (credit can be created)."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """SGCD ablation: step granularity (weights averaged within each assistant turn)."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ Slow on 2 cores (a 135M model: ~minutes per iteration); the tiny quickstart is t
     python -m sgcd_jax.train --config configs/smollm2_airline_lite.py
 """
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

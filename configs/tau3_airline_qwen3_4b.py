@@ -8,7 +8,7 @@ credit annotator (Gemini, contrast fallback). Sized for one 8-chip host (data ×
 
 import os
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ DeltaNet states, i.e. ~4 GiB per GPU with rows split over 8 devices.
 
 import os
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 
 
 def get_config():

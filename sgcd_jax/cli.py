@@ -11,6 +11,7 @@ import os
 import sys
 
 from sgcd_jax import config as config_lib
+from sgcd_jax import config_files
 
 USAGE = """usage: python -m sgcd_jax.train [--config configs/x.py] [--config.SECTION.KEY=VALUE ...] [--dry_run]
 
@@ -63,7 +64,7 @@ def parse_args(argv: list[str]) -> tuple[config_lib.TrainConfig, bool]:
         if key is None and not arg.startswith("--config") and arg.startswith("-"):
             raise config_lib.ConfigError(f"unknown argument {arg!r}\n{USAGE}")
     flag_values = flags.FlagValues()
-    default = os.path.join(config_lib.configs_dir(), "quickstart.py")
+    default = os.path.join(config_files.configs_dir(), "quickstart.py")
     try:
         config_flags.DEFINE_config_file("config", default, "experiment config file", flag_values=flag_values,
                                         sys_argv=list(argv), lock_config=True)

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Sequence
 
-from sgcd_jax.config import configs_dir
+from sgcd_jax.config_files import configs_dir
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.report import build_report
 

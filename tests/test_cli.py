@@ -14,10 +14,11 @@ import pytest
 from helpers.tiny_train import TINY_WORLD, coin_flip_rollout
 
 from sgcd_jax import config as config_lib
+from sgcd_jax import config_files
 from sgcd_jax import train as train_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(config_lib.configs_dir(), "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(config_files.configs_dir(), "*.py")))
 USER_CONFIG = os.path.join(REPO, "tests", "helpers", "user_loss_config.py")
 
 
@@ -29,7 +30,7 @@ def test_every_config_file_passes_dry_run(path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "train", no_model)
     train_module.main(["train", f"--config={path}", "--dry_run"])
     printed = json.loads(capsys.readouterr().out)
-    assert config_lib.from_config_dict(printed) == config_lib.load_config_file(path)
+    assert config_lib.from_config_dict(printed) == config_files.load_config_file(path)
 
 
 def test_readme_dry_run_command_prints_the_overridden_credit_config():
@@ -70,12 +71,12 @@ def test_unknown_key_on_the_command_line_exits_with_the_closest_keys(capsys):
 
 
 def test_user_config_file_registers_and_selects_its_own_loss():
-    config = config_lib.load_config_file(USER_CONFIG)
+    config = config_files.load_config_file(USER_CONFIG)
     assert config.loss.policy == "scaled_ppo"
     from sgcd_jax.losses import registered
 
     assert "scaled_ppo" in registered("policy_loss")
-    config_lib.load_config_file(USER_CONFIG)  # loading the same file again is not a name clash
+    config_files.load_config_file(USER_CONFIG)  # loading the same file again is not a name clash
 
 
 @pytest.mark.slow
@@ -101,8 +102,8 @@ def test_training_iteration_through_a_user_registered_zero_loss_leaves_params_un
     overrides = {**TINY_WORLD, "run.workdir": str(tmp_path), "run.num_iterations": 1, "run.eval_every": 0,
                  "run.checkpoint_every": 0, "run.report": False, "run.store_rollouts": False, "sft.enabled": False,
                  "eval.num_tasks": 1, "rollout.temperature": 1.0}
-    train_module.train(config_lib.load_config_file(USER_CONFIG, overrides))
+    train_module.train(config_files.load_config_file(USER_CONFIG, overrides))
     assert moved == {0: 0.0}
-    train_module.train(config_lib.load_config_file(USER_CONFIG, {**overrides, "loss.policy": "ppo",
+    train_module.train(config_files.load_config_file(USER_CONFIG, {**overrides, "loss.policy": "ppo",
                                                                  "run.name": "stock"}))
     assert moved[1] > 0.0

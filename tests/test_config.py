@@ -7,14 +7,15 @@ import os
 import pytest
 
 from sgcd_jax import config as config_lib
+from sgcd_jax import config_files
 from sgcd_jax.train import parse_args
 
-CONFIGS = sorted(glob.glob(os.path.join(config_lib.configs_dir(), "*.py")))
+CONFIGS = sorted(glob.glob(os.path.join(config_files.configs_dir(), "*.py")))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_shipped_config_validates(path):
-    cfg = config_lib.load_config_file(path)
+    cfg = config_files.load_config_file(path)
     assert isinstance(cfg, config_lib.TrainConfig)
 
 
@@ -25,7 +26,7 @@ def test_no_config_flag_gives_the_quickstart():
 
 
 def test_command_line_overrides_are_applied_and_typed():
-    cfg = parse_args(["train", f"--config={config_lib.configs_dir()}/grpo.py", "--config.rollout.group_size=8",
+    cfg = parse_args(["train", f"--config={config_files.configs_dir()}/grpo.py", "--config.rollout.group_size=8",
                       "--config.optim.learning_rate=0.01", "--config.advantage.norm_by_std=False"])
     assert cfg.rollout.group_size == 8
     assert cfg.optim.learning_rate == 0.01
@@ -81,12 +82,12 @@ def test_every_registered_advantage_is_selectable():
 def test_rlsd_config_is_the_librarys_preset():
     from sgcd_jax.losses import CreditConfig
 
-    cfg = config_lib.load_config_file(os.path.join(config_lib.configs_dir(), "rlsd.py"))
+    cfg = config_files.load_config_file(os.path.join(config_files.configs_dir(), "rlsd.py"))
     assert cfg.credit == CreditConfig.preset("rlsd") and cfg.loss.credit == "sgcd"
 
 
 def test_readme_credit_override_reaches_the_credit_config():
-    cfg = parse_args(["train", f"--config={config_lib.configs_dir()}/sgcd.py", "--config.credit.beta_pos=3"])
+    cfg = parse_args(["train", f"--config={config_files.configs_dir()}/sgcd.py", "--config.credit.beta_pos=3"])
     assert cfg.credit.beta_pos == 3.0 and cfg.loss.credit == "sgcd"
 
 
@@ -110,7 +111,7 @@ def test_sgcd_without_an_annotator_is_rejected():
 
 
 def test_resolved_config_round_trips_and_has_no_secret_keys(tmp_path):
-    cfg = config_lib.load_config_file(os.path.join(config_lib.configs_dir(), "sgcd.py"))
+    cfg = config_files.load_config_file(os.path.join(config_files.configs_dir(), "sgcd.py"))
     path = config_lib.save_resolved(cfg, str(tmp_path))
     saved = json.load(open(path))
     assert config_lib.from_config_dict(saved) == cfg

@@ -215,6 +215,6 @@ def test_every_parameter_of_the_4b_model_has_a_partition_rule_and_the_count_is_4
 
 
 def test_recipe_config_validates():
-    from sgcd_jax.config import configs_dir, load_config_file
+    from sgcd_jax.config_files import configs_dir, load_config_file
     cfg = load_config_file(f"{configs_dir()}/tau3_airline_qwen3_5_4b.py")
     assert cfg.env.name == "tau3_airline" and cfg.loss.credit == "sgcd" and cfg.model.dtype == "bfloat16"

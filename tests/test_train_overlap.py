@@ -15,7 +15,7 @@ import pytest
 from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
 from sgcd_jax import train_parts
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.store import RolloutStore
 from sgcd_jax.train import train

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers.tiny_train import TINY_WORLD, coin_flip_rollout
 
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.losses.credit import CreditConfig, lam_at
 from sgcd_jax.store import RolloutStore
 from sgcd_jax.train import train

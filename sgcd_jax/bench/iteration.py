@@ -97,14 +97,14 @@ class MethodRun:
 
 
 def load(method: str, workdir: str, args) -> "TrainConfig":  # noqa: F821
-    from sgcd_jax import config as config_lib
+    from sgcd_jax import config_files
 
     overrides = {"run.workdir": workdir, "run.name": "bench", "run.seed": args.seed,
                  "run.num_iterations": args.iterations, "sft.steps": args.sft_steps,
                  "run.store_rollouts": False}
     if method == "sgcd":
         overrides["annotation.asynchronous"] = True
-    return config_lib.load_config_file(os.path.join(config_lib.configs_dir(), f"{method}.py"), overrides)
+    return config_files.load_config_file(os.path.join(config_files.configs_dir(), f"{method}.py"), overrides)
 
 
 def summarize(history: list[dict[str, float]], skip: int) -> dict:

@@ -2,7 +2,7 @@
 the package (README, "Your own loss"). The loss is PPO scaled by ``SCALE`` = 0, so an update through
 it must leave the parameters exactly where they were."""
 
-from sgcd_jax.config import base_config
+from sgcd_jax.config_files import base_config
 from sgcd_jax.losses import register
 from sgcd_jax.losses.policy import ppo_policy_loss
 
