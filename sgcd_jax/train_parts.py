@@ -1,13 +1,15 @@
-"""The pieces ``train.py`` strings together: building the world from the config, one RL iteration,
-the SFT warm-up, eval of the bare student, report samples. Host code only; the math is jitted in
-``scoring`` / ``train_step`` / ``losses``.
+"""The phases ``trainer.Trainer`` runs: one RL iteration as rollout_phase (rollouts → rewards → sibling
+selection → submit annotation) and update_phase (teacher contexts → score → advantages → credit →
+store → update), the SFT warm-up, eval of the bare student, the KL reference. Host code only; the math
+is jitted in ``scoring`` / ``train_step`` / ``losses``. Neighbours: ``teacher_context`` (annotation →
+teacher prompts), ``batch_layout`` (rows over processes and devices), ``episode_summary`` (metrics and
+report samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Sequence
 
@@ -17,20 +19,22 @@ import numpy as np
 from flax import nnx
 
 from sgcd_jax import distributed, integration
-from sgcd_jax.config import AnnotationSpec, ConfigError, TrainConfig
-from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
-                             build_sdpo_teacher_batch, build_teacher_batch, select_groups)
+from sgcd_jax.batch_layout import (_check_same_shapes, any_process, local_mesh, process_task_count,  # noqa: F401
+                                   rows_multiple, to_mesh)
+from sgcd_jax.config import TrainConfig
+from sgcd_jax.credit import SelectionConfig, select_groups
 from sgcd_jax.credit.selection import fill_mixed_groups
-from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.data import TaskStream
+from sgcd_jax.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
 from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig
 from sgcd_jax.losses.credit import CreditBatch, CreditConfig
 from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.vocab import VocabConfig
-from sgcd_jax.report import write_samples as _write_samples
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.scoring import ScoreSpec, pack, score, to_device
+from sgcd_jax.scoring import ScoreSpec, pack, score
 from sgcd_jax.store import RolloutStore
+from sgcd_jax.teacher_context import (build_annotation_queue, sibling_teacher, submit_annotation,  # noqa: F401
+                                      teacher_prompts)
 from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
 ChatRenderer = integration.ChatAdapter
@@ -89,101 +93,9 @@ def _masked_mean(values, mask):
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def process_task_count(config: TrainConfig) -> int:
-    """Tasks this process rolls out per iteration: its equal share of ``rollout.tasks_per_iteration``."""
-    count = jax.process_count()
-    if config.rollout.tasks_per_iteration % count:
-        raise ConfigError(f"rollout.tasks_per_iteration={config.rollout.tasks_per_iteration} must be a multiple of "
-                          f"the {count} processes (every process rolls out the same number of tasks)")
-    return config.rollout.tasks_per_iteration // count
-
-
-def to_mesh(host_batch: Any, learner: Learner, *, same_on_every_process: bool = False) -> Any:
-    """Host (numpy) rows → device arrays for the jitted score/update: global arrays sharded over the
-    mesh's batch axes (each process supplies its own rows, or — ``same_on_every_process`` — every
-    process holds the whole batch), or plain device arrays without a mesh."""
-    if learner.mesh is None:
-        return to_device(host_batch)
-    if same_on_every_process:
-        return distributed.global_batch_from_host(host_batch, learner.mesh)
-    return distributed.global_batch(host_batch, learner.mesh)
-
-
-def rows_multiple(learner: Learner, micro: int) -> int:
-    """Per-process row multiple: global rows split into micro-batches and over the batch shards."""
-    if learner.mesh is None:
-        return micro
-    shards = int(np.prod([learner.mesh.shape[a] for a in distributed.BATCH_AXES if a in learner.mesh.shape]))
-    if shards % jax.process_count():
-        raise ConfigError(f"mesh batch axes (data x fsdp = {shards}) must be a multiple of the "
-                          f"{jax.process_count()} processes: set mesh.data to the number of hosts (or a multiple)")
-    return math.lcm(micro, shards // jax.process_count())
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "name"))
 def _credit(batch: CreditBatch, cfg: CreditConfig, step, name: str):
     return get(f"credit/{name}")(batch, cfg, step)
-
-
-# ----------------------------------------------------------------------------- annotation
-def build_annotation_queue(annotation: AnnotationSpec, run_dir: str) -> AsyncAnnotationQueue | None:
-    if annotation.name == "none":
-        return None
-    cache_dir = annotation.cache_dir or f"{run_dir}/annotation_cache"
-    gemini = None
-    if annotation.name == "gemini":
-        from sgcd_jax.credit.gemini import GeminiConfig
-        gemini = GeminiConfig(model=annotation.model)
-    annotator = build_annotator(AnnotatorConfig(kind=annotation.name, cache_dir=cache_dir, gemini=gemini))
-    return AsyncAnnotationQueue(annotator, max_workers=4)
-
-
-def submit_annotation(groups, config: TrainConfig, annotator) -> list[str] | None:
-    """Start annotating the mixed groups (SGCD-style credit only); returns the submitted group ids."""
-    if annotator is None or not config.loss.needs_teacher or sibling_teacher(config):
-        return None
-    mixed = [g for g in groups if g.is_mixed]
-    return annotator.submit(mixed) if mixed else []
-
-
-def sibling_teacher(config: TrainConfig) -> bool:
-    """An aux loss without credit (SDPO): the teacher sees a successful sibling, not a reference."""
-    return bool(config.loss.aux) and config.loss.credit == "none"
-
-
-def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
-                    chat: "integration.ChatAdapter", counters: Counters, tools_by_task: dict,
-                    submitted: list[str] | None = None) -> tuple[list, dict, dict]:
-    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references.
-    ``submitted``: group ids already handed to the queue (``submit_annotation``); None = submit now."""
-    metrics: dict[str, float] = {}
-    references: dict[str, Any] = {}
-    if sibling_teacher(config):  # SDPO: a successful sibling's demo
-        by_key = {}
-        for group in groups:
-            rows = build_sdpo_teacher_batch([group], chat.render_prompt_ids, tools_by_task[group.task_id])
-            for traj, row in zip(group.trajectories, rows):
-                by_key[(traj.group_id, traj.sample_index)] = row
-    else:
-        if submitted is None:
-            submitted = submit_annotation(groups, config, annotator)
-        start = time.perf_counter()
-        results = annotator.collect(submitted, timeout_s=config.annotation.timeout_s) if submitted else {}
-        metrics["time/annotation_wait_s"] = time.perf_counter() - start
-        references = {gid: r.reference for gid, r in results.items()}
-        missing = sum(r.reference is None for r in results.values())
-        counters.groups_without_reference += missing
-        counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
-        metrics.update(annotator.stats.as_metrics())
-        by_key = {}
-        for traj in trajectories:
-            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id])
-            by_key[(traj.group_id, traj.sample_index)] = row
-    prompts = []
-    for traj in trajectories:
-        row = by_key.get((traj.group_id, traj.sample_index))
-        prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
-    return prompts, metrics, references
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -391,60 +303,6 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
     return metrics, samples
 
 
-def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
-              rng: jax.Array, config: TrainConfig, counters: Counters,
-              store: RolloutStore | None = None) -> tuple[dict, list]:
-    """One synchronous RL iteration (rollout, then wait for annotation, then update); returns
-    (metrics, report samples)."""
-    rolled = rollout_phase(index, learner, stream, env_factory, chat, annotator, rng, config, counters)
-    metrics, samples = update_phase(rolled, learner, ref_model, env_factory, chat, annotator, config, counters, store)
-    metrics["time/iteration_s"] = time.perf_counter() - rolled.started
-    return metrics, samples
-
-
-def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dict[str, float]:
-    rewards = np.asarray([t.reward for t in trajectories], np.float32)
-    state_changes = [float(t.info.get("write_calls_ok", 0)) for t in trajectories]  # successful state-changing calls
-    return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "success_rate": float((rewards >= threshold).mean()) if len(rewards) else 0.0,
-            "state_change_success_rate": float(np.mean(state_changes)) if state_changes else 0.0,
-            "turns_mean": float(np.mean([t.num_steps for t in trajectories])) if trajectories else 0.0,
-            "response_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajectories])) if trajectories else 0.0,
-            "parse_errors": float(sum(t.metrics.get("parse_errors", 0) for t in trajectories)),
-            "tool_errors": float(sum(t.metrics.get("tool_errors", 0) for t in trajectories))}
-
-
-def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
-    """A failed and a successful sibling of one annotated group, with per-token weights."""
-    picked = []
-    for group_id, reference in references.items():
-        if reference is None:
-            continue
-        rows = [i for i, t in enumerate(trajectories) if t.group_id == group_id]
-        picked = rows[:limit]
-        break
-    if not picked:
-        picked = list(range(min(limit, len(trajectories))))
-    samples = []
-    for row in picked:
-        traj = trajectories[row]
-        ids = traj.token_ids.tolist()
-        weights = np.ones(len(ids), np.float32)
-        weights[1:] = host["weights"][row, :len(ids) - 1]
-        reference = references.get(traj.group_id)
-        start = max(traj.prompt_len - 1, 0)
-        samples.append({"title": f"{traj.task_id} sibling {traj.sample_index}", "reward": float(traj.reward),
-                        "advantage": float(host["advantages"][row]),
-                        "tokens": chat.token_strings(ids[start:]), "loss_mask": traj.loss_mask[start:].tolist(),
-                        "weights": weights[start:].tolist(),
-                        "reference": render_credit_text(reference, traj) if reference is not None else ""})
-    return samples
-
-
-def write_samples(run_dir: str, samples: list[dict]) -> None:
-    _write_samples(run_dir, samples)
-
-
 # ----------------------------------------------------------------------------- SFT warm-up and eval
 def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) -> dict[str, float]:
     """Supervised warm-up on oracle demonstrations with its own AdamW; RL optimizer state untouched."""
@@ -488,32 +346,6 @@ def evaluate_student(learner: Learner, env_factory, tasks, chat, config: TrainCo
         result = distributed.weighted_mean_across_processes(result, weight=len(mine), name="eval")
     result["time/eval_s"] = time.perf_counter() - start
     return result
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` on any process (the same answer on all: choices that pick jitted programs or
-    collectives must agree, or processes would wait on each other)."""
-    if jax.process_count() == 1:
-        return flag
-    return distributed.reduce_metrics({"flag": float(flag)}, "max")["flag"] > 0
-
-
-def local_mesh(learner: Learner):
-    """The mesh a process samples on (its own devices); None when that is one device."""
-    if learner.mesh is None:
-        return None
-    mesh = distributed.local_mesh(learner.mesh)
-    return mesh if mesh.size > 1 else None
-
-
-def _check_same_shapes(batch) -> None:
-    """Every process must pack to one shape, or the global arrays would not line up."""
-    if jax.process_count() > 1:
-        shapes = dict(zip(("rows", "length", "teacher_length"), (*batch.tokens.shape, batch.teacher_tokens.shape[1])))
-        bounds = distributed.reduce_metrics({**shapes, **{f"-{k}": -v for k, v in shapes.items()}}, "max")
-        if any(bounds[k] != -bounds[f"-{k}"] for k in shapes):  # max != min: raised on every process
-            raise RuntimeError(f"processes packed different batch shapes (this one {shapes}, max/min over "
-                               f"processes {bounds}): a trajectory outgrew rollout.max_total_tokens + max_new_tokens")
 
 
 def reference_model(learner: Learner, checkpointer, config: TrainConfig) -> nnx.Module:

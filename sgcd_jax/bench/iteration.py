@@ -1,8 +1,8 @@
 """python -m sgcd_jax.bench iteration — SGCD vs GRPO wall time per RL iteration on the quickstart setting.
 
 Both methods start from the SAME post-SFT parameters (one SFT warm-up, copied into each method's
-learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven as
-``sgcd_jax.train`` drives them (``train_parts.rollout_phase`` / ``update_phase``; SGCD with
+learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven by
+the trainer's own ``sgcd_jax.trainer.Trainer`` (``roll`` / ``finish``, as ``sgcd_jax.train`` drives it; SGCD with
 ``annotation.asynchronous`` on, so iteration k's annotation runs while rollout k+1 does). The two
 methods' iterations are interleaved (GRPO i, SGCD i, GRPO i+1, ...) so both see the same machine
 load on a shared CPU. The first ``--skip`` iterations of each (jit compiles, incl. SGCD's first
@@ -43,47 +43,40 @@ PHASES = {"rollout": "time/rollout_s", "annotation_wait": "time/annotation_wait_
 
 
 class MethodRun:
-    """One method's RL loop from given post-SFT params, one iteration per ``step()`` (train.py's order)."""
+    """One method's RL loop from given post-SFT params, one iteration per ``step()``: the trainer's own
+    ``Trainer.roll`` / ``Trainer.finish`` in train.py's order, timed from when this method resumes."""
 
     def __init__(self, config, model, env_factory, chat, train_tasks):
         from sgcd_jax import train_parts as parts
         from sgcd_jax.data import TaskStream
         from sgcd_jax.train_step import Learner, make_optimizer
+        from sgcd_jax.trainer import Trainer
 
-        self.parts, self.config, self.env_factory, self.chat = parts, config, env_factory, chat
         total_updates = config.run.num_iterations * config.optim.updates_per_iteration
-        self.learner = Learner(parts.frozen_copy(model), make_optimizer(config.optim, total_updates),
-                               parts.step_spec(config))
-        self.stream = TaskStream(train_tasks, seed=config.run.seed)
-        self.counters = parts.Counters()
-        self.rng = jax.random.key(config.run.seed)
-        self.annotator = (parts.build_annotation_queue(config.annotation, config.run_dir)
-                          if config.loss.needs_teacher else None)
-        self.pipelined = config.annotation.asynchronous and self.annotator is not None
+        learner = Learner(parts.frozen_copy(model), make_optimizer(config.optim, total_updates),
+                          parts.step_spec(config))
+        annotator = (parts.build_annotation_queue(config.annotation, config.run_dir)
+                     if config.loss.needs_teacher else None)
+        self.trainer = Trainer(config, learner, env_factory, chat, TaskStream(train_tasks, seed=config.run.seed),
+                               rng=jax.random.key(config.run.seed), annotator=annotator)
+        self.pipelined = config.annotation.asynchronous and annotator is not None
         self.pending = None
         self.index = 0
-
-    def _roll(self, index: int):
-        self.rng, key = jax.random.split(self.rng)
-        return self.parts.rollout_phase(index, self.learner, self.stream, self.env_factory, self.chat,
-                                        self.annotator, key, self.config, self.counters)
 
     def step(self) -> dict[str, float]:
         resumed = time.perf_counter()  # the other method ran since our last step: not our time
         rolls_s = 0.0
         if self.pending is None:
-            self.pending = self._roll(self.index)
+            self.pending = self.trainer.roll(self.index)
             rolls_s += time.perf_counter() - resumed
         ahead = None
         if self.pipelined:  # annotated while `pending` is scored and updated
             start = time.perf_counter()
-            ahead = self._roll(self.index + 1)
+            ahead = self.trainer.roll(self.index + 1)
             rolls_s += time.perf_counter() - start
         rolled = self.pending
         start = time.perf_counter()
-        metrics, _ = self.parts.update_phase(rolled, self.learner, None, self.env_factory, self.chat, self.annotator,
-                                             self.config, self.counters,
-                                             sampler_is_old=self.counters.updates != rolled.updates_at_rollout)
+        metrics, _ = self.trainer.finish(rolled)
         now = time.perf_counter()
         metrics["time/iteration_s"] = now - max(resumed, rolled.started)
         metrics["bench/rollout_phases_in_iteration_s"] = rolls_s  # rollout_phase calls inside this iteration
@@ -92,8 +85,7 @@ class MethodRun:
         return metrics
 
     def close(self) -> None:
-        if self.annotator is not None:
-            self.annotator.close(wait=False)
+        self.trainer.close()
 
 
 def load(method: str, workdir: str, args) -> "TrainConfig":  # noqa: F821
