@@ -1,11 +1,6 @@
-"""Typed, frozen, validated training configuration.
-
-Experiments are Python files (``configs/*.py``) whose ``get_config()`` returns an
-``ml_collections.ConfigDict``; command-line overrides (``--config.rl.group_size=8``) are applied by
-``ml_collections.config_flags``. ``from_config_dict`` then converts the dict into the dataclasses
-below: unknown keys and bad values raise ``ConfigError`` naming the key and the fix, before any
-model is built. ``save_resolved`` writes the resolved config (never secrets) into the run dir.
-"""
+"""Typed, frozen, validated training configuration: one dataclass per concept; the loss sections are the
+loss library's own config types. ``from_config_dict`` turns a ConfigDict (``config_files``) into them:
+unknown keys and bad values raise ``ConfigError`` naming the key, before any model is built."""
 
 from __future__ import annotations
 
@@ -179,6 +174,8 @@ class LossSpec:
     def __post_init__(self):
         _registered_one("loss.advantage", "advantage", self.advantage)
         _registered_one("loss.policy", "policy_loss", self.policy)
+        _check(self.policy != "sgcd", "loss.policy='sgcd' is the standalone SGCD loss (credit inside it); the "
+                                      "trainer applies credit by loss.credit: set loss.credit='sgcd', loss.policy='ppo'")
         _registered_one("loss.credit", "credit", self.credit)
         for name in self.aux:
             _registered_one("loss.aux", "aux_loss", name)

@@ -48,18 +48,15 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
 
 def run_eval(config: TrainConfig, model: Any, tokenizer: Any, *, split: str, trials: int, num_tasks: int,
              out_dir: str, seed: int = 0) -> dict[str, Any]:
-    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, save_eval, summarize
+    from sgcd_jax.envs.metrics import save_eval
 
     env_factory = integration.build_env(config.env)
     tasks = env_factory.tasks(split)[:num_tasks]
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, trials=trials))
     chat = integration.ChatAdapter(tokenizer)
     temperature = config.eval.temperature if trials == 1 else max(config.eval.temperature, 1.0)
-    trajectories = integration.rollout(model, chat, env_factory, tasks, trials, jax.random.key(seed), config,
-                                       temperature=temperature)
-    rows = integration.eval_rows(trajectories, SUCCESS_THRESHOLD)
-    summary = summarize(rows, env_factory.name, split)
-    summary["success_rate"] = sum(r["successes"] for r in rows) / max(sum(r["trials"] for r in rows), 1)
+    rows, summary = integration.eval_episodes(model, chat, env_factory, tasks, config, trials=trials,
+                                              temperature=temperature, rng=jax.random.key(seed), split=split)
     save_eval(rows, summary, out_dir)
     return summary
 
