@@ -1,11 +1,11 @@
 """Quickstart (what ``python -m sgcd_jax.train`` runs with no --config).
 
 A tiny random-init Decoder (2 layers, d=128) on a 1,024-token BPE trained on airline_lite's own text
-with SmolLM2's special tokens and chat template (sgcd_jax/domain_tokenizer.py: SmolLM2's 49k vocab
+with SmolLM2's special tokens and chat template (sgcd_jax/data/domain_tokenizer.py: SmolLM2's 49k vocab
 made the LM head >90% of the step), trained on airline_lite (easy) on CPU: an SFT warm-up on an
 imperfect demonstrator's conversations (below), then SGCD RL with the offline ContrastAnnotator. No network, API key or accelerator.
 
-Sizes are set by what made the student copy ids at all (measured, see sgcd_jax/domain_tokenizer.py): a
+Sizes are set by what made the student copy ids at all (measured, see sgcd_jax/data/domain_tokenizer.py): a
 whitespace-split domain BPE (ids tokenize the same in the request and in the tool call), one token per
 recurring system-prompt line (prompt 84 tokens, demos 180-260 tokens) and 256 distinct demos.
 

@@ -45,7 +45,7 @@ class RunConfig:
     tensorboard: bool = True
     report: bool = True
     stop_after_iterations: int = 0  # >0: exit (as if preempted) after this many iterations; tests
-    store_rollouts: bool = True  # append tokens/scores/credit weights to run_dir/rollouts (sgcd_jax.store)
+    store_rollouts: bool = True  # append tokens/scores/credit weights to run_dir/rollouts (sgcd_jax.data.store)
 
     def __post_init__(self):
         _check(self.num_iterations >= 0, "run.num_iterations must be >= 0")
@@ -224,7 +224,7 @@ class SFTSpec:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 3e-3
-    cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/sft_cache.py)
+    cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/trainer/sft_cache.py)
     # An imperfect demonstrator: this airline_lite shortcut policy (envs/airline_lite/oracle.py SHORTCUTS,
     # e.g. "silent") plays a seeded `demo_shortcut_rate` of the demos it applies to; "" = oracle only.
     demo_shortcut: str = ""

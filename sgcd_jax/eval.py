@@ -25,7 +25,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     """(config, model with the checkpointed params, tokenizer) of a finished or running run."""
     from flax import nnx
 
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = from_config_dict(json.load(f))
@@ -37,7 +37,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     if step is None:
         raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint under {checkpointer.directory}: "
                                 "train first, or pass --model to evaluate a model directly")
-    from sgcd_jax.train_step import make_optimizer
+    from sgcd_jax.learner.train_step import make_optimizer
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     abstract = {"params": params, "opt_state": make_optimizer(config.optim, 1).init(params), "rng": jax.random.key(0)}

@@ -55,7 +55,7 @@ def build_model(spec: ModelSpec, *, seed: int, run_dir: str = "", env_factory: E
         return load_model(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype,
                           attention_impl=spec.attention_impl, remat_policy=spec.remat_policy)
     if spec.tokenizer == "domain-bpe":
-        from sgcd_jax.domain_tokenizer import load_or_train
+        from sgcd_jax.data.domain_tokenizer import load_or_train
 
         if env_factory is None:
             raise ValueError("model.tokenizer='domain-bpe' needs the env (its text is the BPE corpus)")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sgcd_jax import store as rollout_store
+from sgcd_jax.data import store as rollout_store
 
 
 @dataclasses.dataclass

@@ -20,15 +20,17 @@ import jax
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax import cli, distributed, sft_cache
-from sgcd_jax import train_parts as parts
-from sgcd_jax.checkpoint import TrainCheckpointer
+from sgcd_jax import cli
+from sgcd_jax.parallel import distributed
+from sgcd_jax.trainer import sft_cache
+from sgcd_jax.trainer import phases as parts
+from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
-from sgcd_jax.data import TaskStream
+from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
-from sgcd_jax.sharding import MeshConfig, make_mesh
-from sgcd_jax.train_step import Learner, make_optimizer
-from sgcd_jax.trainer import Trainer, due
+from sgcd_jax.parallel.sharding import MeshConfig, make_mesh
+from sgcd_jax.learner.train_step import Learner, make_optimizer
+from sgcd_jax.trainer.trainer import Trainer, due
 
 
 class _Preemption:

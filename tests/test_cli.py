@@ -84,7 +84,8 @@ def test_training_iteration_through_a_user_registered_zero_loss_leaves_params_un
     """One real trainer iteration (rollouts, contrast credit, score, update) with the user's loss scaled
     by 0: the update runs (mixed groups, non-zero advantages) and leaves every parameter bitwise equal;
     the same iteration with the stock PPO moves them."""
-    from sgcd_jax import integration, train_step
+    from sgcd_jax import integration
+    from sgcd_jax.learner import train_step
 
     monkeypatch.setattr(integration, "rollout", coin_flip_rollout(integration.rollout))
     moved = {}

@@ -114,8 +114,8 @@ def test_trainer_rollout_phase_oversamples_with_fresh_tasks_slots_and_group_ids(
     import jax
 
     from sgcd_jax import config as config_lib
-    from sgcd_jax import train_parts
-    from sgcd_jax.data import TaskStream
+    from sgcd_jax.trainer import phases as train_parts
+    from sgcd_jax.data.tasks import TaskStream
     from sgcd_jax.envs.base import Task
 
     calls = []

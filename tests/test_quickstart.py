@@ -10,11 +10,11 @@ import pytest
 from sgcd_jax import config as config_lib
 from sgcd_jax import config_files
 from sgcd_jax import integration
-from sgcd_jax import train_parts as parts
+from sgcd_jax.trainer import phases as parts
 from sgcd_jax.metrics_log import Progress
 from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
 from sgcd_jax.sampling.session import TurnOutput
-from sgcd_jax.train_step import Learner, make_optimizer
+from sgcd_jax.learner.train_step import Learner, make_optimizer
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
 
@@ -137,7 +137,7 @@ def test_scoring_reproduces_the_sampler_logprobs_at_the_rollout_temperature(worl
     the first PPO epoch's ratio is exactly 1; scored at temperature 1 instead, a T=0.6 sample differs."""
     import dataclasses
 
-    from sgcd_jax.scoring import ScoreSpec, pack, score
+    from sgcd_jax.learner.scoring import ScoreSpec, pack, score
 
     config, env_factory, _, _, chat = world
     model, _ = parts.build_model(config.model, seed=1, run_dir=config.run_dir, env_factory=env_factory,

@@ -20,7 +20,7 @@ from sgcd_jax.models.export import export_hf
 from sgcd_jax.models.loading import hf_config
 from sgcd_jax.sampling.rules import SamplingParams
 from sgcd_jax.sampling.session import Sampler
-from sgcd_jax.sharding import state_shardings
+from sgcd_jax.parallel.sharding import state_shardings
 
 CHUNK = 8  # our DeltaNet chunk; transformers uses 64 (the math must not depend on it)
 TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,

@@ -9,7 +9,7 @@ import pytest
 
 from sgcd_jax import rescore
 from sgcd_jax.losses import CreditBatch, CreditConfig, sgcd_credit
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 
 N, WIDTH, PAD_ROWS = 6, 24, 2
 
@@ -114,7 +114,7 @@ def test_unknown_override_names_the_valid_fields():
 
 def test_weights_from_the_trainers_credit_step_are_reproduced_bitwise(tmp_path):
     """The trainer's own jitted credit call (train_parts._credit on its padded batch, float mask)."""
-    from sgcd_jax import train_parts
+    from sgcd_jax.trainer import phases as train_parts
 
     cfg = CreditConfig(granularity="step", lam_schedule="cosine", lam_decay_steps=5, eta=0.3)
     lengths, features, advantages = _features(np.random.default_rng(7))

@@ -9,7 +9,7 @@ import numpy as np
 
 from sgcd_jax import config as config_lib
 from sgcd_jax import config_files
-from sgcd_jax.sft_cache import cache_key, cached_sft
+from sgcd_jax.trainer.sft_cache import cache_key, cached_sft
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
 
@@ -78,8 +78,8 @@ def test_trainer_restores_a_cached_warm_up_instead_of_recomputing(tmp_path, monk
     from test_train_e2e import tiny_config
 
     from sgcd_jax import train as train_lib
-    from sgcd_jax import train_parts
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer import phases as train_parts
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     cache = str(tmp_path / "sft_cache")
     extra = {"run.num_iterations": 0, "run.report": False, "eval.at_start": False, "sft.cache_dir": cache}

@@ -14,10 +14,10 @@ import time
 import pytest
 from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
-from sgcd_jax import train_parts
+from sgcd_jax.trainer import phases as train_parts
 from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 from sgcd_jax.train import train
 
 TINY = {**TINY_WORLD, "run.num_iterations": 4, "run.eval_every": 0, "run.checkpoint_every": 2, "run.report": False,

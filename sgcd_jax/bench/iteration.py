@@ -47,10 +47,10 @@ class MethodRun:
     ``Trainer.roll`` / ``Trainer.finish`` in train.py's order, timed from when this method resumes."""
 
     def __init__(self, config, model, env_factory, chat, train_tasks):
-        from sgcd_jax import train_parts as parts
-        from sgcd_jax.data import TaskStream
-        from sgcd_jax.train_step import Learner, make_optimizer
-        from sgcd_jax.trainer import Trainer
+        from sgcd_jax.trainer import phases as parts
+        from sgcd_jax.data.tasks import TaskStream
+        from sgcd_jax.learner.train_step import Learner, make_optimizer
+        from sgcd_jax.trainer.trainer import Trainer
 
         total_updates = config.run.num_iterations * config.optim.updates_per_iteration
         learner = Learner(parts.frozen_copy(model), make_optimizer(config.optim, total_updates),
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations <= args.skip:
         parser.error(f"--iterations {args.iterations} must exceed --skip {args.skip}")
 
-    from sgcd_jax import train_parts as parts
+    from sgcd_jax.trainer import phases as parts
     from sgcd_jax.metrics_log import Progress
-    from sgcd_jax.train_step import Learner, make_optimizer
+    from sgcd_jax.learner.train_step import Learner, make_optimizer
 
     workdir = args.cache or tempfile.mkdtemp(prefix="bench_iteration_")
     configs = {m: load(m, workdir, args) for m in ("grpo", "sgcd")}

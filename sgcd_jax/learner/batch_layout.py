@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from sgcd_jax import distributed
+from sgcd_jax.parallel import distributed
 from sgcd_jax.config import ConfigError, TrainConfig
-from sgcd_jax.scoring import to_device
-from sgcd_jax.train_step import Learner
+from sgcd_jax.learner.scoring import to_device
+from sgcd_jax.learner.train_step import Learner
 
 
 def process_task_count(config: TrainConfig) -> int:

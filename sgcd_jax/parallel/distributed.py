@@ -395,5 +395,5 @@ def process_local_view(tree: Any, mesh: Mesh) -> Any:
 
 
 # Cross-process metric reductions live in distributed_metrics.py; re-exported so callers keep one name.
-from sgcd_jax.distributed_metrics import (allgather_json, fully_replicated_host_copy, reduce_metrics,  # noqa: E402,F401
+from sgcd_jax.parallel.metrics import (allgather_json, fully_replicated_host_copy, reduce_metrics,  # noqa: E402,F401
                                           reduce_metrics_union, reduce_ratio, weighted_mean_across_processes)

@@ -26,8 +26,8 @@ from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig
 from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.types import aggregate
 from sgcd_jax.losses.vocab import VocabConfig, pair_stats, token_stats
-from sgcd_jax.scoring import PackedBatch, forward_hidden, gather_rows
-from sgcd_jax.sharding import path_to_str, state_shardings
+from sgcd_jax.learner.scoring import PackedBatch, forward_hidden, gather_rows
+from sgcd_jax.parallel.sharding import path_to_str, state_shardings
 
 
 @flax.struct.dataclass
@@ -209,7 +209,7 @@ class Learner:
             self.opt_state = tx.init(self.params)
             self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
             return
-        from sgcd_jax import distributed
+        from sgcd_jax.parallel import distributed
 
         self.param_shardings = state_shardings(self.params, mesh)
         self.params = distributed.place(self.params, self.param_shardings)
@@ -244,7 +244,7 @@ class Learner:
         rollouts sample with it). One process: ``model()``."""
         if self.mesh is None:
             return self.model()
-        from sgcd_jax import distributed
+        from sgcd_jax.parallel import distributed
 
         return nnx.merge(self.graphdef, distributed.process_local_view(self.params, self.mesh),
                          distributed.process_local_view(self.rest, self.mesh))

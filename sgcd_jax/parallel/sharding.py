@@ -31,7 +31,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tp: int = 1
-    # Joining a multi-host job is sgcd_jax.distributed.initialize()'s job (timeouts, SLURM/TPU discovery).
+    # Joining a multi-host job is sgcd_jax.parallel.distributed.initialize()'s job (timeouts, SLURM/TPU discovery).
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tp)
@@ -106,7 +106,7 @@ def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[
                 axes.append(axis if size > 1 and dim % size == 0 else None)
             return P(*axes)
     raise ValueError(f"no partition rule matches parameter {path!r}; add (regex, PartitionSpec) to the rules "
-                     "passed to sgcd_jax.sharding (e.g. extra_rules=[(r'/my_param$', P())])")
+                     "passed to sgcd_jax.parallel.sharding (e.g. extra_rules=[(r'/my_param$', P())])")
 
 
 def state_shardings(state: Any, mesh: Mesh, extra_rules: Sequence[tuple[str, P]] = ()) -> Any:

@@ -18,24 +18,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgcd_jax import distributed, integration
-from sgcd_jax.batch_layout import (_check_same_shapes, any_process, local_mesh, process_task_count,  # noqa: F401
+from sgcd_jax import integration
+from sgcd_jax.parallel import distributed
+from sgcd_jax.learner.batch_layout import (_check_same_shapes, any_process, local_mesh, process_task_count,  # noqa: F401
                                    rows_multiple, to_mesh)
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.credit import SelectionConfig, select_groups
 from sgcd_jax.credit.selection import fill_mixed_groups
-from sgcd_jax.data import TaskStream
-from sgcd_jax.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
+from sgcd_jax.data.tasks import TaskStream
+from sgcd_jax.trainer.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
 from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig
 from sgcd_jax.losses.credit import CreditBatch, CreditConfig
 from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.scoring import ScoreSpec, pack, score
-from sgcd_jax.store import RolloutStore
-from sgcd_jax.teacher_context import (build_annotation_queue, sibling_teacher, submit_annotation,  # noqa: F401
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score
+from sgcd_jax.data.store import RolloutStore
+from sgcd_jax.trainer.teacher_context import (build_annotation_queue, sibling_teacher, submit_annotation,  # noqa: F401
                                       teacher_prompts)
-from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
 ChatRenderer = integration.ChatAdapter
 build_env = integration.build_env

@@ -17,11 +17,11 @@ from typing import Any
 
 import jax
 
-from sgcd_jax import train_parts as parts
+from sgcd_jax.trainer import phases as parts
 from sgcd_jax.config import TrainConfig
-from sgcd_jax.data import TaskStream
-from sgcd_jax.store import RolloutStore
-from sgcd_jax.train_step import Learner
+from sgcd_jax.data.tasks import TaskStream
+from sgcd_jax.data.store import RolloutStore
+from sgcd_jax.learner.train_step import Learner
 
 
 def due(step: int, every: int) -> bool:
@@ -75,6 +75,6 @@ class Trainer:
 
 def _replicated_key(key: jax.Array, mesh) -> jax.Array:
     """The host loop's key as orbax saves it when several processes save one checkpoint."""
-    from sgcd_jax import distributed
+    from sgcd_jax.parallel import distributed
 
     return distributed.replicated(key, mesh)
