@@ -51,7 +51,7 @@ def get_config():
     cfg.rollout.group_size = 4
     cfg.rollout.max_new_tokens = 64  # the longest demo turn is ~50 domain-BPE tokens (tests/test_quickstart.py)
     cfg.rollout.max_total_tokens = 384  # demos are 180-260 tokens (84-token prompt)
-    cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (train_parts.vocab_config)
+    cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (trainer/phases.vocab_config)
     cfg.annotation.name = "contrast"
     cfg.loss.credit = "sgcd"
     cfg.optim.learning_rate = 1e-4  # 3e-4 drifts the warm-up's priors (oracle-only warm-up: 0.40 -> 0.31)

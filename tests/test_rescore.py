@@ -113,7 +113,7 @@ def test_unknown_override_names_the_valid_fields():
 
 
 def test_weights_from_the_trainers_credit_step_are_reproduced_bitwise(tmp_path):
-    """The trainer's own jitted credit call (train_parts._credit on its padded batch, float mask)."""
+    """The trainer's own jitted credit call (trainer/phases._credit on its padded batch, float mask)."""
     from sgcd_jax.trainer import phases as train_parts
 
     cfg = CreditConfig(granularity="step", lam_schedule="cosine", lam_decay_steps=5, eta=0.3)

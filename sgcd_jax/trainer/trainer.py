@@ -5,7 +5,7 @@ host PRNG key) so ``train.py``'s loop and ``bench/iteration.py`` drive the same 
     rolled = trainer.roll(i)          # rollouts → rewards → sibling selection → submit annotation
     metrics, samples = trainer.finish(rolled)   # annotation → teacher contexts → score → credit → update
 
-``train_parts`` keeps the phase functions themselves (host code; the math is jitted in ``scoring`` /
+``phases`` keeps the phase functions themselves (host code; the math is jitted in ``scoring`` /
 ``train_step`` / ``losses``).
 """
 
@@ -60,7 +60,7 @@ class Trainer:
         return metrics, samples
 
     def evaluate(self, tasks) -> dict[str, float]:
-        """The bare student on held-out ``tasks`` (``train_parts.evaluate_student``)."""
+        """The bare student on held-out ``tasks`` (``phases.evaluate_student``)."""
         return parts.evaluate_student(self.learner, self.env_factory, tasks, self.chat, self.config)
 
     def state(self, mesh) -> dict[str, Any]:
