@@ -108,3 +108,8 @@ def test_training_iteration_through_a_user_registered_zero_loss_leaves_params_un
     train_module.train(config_files.load_config_file(USER_CONFIG, {**overrides, "loss.policy": "ppo",
                                                                  "run.name": "stock"}))
     assert moved[1] > 0.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_files_start_from_their_base_without_sys_path_edits(path):
+    assert "sys.path" not in open(path).read()
