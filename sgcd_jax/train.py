@@ -86,7 +86,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                          train_split=config.env.train_split)
     if process_count > 1 and is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
-    chat = parts.ChatRenderer(tokenizer)
+    chat = parts.ChatAdapter(tokenizer)
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
     # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.

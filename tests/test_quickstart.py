@@ -27,7 +27,7 @@ def world(tmp_path_factory):
     env_factory = parts.build_env(config.env)
     model, tokenizer = parts.build_model(config.model, seed=0, run_dir=config.run_dir, env_factory=env_factory,
                                          train_split=config.env.train_split)
-    return config, env_factory, model, tokenizer, parts.ChatRenderer(tokenizer)
+    return config, env_factory, model, tokenizer, parts.ChatAdapter(tokenizer)
 
 
 def test_quickstart_config_validates():

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     train_tasks = env_factory.tasks(base.env.train_split)
     model, tokenizer = parts.build_model(base.model, seed=base.run.seed, run_dir=base.run_dir,
                                          env_factory=env_factory, train_split=base.env.train_split)
-    chat = parts.ChatRenderer(tokenizer)
+    chat = parts.ChatAdapter(tokenizer)
     sft_learner = Learner(model, make_optimizer(base.optim, 1), parts.step_spec(base))
     cached = os.path.join(workdir, f"post_sft_steps{args.sft_steps}_seed{args.seed}.npz")
     sft: dict = {}

@@ -38,7 +38,7 @@ from sgcd_jax.trainer.teacher_context import (build_annotation_queue, sibling_te
                                       teacher_prompts)
 from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
-ChatRenderer = integration.ChatAdapter
+ChatAdapter = integration.ChatAdapter
 build_env = integration.build_env
 build_model = integration.build_model
 export = integration.export_model
