@@ -136,7 +136,7 @@ def test_trainer_rollout_phase_oversamples_with_fresh_tasks_slots_and_group_ids(
 
     monkeypatch.setattr(train_parts.integration, "rollout", fake_rollout)
     config = config_lib.from_config_dict({"rollout": {"tasks_per_iteration": 2, "group_size": 2},
-                                          "credit": {"max_oversample_rounds": 3, "annotator": "none"}})
+                                          "annotation": {"max_oversample_rounds": 3, "name": "none"}})
     stream = TaskStream([Task(f"t{i}", "airline_lite") for i in range(10)], seed=0)
     counters = train_parts.Counters()
     rolled = train_parts.rollout_phase(0, FakeLearner(), stream, None, None, None, jax.random.key(0), config, counters)
