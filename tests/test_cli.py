@@ -80,6 +80,7 @@ def test_user_config_file_registers_and_selects_its_own_loss():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two tiny train() runs: 125 s on a quiet machine, 690 s under 5-agent CPU contention
 def test_training_iteration_through_a_user_registered_zero_loss_leaves_params_unchanged(tmp_path, monkeypatch):
     """One real trainer iteration (rollouts, contrast credit, score, update) with the user's loss scaled
     by 0: the update runs (mixed groups, non-zero advantages) and leaves every parameter bitwise equal;
