@@ -12,7 +12,7 @@ Per device, for the recommended mesh (data, fsdp, tp):
 - rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows,
   tp heads), plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
   observations in chunks: activations [rows, chunk, ·] of one layer and one [chunk, attention_block] fp32
-  score block per head of decoder.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
+  score block per head of attention.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
 Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
 The plan is the mesh with the smallest tp, then the largest data axis, that stays under 75% of HBM
 (else under 90%);
@@ -42,42 +42,8 @@ COMFORT = 0.75  # prefer meshes that stay under this fraction (the activation mo
 
 # ----------------------------------------------------------------------------- accelerator knobs
 
-REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-
-
-def remat_policy(name: str) -> Any:
-    """Config name → ``jax.checkpoint`` policy (None = no remat: keep every intermediate).
-
-    "full": save nothing inside a block (recompute it in the backward pass; least memory);
-    "dots": save all matmul outputs; "dots_no_batch": save matmuls without batch dims (weights·x);
-    "save_attention_out": save only values named "attention_out" via ``checkpoint_name``.
-    """
-    policies = jax.checkpoint_policies
-    table = {
-        "none": None,
-        "full": policies.nothing_saveable,
-        "dots": policies.checkpoint_dots,
-        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
-        "save_attention_out": policies.save_only_these_names("attention_out"),
-    }
-    if name not in table:
-        raise ValueError(f"remat policy {name!r} is not one of {REMAT_POLICY_NAMES}")
-    return table[name]
-
-
-ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}  # config name → jax value
-
-
-def attention_implementation(name: str) -> str | None:
-    """Config name → ``jax.nn.dot_product_attention(implementation=...)`` value.
-
-    "xla": portable (CPU/TPU/GPU); "cudnn": cuDNN flash attention (GPU, bf16/fp16 only);
-    "auto": implementation=None, JAX's choice — in jax 0.10.2 that is always the XLA path (it
-    materialises [T, S] scores); ask for "cudnn" explicitly on GPUs.
-    """
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {name!r}; use one of {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[name]
+# The knobs live beside the model code (models/accel.py); re-exported here for existing callers.
+from sgcd_jax.models.accel import ATTENTION_IMPLS, REMAT_POLICY_NAMES, attention_implementation, remat_policy  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- models and hardware
@@ -153,7 +119,7 @@ class Workload:
     remat: str = "full"
     attention: str = "flash"  # flash (cuDNN / Splash) | blockwise (XLA online softmax) | naive ([T, T] scores)
     prefill_chunk: int = 512  # rollout.prefill_chunk: tokens per append call
-    attention_block: int = 512  # model.attention_block: key/query block of decoder.blockwise_attention
+    attention_block: int = 512  # model.attention_block: key/query block of attention.blockwise_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +308,7 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "there is no second copy for the sampler. With `attention='naive'` the [H, T, T] scores of "
         "one 16k-token row alone take ~64 GiB: long-horizon runs need the flash path "
         "(`attention_implementation('cudnn')` on GPU, `model.attention_impl='splash'` on TPU: JAX's Pallas "
-        "splash kernel). Rollout never builds [T, S] scores: the cache path is `decoder.blockwise_attention` "
+        "splash kernel). Rollout never builds [T, S] scores: the cache path is `models/attention.blockwise_attention` "
         "(online softmax over key blocks), so a 4.4k-token τ³ prompt costs one prefill chunk's working set "
         "(the 'prefill chunk' column) on top of the cache, not a [chunk, max_total_tokens] score matrix per "
         "head; the XLA no-cache path beyond attention_block is blockwise too, but its backward keeps one "
@@ -356,7 +322,8 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description="per-device memory table → docs/memory_plan.md")
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.memory_plan",
+                                     description="per-device memory table → docs/memory_plan.md")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory_plan.md"))
     for field in dataclasses.fields(Workload):
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)

@@ -1,5 +1,5 @@
 """Blockwise (online-softmax) attention equals the einsum path; the Pallas splash kernel (interpret mode)
-too. The reference is decoder.grouped_attention with the full [B, T, S] mask (today's einsum path)."""
+too. The reference is attention.grouped_attention with the full [B, T, S] mask (today's einsum path)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from sgcd_jax.models import Decoder, KVCache, ModelConfig
-from sgcd_jax.models.decoder import blockwise_attention, grouped_attention, splash_attention
+from sgcd_jax.models.attention import blockwise_attention, grouped_attention, splash_attention
 
 # measured spread blockwise vs einsum on these shapes (fp32): ≤ 6e-7 values, ≤ 1e-6 grads; 20× margin
 ATOL = 2e-5

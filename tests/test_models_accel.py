@@ -84,7 +84,7 @@ def test_dot_product_attention_with_cache_equals_einsum_path():
 @pytest.mark.parametrize("steps,blocks", [(200, 3), (128, 8)])
 def test_causal_blocked_attention_equals_full_square(steps, blocks):
     """Skipping the masked upper blocks changes nothing on real tokens (values and gradients)."""
-    from sgcd_jax.models.decoder import causal_blocked_attention, grouped_attention
+    from sgcd_jax.models.attention import causal_blocked_attention, grouped_attention
     keys = jax.random.split(jax.random.key(4), 3)
     q = jax.random.normal(keys[0], (2, steps, 4, 8))
     k, v = (jax.random.normal(key, (2, steps, 2, 8)) for key in keys[1:])
@@ -106,7 +106,7 @@ def test_causal_blocked_attention_equals_full_square(steps, blocks):
 
 def test_decoder_uses_blocked_attention_on_long_chunks_and_matches_cache_path():
     """T=259 → 2 uneven blocks: the no-cache forward still equals the cached (prefill) forward on real tokens."""
-    from sgcd_jax.models.decoder import CAUSAL_MAX_BLOCKS, causal_blocks
+    from sgcd_jax.models.attention import CAUSAL_MAX_BLOCKS, causal_blocks
     assert causal_blocks(259) == 2 and causal_blocks(255) == 1 and causal_blocks(1 << 16) == CAUSAL_MAX_BLOCKS
     cfg = tiny_config()
     model = Decoder(cfg, rngs=nnx.Rngs(0))

@@ -238,8 +238,9 @@ def bench_synthetic(args) -> dict:
             "same_tokens": sampled["new"] == sampled["old"]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.bench rollout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--which", choices=["tau3", "synthetic", "both"], default="both")
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--task-index", type=int, default=0)
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         out["synthetic_speedup"] = out["synthetic"]["speedup"]
     out["load_average_1min"] = round(os.getloadavg()[0], 1)
     print(json.dumps(out, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,9 @@
 """Decoder model family, KV cache, loading (HF dir / GGUF / short names), tokenizer and chat rendering."""
 
+from sgcd_jax.models.attention import AttentionContext
 from sgcd_jax.models.cache import KVCache
 from sgcd_jax.models.config import ModelConfig
-from sgcd_jax.models.decoder import BLOCK_FACTORIES, AttentionContext, Decoder, register_block
+from sgcd_jax.models.decoder import BLOCK_FACTORIES, Decoder, register_block
 from sgcd_jax.models import qwen3_5 as _qwen3_5  # noqa: F401,E402  registers the Qwen3.5 blocks + HF architectures
 
 __all__ = ["ModelConfig", "Decoder", "KVCache", "AttentionContext", "register_block", "BLOCK_FACTORIES",

@@ -16,9 +16,9 @@ import numpy as np
 from flax.core import FrozenDict
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# "xla": with a cache (prefill / continuation / decode) decoder.blockwise_attention (online softmax over key
+# "xla": with a cache (prefill / continuation / decode) attention.blockwise_attention (online softmax over key
 # blocks of `attention_block` slots: never [T, S] scores); without a cache up to T = attention_block the
-# explicit einsum + masked softmax (decoder.causal_blocked_attention: query blocks skip the all-masked upper
+# explicit einsum + masked softmax (attention.causal_blocked_attention: query blocks skip the all-masked upper
 # key blocks), blockwise beyond; "splash": JAX's Pallas TPU splash-attention kernel for the no-cache forward
 # (T a multiple of 128; Pallas interpreter off TPU), blockwise with a cache;
 # the others route full attention through jax.nn.dot_product_attention with implementation=
@@ -63,7 +63,7 @@ class ModelConfig:
     remat: bool = False  # legacy switch: True == remat_policy "full" (used when remat_policy is "none")
     remat_policy: str = "none"  # one of REMAT_POLICIES: what a block saves for the backward pass (no-cache forward)
     attention_impl: str = "xla"  # one of ATTENTION_IMPLS (see above)
-    attention_block: int = 512  # key/query block of decoder.blockwise_attention (memory O(block²) per head)
+    attention_block: int = 512  # key/query block of attention.blockwise_attention (memory O(block²) per head)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # block-specific settings
     architecture: str = "LlamaForCausalLM"  # HF architecture name used for export
 

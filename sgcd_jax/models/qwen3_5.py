@@ -7,8 +7,8 @@ GatedAttention is GQA softmax attention with q/k RMSNorm over head_dim, rotary o
 `partial_rotary_factor · head_dim` dims, and an output gate: q_proj emits [query | gate] per head and the
 attention output is multiplied by sigmoid(gate) before o_proj. All RMSNorms outside the DeltaNet are
 zero-centred (scale = 1 + w, `cfg.extra["zero_centered_norm"]`), as in the checkpoints.
-Accelerator knobs act as in decoder.py: GatedAttention computes softmax attention with decoder.attention
-(`cfg.attention_impl`: einsum path or jax.nn.dot_product_attention / cuDNN), the Decoder wraps every block,
+Accelerator knobs act as in decoder.py: GatedAttention computes softmax attention with
+models/attention.attention (`cfg.attention_impl`: einsum path or jax.nn.dot_product_attention / cuDNN), the Decoder wraps every block,
 hybrid ones too, in nnx.remat with `cfg.remat_policy`, and each token mixer's core output (attention before
 the gate, the delta rule before its gated norm) is named "attention_out" for the "save_attention_out" policy.
 HF's "full_attention" becomes "gated_full_attention" here because the family's "full_attention" block is
@@ -31,9 +31,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from sgcd_jax.models.attention import AttentionContext, attention
 from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache, kv_layer_index
 from sgcd_jax.models.config import ModelConfig
-from sgcd_jax.models.decoder import AttentionContext, Linear, RMSNorm, SwiGLU, apply_rope, attention, register_block
+from sgcd_jax.models.decoder import Linear, RMSNorm, SwiGLU, apply_rope, register_block
 from sgcd_jax.models.gated_deltanet import GatedDeltaNet, deltanet_state_shapes
 from sgcd_jax.models.hf_format import ArchitectureAdapter, decoder_config_from_hf, register_architecture
 

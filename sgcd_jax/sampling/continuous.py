@@ -32,7 +32,7 @@ import numpy as np
 
 from sgcd_jax.models.cache import KVCache
 from sgcd_jax.sampling.kernels import decode_chunk, grow_cache, next_bucket
-from sgcd_jax.sampling.session import GenerationSession, TurnOutput
+from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, prefill_prefixes
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -89,7 +89,7 @@ class ContinuousSession:
         # power-of-two batch (rows copied out and back) — only while a row's cache is at most this many bytes:
         # on CPU copying long rows costs more than the smaller batch saves (0 = never shrink)
         self.shrink_row_bytes = shrink_row_bytes
-        self.helper = GenerationSession(sampler)  # prefix prefill + chunked append + its stats
+        self.prefill_stats = SessionStats()  # prefill tokens / calls, shared prefix tokens saved
         self.cache: KVCache | None = None
         self.next_logits: jax.Array | None = None
         self.owner: list[Hashable | None] = [None] * self.num_slots
@@ -195,7 +195,7 @@ class ContinuousSession:
             self._prefill_new(new_keys, admitted)
         append = [admitted.get(s, []) for s in range(self.num_slots)]
         self._ensure_cache(1)
-        self.cache, logits = self.helper._run_append(self.cache, append)
+        self.cache, logits = append_rows(self.sampler, self.cache, append, self.prefill_stats)
         has = self.sampler.shard_rows(jnp.asarray([bool(ids) for ids in append]))
         self.next_logits = jnp.where(has[:, None], logits, self.next_logits)
         self.active &= self.remaining > 0
@@ -210,7 +210,7 @@ class ContinuousSession:
                 prefixes[prefix] = len(prefixes)
         slots: list[int] = []
         if prefixes:
-            prefix_cache = self.helper._prefill_prefixes(list(prefixes))
+            prefix_cache = prefill_prefixes(self.sampler, list(prefixes), self.prefill_stats)
             gather, sibling_prefixes = [], []
             for key, slot in new_keys:
                 if len(admitted[slot]) > 1:
@@ -218,7 +218,7 @@ class ContinuousSession:
                     sibling_prefixes.append(admitted[slot][:-1])
                     slots.append(slot)
                     admitted[slot] = admitted[slot][-1:]
-            self.helper.stats.shared_prefix_tokens_saved += sum(
+            self.prefill_stats.shared_prefix_tokens_saved += sum(
                 len(admitted_prefix) for admitted_prefix in sibling_prefixes) - sum(map(len, prefixes))
             self._put(slots, prefix_cache, gather)
         empty_slots = [slot for key, slot in new_keys if slot not in slots]

@@ -17,7 +17,6 @@ cache rows copied (`KVCache.take_rows`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import jax
@@ -28,23 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgcd_jax.models.cache import KVCache
 from sgcd_jax.sampling.kernels import append_chunk, decode_chunk, grow_cache, next_bucket, truncate_rows
+from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, concat_caches, prefill_prefixes
 from sgcd_jax.sampling.rules import SamplingParams
-
-
-@dataclasses.dataclass
-class TurnOutput:
-    token_ids: np.ndarray  # [n] int32, exactly the sampled ids (ends with the stop token if one was hit)
-    logprobs: np.ndarray  # [n] float32, see sampling.rules for which distribution
-    finish_reason: str  # "stop_token" | "stop_string" | "length"
-
-
-@dataclasses.dataclass
-class SessionStats:
-    prefill_tokens: int = 0  # real tokens written by append calls (prompts, observations)
-    shared_prefix_tokens_saved: int = 0  # prompt tokens not recomputed thanks to sibling sharing
-    generated_tokens: int = 0
-    decode_row_steps: int = 0  # batch rows × decode steps actually run (incl. idle rows)
-    prefill_calls: int = 0  # append_chunk calls (a long append is several chunks)
 
 
 class Sampler:
@@ -136,17 +120,6 @@ class Sampler:
                              extra={n: self.shard_rows(s) for n, s in cache.extra.items()})
 
 
-def _concat_caches(caches: list[KVCache]) -> KVCache:
-    caches = [c for c in caches if c is not None]
-    if len(caches) == 1:
-        return caches[0]
-    max_len = max(c.max_len for c in caches)
-    caches = [grow_cache(c, max_len) for c in caches]
-    return KVCache(k=jnp.concatenate([c.k for c in caches], 1), v=jnp.concatenate([c.v for c in caches], 1),
-                   valid=jnp.concatenate([c.valid for c in caches], 0), end=jnp.concatenate([c.end for c in caches], 0),
-                   extra={n: jnp.concatenate([c.extra[n] for c in caches], 0) for n in caches[0].extra})
-
-
 class GenerationSession:
     """One KV cache whose rows are live episodes; see the module docstring."""
 
@@ -211,7 +184,7 @@ class GenerationSession:
             prefix = tuple(chunks[key][:-1])
             if prefix and prefix not in prefix_rows:
                 prefix_rows[prefix] = len(prefix_rows)
-        prefix_cache = self._prefill_prefixes(list(prefix_rows)) if prefix_rows else None
+        prefix_cache = prefill_prefixes(sampler, list(prefix_rows), self.stats) if prefix_rows else None
         if prefix_cache is not None:
             saved = sum(len(chunks[k]) - 1 for k in new_keys if len(chunks[k]) > 1) - sum(map(len, prefix_rows))
             self.stats.shared_prefix_tokens_saved += saved
@@ -260,52 +233,14 @@ class GenerationSession:
                     empty_row = grow_cache(empty_row, template.max_len).replace(
                         extra={n: jnp.zeros_like(x[:1]) for n, x in template.extra.items()})
                 sources.append(empty_row)
-            cache = _concat_caches(sources).take_rows(jnp.asarray(gather, jnp.int32))
+            cache = concat_caches(sources).take_rows(jnp.asarray(gather, jnp.int32))
         self.cache = sampler.shard_cache(cache)
         self.row_keys = keys
         return append_ids
 
-    def _prefill_prefixes(self, prefixes: list[tuple[int, ...]]) -> KVCache:
-        sampler = self.sampler
-        rows = next_bucket(len(prefixes), 1)
-        rows = -(-rows // sampler.batch_multiple) * sampler.batch_multiple
-        longest = max(map(len, prefixes))
-        cache = KVCache.init(sampler.cfg, rows, sampler.cache_bucket(longest + 1))
-        padded = [list(p) for p in prefixes] + [[]] * (rows - len(prefixes))
-        cache, _ = self._run_append(sampler.shard_cache(cache), padded)
-        return cache
-
     # ------------------------------------------------------------------ device calls
-    def _run_append(self, cache: KVCache, append_ids: list[list[int]]) -> tuple[KVCache, jax.Array]:
-        """Append each row's ids in chunks of at most sampler.prefill_chunk tokens (widths bucketed to powers of
-        two); return the cache and the logits after each row's last appended token."""
-        sampler = self.sampler
-        longest = max(max(map(len, append_ids)), 1)
-        ends = np.asarray(cache.end)
-        needed = int((ends + np.asarray([len(ids) for ids in append_ids])).max()) + 1
-        cache = sampler.shard_cache(grow_cache(cache, sampler.cache_bucket(needed, cache.max_len)))
-        self.stats.prefill_tokens += sum(map(len, append_ids))
-        next_logits = None
-        for start in range(0, longest, sampler.prefill_chunk):
-            pieces = [ids[start:start + sampler.prefill_chunk] for ids in append_ids]
-            width = next_bucket(max(max(map(len, pieces)), 1), sampler.min_chunk_len)
-            tokens = np.zeros((len(pieces), width), np.int32)
-            mask = np.zeros((len(pieces), width), bool)
-            for row, ids in enumerate(pieces):
-                tokens[row, :len(ids)] = ids
-                mask[row, :len(ids)] = True
-            cache, logits = append_chunk(sampler.graphdef, sampler.state, cache,
-                                         sampler.shard_rows(jnp.asarray(tokens)), sampler.shard_rows(jnp.asarray(mask)))
-            if next_logits is None:
-                next_logits = logits
-            else:  # rows whose ids ended in an earlier chunk keep that chunk's logits
-                has_tokens = sampler.shard_rows(jnp.asarray(mask.any(axis=1)))
-                next_logits = jnp.where(has_tokens[:, None], logits, next_logits)
-            self.stats.prefill_calls += 1
-        return cache, next_logits
-
     def _append(self, append_ids: list[list[int]]) -> jax.Array:
-        self.cache, next_logits = self._run_append(self.cache, append_ids)
+        self.cache, next_logits = append_rows(self.sampler, self.cache, append_ids, self.stats)
         return next_logits
 
     def _decode(self, next_logits: jax.Array, budgets: dict[Hashable, int],
@@ -399,7 +334,7 @@ class GenerationSession:
                 if row >= 0:
                     position_of.setdefault(row, offset + j)
             offset += cache.batch_size
-        source = _concat_caches([cache for _, cache in pieces])
+        source = concat_caches([cache for _, cache in pieces])
         gather = jnp.asarray([position_of[row] for row in range(num_rows)], jnp.int32)
         self.cache = self.sampler.shard_cache(source.take_rows(gather))
 
