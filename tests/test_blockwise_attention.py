@@ -35,16 +35,18 @@ def test_blockwise_equals_einsum_with_holes_values_and_grads(steps, slots, block
     seen = np.asarray(mask.any(-1))  # rows that see no key are padding: reference gives a uniform mean there
     assert seen.any()
     ref = grouped_attention(q, k, v, mask)
-    out = blockwise_attention(q, k, v, valid, query_slots, block)
+    out = jax.jit(blockwise_attention, static_argnums=5)(q, k, v, valid, query_slots, block)
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(ref)[seen], atol=ATOL)
     np.testing.assert_array_equal(np.asarray(out)[~seen], 0.0)
 
     def loss(fn, q, k, v):
         return (fn(q, k, v) * jnp.asarray(seen)[..., None, None] * jnp.cos(q)).sum()
 
-    g_ref = jax.grad(lambda *a: loss(lambda q, k, v: grouped_attention(q, k, v, mask), *a), argnums=(0, 1, 2))(q, k, v)
-    g_out = jax.grad(lambda *a: loss(lambda q, k, v: blockwise_attention(q, k, v, valid, query_slots, block), *a),
-                     argnums=(0, 1, 2))(q, k, v)
+    # jitted: one compile per program instead of one per eager op (≈1.6× faster on the 2-core CPU)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(lambda q, k, v: grouped_attention(q, k, v, mask), *a),
+                             argnums=(0, 1, 2)))(q, k, v)
+    g_out = jax.jit(jax.grad(lambda *a: loss(lambda q, k, v: blockwise_attention(q, k, v, valid, query_slots, block),
+                                             *a), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_out, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL)
 
@@ -92,7 +94,7 @@ def test_decoder_cache_prefill_continuation_decode_blockwise_equals_full_forward
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 64, (2, 13)), jnp.int32)
     lengths = [(5, 7, 1), (3, 7, 1)]  # per-row real tokens of prefill, continuation, decode chunks
-    cache = KVCache.init(cfg, 2, 32)
+    cache = KVCache.init(cfg, 2, 16)  # 4 key blocks; row 0 ends at slot 13, so the last block is partly unused
     got = [[], []]
     offset = [0, 0]
     for chunk in range(3):
