@@ -101,7 +101,8 @@ def step_spec(config: TrainConfig) -> StepSpec:
     distill = (DistillConfig(mode=loss.sdpo_mode, coef=loss.sdpo_coef, agg_mode=loss.aggregation)
                if loss.sdpo_coef > 0 else None)
     return StepSpec(policy=policy_config(loss), vocab=vocab_config(config),
-                    micro_batch_size=config.optim.micro_batch_size, distill=distill)
+                    micro_batch_size=config.optim.micro_batch_size, distill=distill,
+                    master_dtype=config.optim.master_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
