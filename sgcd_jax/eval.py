@@ -37,10 +37,14 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     if step is None:
         raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint under {checkpointer.directory}: "
                                 "train first, or pass --model to evaluate a model directly")
-    from sgcd_jax.train_step import make_optimizer
+    from sgcd_jax.train_step import _upcast, make_optimizer, needs_master
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    abstract = {"params": params, "opt_state": make_optimizer(config.optim, 1).init(params), "rng": jax.random.key(0)}
+    master = needs_master(params, config.optim.master_dtype)  # the checkpoint's state layout
+    abstract = {"params": params, "rng": jax.random.key(0),
+                "opt_state": make_optimizer(config.optim, 1).init(_upcast(params) if master else params)}
+    if master:
+        abstract["master"] = _upcast(params)
     state, _ = checkpointer.restore(step, abstract, best=best)
     checkpointer.close()
     return config, nnx.merge(graphdef, state["params"], rest), tokenizer

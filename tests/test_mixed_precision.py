@@ -49,11 +49,15 @@ def _flat(tree):
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
 
 
+def _init():
+    """Starting params (bf16 values) as a host copy: learners donate their device buffers."""
+    return jax.tree.map(np.asarray, nnx.split(_model("bfloat16"), nnx.Param, ...)[1])
+
+
 @functools.lru_cache(maxsize=1)
 def _setup():
     """(init params on host, inputs, fp32-trained flat params): shared by the tests (one fp32 run)."""
-    bf16 = _model("bfloat16")
-    init = jax.tree.map(np.asarray, nnx.split(bf16, nnx.Param, ...)[1])  # host copy: learners donate
+    init = _init()
     trajs = trajectories()
     inputs, _ = step_inputs(_model("float32", init), trajs, teacher_prompts())
     rows = inputs.batch.tokens.shape[0]
@@ -119,3 +123,24 @@ def test_stochastic_round_is_unbiased_and_exact_on_representable_values():
     assert abs(float(out.mean()) - (1.0 + 2.0 ** -10)) < 4e-5
     exact = jnp.asarray([0.5, -3.0, 0.0, jnp.inf], jnp.float32)
     np.testing.assert_array_equal(np.asarray(stochastic_round(exact, jnp.bfloat16, jax.random.key(2))), exact)
+
+
+def test_master_weights_are_checkpointed_and_reseeded_when_params_are_replaced(tmp_path):
+    from sgcd_jax.checkpoint import TrainCheckpointer
+
+    init = _init()
+    tx = make_optimizer(OptimSpec(learning_rate=LR), STEPS)
+    learner = Learner(_model("bfloat16", init), tx, _spec("float32"))
+    learner.master = jax.tree.map(lambda m: m + 1e-5, learner.master)  # below bf16 resolution
+    checkpointer = TrainCheckpointer(str(tmp_path))
+    checkpointer.save(1, learner.state(), {"iteration": 1}, force=True)
+    checkpointer.wait()
+    fresh = Learner(_model("bfloat16", init), tx, _spec("float32"))
+    assert "master" in fresh.state()
+    state, _ = checkpointer.restore(1, fresh.state())
+    checkpointer.close()
+    fresh.load_state(state)
+    np.testing.assert_array_equal(_flat(fresh.master), _flat(learner.master))
+    # Replacing params (SFT warm-up, cache) re-seeds the master from them.
+    fresh.params = jax.tree.map(lambda p: (p.astype(jnp.float32) * 2).astype(p.dtype), fresh.params)
+    np.testing.assert_array_equal(_flat(fresh.master), _flat(fresh.params))
