@@ -106,7 +106,7 @@ class EnvSpec:
     num_tasks: int = 64  # airline_lite: tasks generated per split
     tasks_per_db: int = 0  # airline_lite: 0 = one DB per split; k = a fresh DB (users, ids) every k tasks
     max_turns: int = 8
-    user: str = "scripted"  # scripted | gemini | local
+    user: str = "scripted"  # scripted | gemini (GEMINI_API_KEY); 'local' only from Python (envs/users.py)
 
     def __post_init__(self):
         _one_of("env.name", self.name, ("airline_lite", "tau3_airline", "appworld"))
@@ -114,6 +114,10 @@ class EnvSpec:
         _check(self.max_turns >= 1, "env.max_turns must be >= 1")
         _check(self.num_tasks >= 1, "env.num_tasks must be >= 1")
         _check(self.tasks_per_db >= 0, "env.tasks_per_db must be >= 0 (0 = one DB per split)")
+        _check(self.user != "local", "env.user='local' needs a generate(messages) callable, which a config "
+               "cannot hold: use env.user='scripted' | 'gemini', or build the env in Python with "
+               "envs.users.make_user_factory('local', generate=...)")
+        _one_of("env.user", self.user, ("scripted", "gemini"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
