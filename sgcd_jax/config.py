@@ -64,6 +64,7 @@ class ModelSpec:
     otherwise ``source`` goes to ``load_model`` (short name, HF dir or .gguf)."""
 
     source: str = "tiny"
+    source_env: str = ""  # the env var a recipe reads ``source`` from (named in the error when it is missing)
     tokenizer: str = "smollm2-135m-instruct"  # tiny models: a tokenizer name/path, or "domain-bpe"
     domain_vocab_size: int = 1024  # "domain-bpe": BPE trained on the env's text, SmolLM2 specials/template
     hidden_size: int = 64

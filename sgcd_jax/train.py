@@ -27,6 +27,7 @@ from sgcd_jax.config import TrainConfig
 from sgcd_jax.data import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.sharding import MeshConfig, make_mesh
+from sgcd_jax.preflight import preflight
 from sgcd_jax.train_step import Learner, make_optimizer
 
 
@@ -73,6 +74,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # ---- world: env, tasks, model, tokenizer, chat renderer
     env_factory = parts.build_env(config.env)
+    preflight(config, env_factory, log=progress.print)  # model source, secrets, token budget: before any compute
     train_tasks = env_factory.tasks(config.env.train_split)
     eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
     # Process 0 builds first (a domain tokenizer is trained and saved in the run dir); the others load it.

@@ -439,7 +439,9 @@ def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dic
             "response_tokens_mean": mean([t.loss_mask.sum() for t in trajectories]),
             "parse_errors": float(sum(t.metrics.get(kind, 0) for t in trajectories for kind in PARSE_ERROR_KINDS)),
             "tool_errors": float(sum(t.metrics.get("env_tool_errors", 0) for t in trajectories)),
-            "user_fallbacks": float(sum(t.info.get("user_fallbacks", 0) for t in trajectories))}
+            "user_fallbacks": float(sum(t.info.get("user_fallbacks", 0) for t in trajectories)),
+            # episodes the token budget cut (rollout.max_total_tokens): reward is what the env gave so far
+            "budget_cut_episodes": float(sum(t.termination == "max_tokens" for t in trajectories))}
 
 
 def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
