@@ -144,3 +144,22 @@ def test_master_weights_are_checkpointed_and_reseeded_when_params_are_replaced(t
     # Replacing params (SFT warm-up, cache) re-seeds the master from them.
     fresh.params = jax.tree.map(lambda p: (p.astype(jnp.float32) * 2).astype(p.dtype), fresh.params)
     np.testing.assert_array_equal(_flat(fresh.master), _flat(fresh.params))
+
+
+def test_master_weights_and_moments_are_sharded_like_the_params_on_a_mesh():
+    from sgcd_jax import distributed, sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
+    learner = Learner(_model("bfloat16", _init()), make_optimizer(OptimSpec(learning_rate=LR), STEPS),
+                      _spec("float32"), mesh=mesh)
+    by_path = lambda tree: {sharding.path_to_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+    params, master = by_path(learner.params), by_path(learner.master)
+    assert params.keys() == master.keys()
+    assert any(not x.sharding.is_fully_replicated for x in params.values())  # fsdp really shards something
+    for path, param in params.items():
+        assert master[path].dtype == jnp.float32 and master[path].sharding == param.sharding, path
+    moments = [x for x in jax.tree.leaves(learner.opt_state) if x.ndim]
+    assert moments and all(m.dtype == jnp.float32 for m in moments)
+    assert sum(not m.sharding.is_fully_replicated for m in moments) == 2 * sum(
+        not p.sharding.is_fully_replicated for p in params.values())  # μ and ν of every sharded param
+    np.testing.assert_array_equal(_flat(distributed.fully_replicated_host_copy(learner.master)), _flat(_init()))
