@@ -3,7 +3,6 @@ its token budget cannot hold the env's prompts, its model dir or its API key is 
 shipped recipe passes config validation."""
 
 import glob
-import os
 import time
 
 import pytest
