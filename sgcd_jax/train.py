@@ -299,7 +299,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {err}")
     distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
-    summary = train(config)
+    try:
+        summary = train(config)
+    except config_lib.ConfigError as err:  # preflight (model dir, API key, token budget): one line
+        sys.exit(f"config error: {err}")
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: run dir {summary['run_dir']}")
     if summary.get("report"):
