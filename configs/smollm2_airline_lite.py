@@ -11,15 +11,11 @@ Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and
 short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import sgcd  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = sgcd.get_config()
+    cfg = base_config("sgcd")
     cfg.run.name = "smollm2_airline_lite"
     cfg.run.num_iterations = 50
     cfg.run.eval_every = 10

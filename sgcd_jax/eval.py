@@ -31,7 +31,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     """(config, model with the checkpointed params, tokenizer) of a finished or running run."""
     from flax import nnx
 
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = from_config_dict(json.load(f))
@@ -43,7 +43,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     if step is None:
         raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint under {checkpointer.directory}: "
                                 "train first, or pass --model to evaluate a model directly")
-    from sgcd_jax.train_step import _upcast, make_optimizer, needs_master
+    from sgcd_jax.learner.train_step import _upcast, make_optimizer, needs_master
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     master = needs_master(params, config.optim.master_dtype)  # the checkpoint's state layout
@@ -99,45 +99,26 @@ def eval_temperature(config: TrainConfig, trials: int, override: float | None = 
 def run_eval(config: TrainConfig, model: Any, tokenizer: Any, *, split: str, trials: int, num_tasks: int,
              out_dir: str, seed: int = 0, temperature: float | None = None, tasks_per_batch: int = 0,
              log=print) -> dict[str, Any]:
-    """Roll out ``num_tasks`` tasks × ``trials`` in batches of ``tasks_per_batch`` (0 = all at once),
-    printing progress after each; returns the summary (also written with the per-task rows)."""
-    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, save_eval, summarize
+    """``integration.eval_episodes`` (the trainer's eval) over ``num_tasks`` tasks × ``trials``, in
+    batches of ``tasks_per_batch`` (0 = all at once) with progress after each; returns the summary
+    (also written with the per-task rows)."""
+    from sgcd_jax.envs.metrics import save_eval
 
     env_factory = integration.build_env(config.env)
     tasks = env_factory.tasks(split)[:num_tasks]
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, trials=trials))
     chat = integration.ChatAdapter(tokenizer)
     temperature = eval_temperature(config, trials, temperature)
-    batch = tasks_per_batch or len(tasks)
-    trajectories, started = [], time.perf_counter()
-    for start in range(0, len(tasks), batch):
-        chunk = tasks[start:start + batch]
-        trajectories += integration.rollout(model, chat, env_factory, chunk, trials, jax.random.key(seed), config,
-                                            temperature=temperature, task_slots=range(start, start + len(chunk)))
-        elapsed = time.perf_counter() - started
-        done = start + len(chunk)
-        if log:
-            log(f"eval: {done}/{len(tasks)} tasks, {len(trajectories)} episodes, {elapsed:.0f} s "
-                f"({elapsed / len(trajectories):.1f} s/episode), ETA {elapsed / done * (len(tasks) - done):.0f} s")
+    started = time.perf_counter()
+    rows, summary = integration.eval_episodes(model, chat, env_factory, tasks, config, trials=trials,
+                                              temperature=temperature, rng=jax.random.key(seed), split=split,
+                                              tasks_per_batch=tasks_per_batch, log=log)
     wall = time.perf_counter() - started
-    rows = integration.eval_rows(trajectories, SUCCESS_THRESHOLD)
-    for row, in_order in zip(rows, _group_by_task(trajectories)):
-        row["terminations"] = [t.termination for t in in_order]
-    summary = summarize(rows, env_factory.name, split)
-    summary["success_rate"] = sum(r["successes"] for r in rows) / max(sum(r["trials"] for r in rows), 1)
-    summary["terminations"] = dict(collections.Counter(t.termination for t in trajectories).most_common())
     summary["sampling"] = sampling_statement(trials, temperature)
     summary["wall_s"] = wall
-    summary["wall_s_per_episode"] = wall / max(len(trajectories), 1)
+    summary["wall_s_per_episode"] = wall / max(sum(r["trials"] for r in rows), 1)
     save_eval(rows, summary, out_dir)
     return summary
-
-
-def _group_by_task(trajectories) -> list[list[Any]]:
-    by_task: dict[str, list[Any]] = {}
-    for traj in trajectories:
-        by_task.setdefault(traj.task_id, []).append(traj)
-    return list(by_task.values())
 
 
 def reasons_table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -155,7 +136,7 @@ def reasons_table(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.eval", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run_dir", help="a training run dir (config.json + checkpoints/)")
     source.add_argument("--model", help="any loadable model: short name (smollm2-135m-instruct), HF dir or .gguf")
@@ -183,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 config.rollout, max_total_tokens=args.max_total_tokens))
         out_default = os.path.join(args.run_dir, f"eval_{args.split or config.env.eval_split}")
     else:
-        from sgcd_jax.config import load_config_file
+        from sgcd_jax.config_files import load_config_file
         from sgcd_jax.preflight import check_budget, check_model_source, check_secrets
 
         base = load_config_file(args.config) if args.config else None
@@ -191,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
                               user=args.user, dtype=args.dtype)
         check_model_source(config)
-        check_secrets(dataclasses.replace(config, credit=dataclasses.replace(config.credit, annotator="none")))
+        check_secrets(config, annotator=False)
         env_factory = integration.build_env(config.env)
         model, tokenizer = integration.build_model(config.model, seed=config.run.seed, env_factory=env_factory)
         split = args.split or config.env.eval_split

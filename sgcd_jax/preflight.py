@@ -49,14 +49,15 @@ def check_model_source(config: TrainConfig) -> None:
     raise ConfigError(f"model.source={source!r} does not exist: {where}")
 
 
-def check_secrets(config: TrainConfig) -> None:
+def check_secrets(config: TrainConfig, *, annotator: bool = True) -> None:
+    """``annotator=False``: a path without an annotator (eval) checks only the user's key."""
     users = config.env.user == "gemini"
-    annotates = config.credit.annotator == "gemini" and config.loss.needs_teacher
+    annotates = annotator and config.annotation.name == "gemini" and config.loss.needs_teacher
     if (users or annotates) and not os.environ.get(GEMINI_KEY_ENV):
-        what = " and ".join(n for n, on in (("env.user='gemini'", users), ("credit.annotator='gemini'", annotates)) if on)
+        what = " and ".join(n for n, on in (("env.user='gemini'", users), ("annotation.name='gemini'", annotates)) if on)
         raise ConfigError(f"{what} needs ${GEMINI_KEY_ENV} (unset): export it, or use "
                           + (" / ".join(a for a, on in (("--config.env.user=scripted", users),
-                                                       ("--config.credit.annotator=contrast", annotates)) if on)))
+                                                       ("--config.annotation.name=contrast", annotates)) if on)))
 
 
 def budget_tokenizer(config: TrainConfig) -> Any | None:

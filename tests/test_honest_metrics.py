@@ -11,7 +11,7 @@ from sgcd_jax.envs.base import EnvStep, Task
 from sgcd_jax.losses import get
 from sgcd_jax.losses.credit import CreditBatch, CreditConfig
 from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
-from sgcd_jax.train_parts import episode_metrics
+from sgcd_jax.trainer.episode_summary import episode_metrics
 from tests.test_rollout import Factory, ScriptedPolicy, WeatherEnv, renderer, scripted_turns  # noqa: F401
 
 

@@ -15,7 +15,7 @@ from sgcd_jax.config import OptimSpec
 from sgcd_jax.losses.policy import PolicyLossConfig
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.models import Decoder, ModelConfig
-from sgcd_jax.train_step import Learner, StepSpec, make_optimizer, stochastic_round
+from sgcd_jax.learner.train_step import Learner, StepSpec, make_optimizer, stochastic_round
 from tests.test_train_step import VOCAB, step_inputs, teacher_prompts, trajectories
 
 STEPS, LR = 20, 1e-6
@@ -126,7 +126,7 @@ def test_stochastic_round_is_unbiased_and_exact_on_representable_values():
 
 
 def test_master_weights_are_checkpointed_and_reseeded_when_params_are_replaced(tmp_path):
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     init = _init()
     tx = make_optimizer(OptimSpec(learning_rate=LR), STEPS)
@@ -147,7 +147,7 @@ def test_master_weights_are_checkpointed_and_reseeded_when_params_are_replaced(t
 
 
 def test_master_weights_and_moments_are_sharded_like_the_params_on_a_mesh():
-    from sgcd_jax import distributed, sharding
+    from sgcd_jax.parallel import distributed, sharding
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
     learner = Learner(_model("bfloat16", _init()), make_optimizer(OptimSpec(learning_rate=LR), STEPS),

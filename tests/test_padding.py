@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from sgcd_jax.config import load_config_file
+from sgcd_jax.config_files import load_config_file
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.train_parts import padded_length
+from sgcd_jax.learner.batch_layout import padded_length
 
 
 def _traj(n):

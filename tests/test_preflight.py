@@ -8,7 +8,8 @@ import time
 import pytest
 
 from sgcd_jax import integration
-from sgcd_jax.config import ConfigError, load_config_file
+from sgcd_jax.config import ConfigError
+from sgcd_jax.config_files import load_config_file
 from sgcd_jax.models import load_tokenizer
 from sgcd_jax.preflight import check_budget, check_model_source, check_secrets, longest_prompt, preflight
 
@@ -59,7 +60,7 @@ def test_missing_model_dir_and_api_key_fail_in_seconds_naming_the_variable(monke
             check_model_source(load_config_file(path))
         assert time.perf_counter() - start < 5
     config = load_config_file(QWEN, {"model.source": "smollm2-135m-instruct"})
-    with pytest.raises(ConfigError, match=r"env.user='gemini' and credit.annotator='gemini' needs \$GEMINI_API_KEY"):
+    with pytest.raises(ConfigError, match=r"env.user='gemini' and annotation.name='gemini' needs \$GEMINI_API_KEY"):
         check_secrets(config)
     monkeypatch.setenv("GEMINI_API_KEY", "x")
     check_secrets(config)
