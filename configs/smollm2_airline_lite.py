@@ -1,7 +1,14 @@
-"""SGCD with the real SmolLM2-135M-Instruct (GGUF, offline) on airline_lite, on CPU.
+"""SGCD with the real SmolLM2-135M-Instruct (GGUF, offline) on airline_lite, on CPU, within 8 GB.
 
 Slow on 2 cores (a 135M model: ~minutes per iteration); the tiny quickstart is the fast path.
     python -m sgcd_jax.train --config configs/smollm2_airline_lite.py
+
+Memory: the learner pads rows to the batch's longest conversation (a power-of-two bucket, here 1-2k
+tokens; airline_lite's longest first prompt is 497 SmolLM2 tokens), recomputes each block in the
+backward (remat 'full') and takes 2 rows per micro-batch: XLA attention keeps [rows, 9 heads, T, T]
+scores per layer, which without remat at 4 rows x 2,176 tokens asked for 60 GB.
+Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and nothing trains; a
+short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """
 
 from sgcd_jax.config_files import base_config
@@ -19,8 +26,16 @@ def get_config():
     cfg.rollout.temperature = 0.8
     cfg.optim.learning_rate = 1e-6
     cfg.optim.warmup_steps = 5
-    cfg.optim.micro_batch_size = 4
-    cfg.sft.enabled = False  # a pretrained chat model; enable to warm up on oracle demos
+    cfg.optim.micro_batch_size = 2
+    cfg.model.remat_policy = "full"
+    cfg.eval.num_tasks = 16
+    cfg.eval.at_start = False  # 16 greedy SmolLM2 episodes on 2 cores take minutes; enable for a baseline
+    cfg.sft.enabled = True  # warm-up on oracle demos: rewards are not all 0 (docstring)
+    cfg.sft.num_demos = 64
+    cfg.sft.steps = 40
+    cfg.sft.batch_size = 4
+    cfg.sft.learning_rate = 2e-5
+    cfg.sft.cache_dir = "runs/sft_cache"
     cfg.sft.demo_shortcut = ""  # oracle demos only (the quickstart's imperfect demonstrator is not inherited)
     cfg.sft.demo_shortcut_rate = 0.0
     cfg.run.export_hf = True

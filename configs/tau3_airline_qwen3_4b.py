@@ -20,7 +20,9 @@ def get_config():
     cfg.run.keep_checkpoints = 3
     cfg.run.export_hf = True
     cfg.model.source = os.environ.get("QWEN3_4B_DIR", "/models/Qwen3-4B")
-    cfg.model.param_dtype = "bfloat16"
+    cfg.model.source_env = "QWEN3_4B_DIR"  # named by the preflight error when the dir is missing
+    cfg.model.param_dtype = "bfloat16"  # the forward/rollout copy; the learner keeps fp32 master weights
+    cfg.optim.master_dtype = "float32"  # + fp32 AdamW moments (default). "param" = bf16-only, stochastic rounding
     cfg.model.dtype = "bfloat16"
     cfg.model.attention_impl = "cudnn"  # GPU flash attention (bf16); jax 0.10 "auto" = XLA's [T,S] scores. TPU: "xla"
     cfg.model.remat_policy = "full"  # recompute each block in the backward: what docs/memory_plan.md assumes

@@ -25,6 +25,7 @@ def get_config():
     cfg.run.checkpoint_every = 10
     cfg.run.export_hf = True
     cfg.model.source = os.environ.get("QWEN3_5_4B_DIR", "checkpoints/Qwen3.5-4B")
+    cfg.model.source_env = "QWEN3_5_4B_DIR"  # named by the preflight error when the dir is missing
     cfg.model.param_dtype = "float32"
     cfg.model.dtype = "bfloat16"
     cfg.model.attention_impl = "cudnn"  # GPU flash attention (bf16); jax 0.10 "auto" = XLA's [T,S] scores. TPU: "xla"

@@ -61,6 +61,7 @@ class ModelSpec:
     otherwise ``source`` goes to ``load_model`` (short name, HF dir or .gguf)."""
 
     source: str = "tiny"
+    source_env: str = ""  # the env var a recipe reads ``source`` from (named in the error when it is missing)
     tokenizer: str = "smollm2-135m-instruct"  # tiny models: a tokenizer name/path, or "domain-bpe"
     domain_vocab_size: int = 1024  # "domain-bpe": BPE trained on the env's text, SmolLM2 specials/template
     hidden_size: int = 64
@@ -86,10 +87,8 @@ class ModelSpec:
         _check(self.attention_impl != "cudnn" or self.dtype == "bfloat16",
                "model.attention_impl='cudnn' needs model.dtype='bfloat16' (cuDNN attention has no float32 kernel); "
                "in float32 use 'dot_product_attention' or 'xla'")
-        _check(self.num_heads % max(self.num_kv_heads, 1) == 0,
-               "model.num_heads must be a multiple of model.num_kv_heads")
-        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim"):
+        _check(self.num_heads % max(self.num_kv_heads, 1) == 0, "model.num_heads must be a multiple of model.num_kv_heads")
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             _check(getattr(self, key) > 0, f"model.{key} must be > 0")
 
 
@@ -103,7 +102,7 @@ class EnvSpec:
     num_tasks: int = 64  # airline_lite: tasks generated per split
     tasks_per_db: int = 0  # airline_lite: 0 = one DB per split; k = a fresh DB (users, ids) every k tasks
     max_turns: int = 8
-    user: str = "scripted"  # scripted | gemini | local
+    user: str = "scripted"  # scripted | gemini (GEMINI_API_KEY); 'local' only from Python (envs/users.py)
 
     def __post_init__(self):
         _one_of("env.name", self.name, ("airline_lite", "tau3_airline", "appworld"))
@@ -111,6 +110,9 @@ class EnvSpec:
         _check(self.max_turns >= 1, "env.max_turns must be >= 1")
         _check(self.num_tasks >= 1, "env.num_tasks must be >= 1")
         _check(self.tasks_per_db >= 0, "env.tasks_per_db must be >= 0 (0 = one DB per split)")
+        _check(self.user != "local", "env.user='local' needs a generate(messages) callable, which a config cannot "
+               "hold: use 'scripted' | 'gemini', or envs.users.make_user_factory('local', generate=...) in Python")
+        _one_of("env.user", self.user, ("scripted", "gemini"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,9 +208,11 @@ class OptimSpec:
     # RL updates only parameters whose path (e.g. 'layers/1/mlp/up_proj/kernel') matches this regex;
     # "" = all. The SFT warm-up always trains everything.
     trainable: str = ""
+    master_dtype: str = "float32"  # fp32 master + moments when params are bf16 | "param": bf16-only, stochastic rounding
 
     def __post_init__(self):
         _check(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        _one_of("optim.master_dtype", self.master_dtype, ("float32", "param"))
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
         _check(self.updates_per_iteration >= 1, "optim.updates_per_iteration must be >= 1")

@@ -206,17 +206,33 @@ def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConf
 
 def eval_episodes(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task],
                   config: TrainConfig, *, trials: int, temperature: float, rng: jax.Array, split: str,
-                  task_slots: Sequence[int] | None = None, mesh: Mesh | None = None) -> tuple[list, dict[str, Any]]:
+                  task_slots: Sequence[int] | None = None, mesh: Mesh | None = None, tasks_per_batch: int = 0,
+                  log=None) -> tuple[list, dict[str, Any]]:
     """The one eval implementation (trainer and ``python -m sgcd_jax.eval``): the bare student batched
     through the rollout engine on plain env prompts (no credit reference or sibling evidence exists on
-    this path) → per-task rows and the env summary, with ``success_rate`` from ``success_rate(rows)``."""
+    this path) → per-task rows and the env summary, with ``success_rate`` from ``success_rate(rows)``
+    and how the episodes ended (``terminations``). ``tasks_per_batch`` (0 = all at once) rolls the
+    tasks out in batches, calling ``log(line)`` after each; samples do not depend on the batching
+    (keys derive from each task's slot)."""
+    import collections
+    import time
+
     from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, summarize
 
-    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=temperature,
-                           task_slots=task_slots, mesh=mesh)
+    slots = list(range(len(tasks))) if task_slots is None else list(task_slots)
+    batch = tasks_per_batch or max(len(tasks), 1)
+    trajectories, started = [], time.perf_counter()
+    for start in range(0, len(tasks), batch):
+        trajectories += rollout(model, chat, env_factory, tasks[start:start + batch], trials, rng, config,
+                                temperature=temperature, task_slots=slots[start:start + batch], mesh=mesh)
+        done, elapsed = min(start + batch, len(tasks)), time.perf_counter() - started
+        if log:
+            log(f"eval: {done}/{len(tasks)} tasks, {len(trajectories)} episodes, {elapsed:.0f} s "
+                f"({elapsed / len(trajectories):.1f} s/episode), ETA {elapsed / done * (len(tasks) - done):.0f} s")
     rows = eval_rows(trajectories, SUCCESS_THRESHOLD)
     summary = summarize(rows, env_factory.name, split)
     summary["success_rate"] = success_rate(rows)
+    summary["terminations"] = dict(collections.Counter(t.termination for t in trajectories).most_common())
     return rows, summary
 
 
@@ -253,5 +269,6 @@ def eval_rows(trajectories: Sequence[Trajectory], threshold: float) -> list[dict
         rows.append({"task_id": task_id, "trials": len(group), "successes": sum(r >= threshold for r in rewards),
                      "rewards": rewards, "mean_reward": float(np.mean(rewards)),
                      "errors": [t.termination for t in group if t.termination in ("env_error", "env_timeout")],
+                     "terminations": [t.termination for t in group],
                      "infos": [t.info for t in group]})
     return rows

@@ -1,10 +1,13 @@
 """Memory plan: per-device bytes of an SGCD run for a model on an accelerator slice, from the config.
 
     python -m sgcd_jax.memory_plan                 # writes docs/memory_plan.md and prints it
+    python -m sgcd_jax.memory_plan --recipe configs/tau3_airline_qwen3_4b.py --out /tmp/plan.md
+                                                   # dtypes, lengths, batch, remat from the recipe
 
 Per device, for the recommended mesh (data, fsdp, tp):
 - params: P × bytes(param_dtype) / (fsdp·tp) — one copy serves rollout, scoring and training
-- optimizer: AdamW μ, ν (and the fp32 gradient buffer) / (fsdp·tp)
+- optimizer: AdamW μ, ν, the fp32 gradient accumulator and, when params are stored in bf16, the
+  fp32 master weights (optim.master_dtype='float32', the default) / (fsdp·tp)
 - activations: one micro-batch row of ``seq_len`` tokens under the remat policy
   ("full": block inputs only + one block's working set; "dots": every matmul output; "none"),
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
@@ -16,7 +19,8 @@ Per device, for the recommended mesh (data, fsdp, tp):
 Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
 The plan is the mesh with the smallest tp, then the largest data axis, that stays under 75% of HBM
 (else under 90%);
-if none fits, the rollout batch is halved (decoded in waves), then bf16 params + AdamW moments.
+if none fits, the rollout batch is halved (decoded in waves), then bf16-only state
+(optim.master_dtype='param': bf16 params and moments, stochastic rounding, no master copy).
 
 Also home of two accelerator knobs whose names configs use: ``remat_policy(name)`` (→ a
 ``jax.checkpoint`` policy for ``nnx.remat(..., policy=...)``) and ``attention_implementation(name)``
@@ -112,8 +116,10 @@ class Workload:
     seq_len: int = 16384  # rollout.max_total_tokens: multi-turn tool-use conversations
     rollout_batch: int = 64  # trajectories decoded together (e.g. 8 tasks × G=8 siblings)
     micro_batch_rows: int = 1  # training rows per device per micro-step (grad accumulation)
-    param_bytes: int = 4  # fp32 master params
-    optimizer_bytes: int = 4  # AdamW μ and ν dtype
+    param_bytes: int = 4  # bytes of model.param_dtype (the copy the forward reads)
+    optimizer_bytes: int = 4  # AdamW μ and ν dtype (4; 2 with optim.master_dtype='param')
+    master_bytes: int = 0  # fp32 master copy: 4 when param_bytes < 4 and optim.master_dtype='float32'
+    grad_bytes: int = 4  # the gradient accumulator (fp32 for every param dtype)
     compute_bytes: int = 2  # bf16 activations / KV cache
     vocab_chunk: int = 128  # tokens per chunk of the vocabulary math
     remat: str = "full"
@@ -154,8 +160,8 @@ def param_bytes(cfg: ModelConfig, dtype_bytes: int) -> int:
 
 
 def optimizer_bytes(cfg: ModelConfig, work: Workload) -> int:
-    """AdamW μ and ν plus one gradient buffer in the param dtype."""
-    return num_params(cfg) * (2 * work.optimizer_bytes + work.param_bytes)
+    """AdamW μ and ν, the gradient accumulator and the fp32 master weights (if any)."""
+    return num_params(cfg) * (2 * work.optimizer_bytes + work.grad_bytes + work.master_bytes)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype_bytes: int) -> int:
@@ -246,9 +252,9 @@ def plan(model: str, hardware: Hardware, work: Workload = Workload()) -> Plan:
     cfg = model_config(model)
     best = None
     variants = [(work, "")]
-    if work.param_bytes > 2 or work.optimizer_bytes > 2:
-        variants.append((dataclasses.replace(work, param_bytes=2, optimizer_bytes=2),
-                         "bf16 params + AdamW moments"))
+    if work.param_bytes > 2 or work.optimizer_bytes > 2 or work.master_bytes:
+        variants.append((dataclasses.replace(work, param_bytes=2, optimizer_bytes=2, master_bytes=0),
+                         "bf16-only params + AdamW moments (optim.master_dtype='param')"))
     for variant, why in variants:
         batch = variant.rollout_batch
         while True:
@@ -275,6 +281,35 @@ def plan(model: str, hardware: Hardware, work: Workload = Workload()) -> Plan:
                                           "use a larger slice or shorter max_total_tokens")
 
 
+def _dtype_name(nbytes: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(nbytes, f"{8 * nbytes}-bit")
+
+
+def describe_state(work: Workload) -> str:
+    """The text of the workload's state dtypes (the header follows the arguments)."""
+    master = f" + {_dtype_name(work.master_bytes)} master weights" if work.master_bytes else ""
+    return (f"{_dtype_name(work.param_bytes)} params{master} + AdamW ({_dtype_name(work.optimizer_bytes)} μ, ν; "
+            f"{_dtype_name(work.grad_bytes)} gradient)")
+
+
+def workload_from_recipe(path: str, base: Workload = Workload()) -> Workload:
+    """The recipe's dtypes and sizes: model.param_dtype / model.dtype, optim.master_dtype,
+    rollout.max_total_tokens, the rollout batch (tasks_per_iteration × group_size), remat, attention."""
+    from sgcd_jax.config_files import load_config_file
+
+    config = load_config_file(path)
+    param = 2 if config.model.param_dtype == "bfloat16" else 4
+    bf16_only = config.optim.master_dtype == "param"
+    return dataclasses.replace(
+        base, param_bytes=param, optimizer_bytes=param if bf16_only else 4,
+        master_bytes=4 if param < 4 and not bf16_only else 0,
+        compute_bytes=2 if config.model.dtype == "bfloat16" else 4,
+        seq_len=config.rollout.max_total_tokens,
+        rollout_batch=config.rollout.tasks_per_iteration * config.rollout.group_size,
+        remat=config.model.remat_policy if config.model.remat_policy in REMAT_POLICY_NAMES else base.remat,
+        attention="naive" if config.model.attention_impl == "xla" else "flash")
+
+
 def render(plans: Sequence[Plan], work: Workload) -> str:
     lines = [
         "# Memory plan",
@@ -284,7 +319,8 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "",
         f"Workload asked: rollout batch {work.rollout_batch} trajectories × {work.seq_len} tokens "
         f"(KV cache), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
-        f"device, fp32 params + AdamW (fp32 μ, ν, gradient), bf16 activations and KV cache, "
+        f"device, {describe_state(work)}, "
+        f"{'bf16' if work.compute_bytes == 2 else f'{8 * work.compute_bytes}-bit'} activations and KV cache, "
         f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}, rollout prefill in "
         f"chunks of {work.prefill_chunk} tokens with attention blocks of {work.attention_block}. "
         "GiB per device; mesh = (data, fsdp, tp); rollout = KV cache + chunked-prefill working set; "
@@ -325,10 +361,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m sgcd_jax.memory_plan",
                                      description="per-device memory table → docs/memory_plan.md")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory_plan.md"))
+    parser.add_argument("--recipe", default="", help="a config file: its dtypes/lengths/batch set the workload "
+                        "(explicit --flags below still override)")
     for field in dataclasses.fields(Workload):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+        parser.add_argument(f"--{field.name}", type=type(field.default), default=None)
     args = parser.parse_args(argv)
-    work = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    work = workload_from_recipe(args.recipe) if args.recipe else Workload()
+    work = dataclasses.replace(work, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)
+                                        if getattr(args, f.name) is not None})
     plans = [plan(model, hw, work) for model in MODELS for hw in HARDWARE]
     text = render(plans, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from sgcd_jax.config import TrainConfig
 from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.parallel.sharding import MeshConfig, make_mesh
+from sgcd_jax.preflight import preflight
 from sgcd_jax.learner.train_step import Learner, make_optimizer
 from sgcd_jax.trainer.trainer import Trainer, due
 
@@ -76,6 +77,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     # ---- world: env, tasks, model, tokenizer, chat renderer
     env_factory = parts.build_env(config.env)
+    preflight(config, env_factory, log=progress.print)  # model source, secrets, token budget: before any compute
     train_tasks = env_factory.tasks(config.env.train_split)
     eval_tasks = env_factory.tasks(config.env.eval_split)[: config.eval.num_tasks]
     # Process 0 builds first (a domain tokenizer is trained and saved in the run dir); the others load it.
@@ -268,7 +270,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
-    summary = train(config)
+    try:
+        summary = train(config)
+    except config_lib.ConfigError as err:  # preflight (model dir, API key, token budget): one line
+        sys.exit(f"config error: {err}")
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: run dir {summary['run_dir']}")
     if summary.get("report"):

@@ -46,6 +46,11 @@ def test_bad_value_names_the_key():
         parse_args(["train", "--config.annotation.name=gpt"])
     with pytest.raises(config_lib.ConfigError, match=r"credit: .*eps_low_pos must be in \[0, 1\)"):  # the library's check
         parse_args(["train", "--config.credit.eps_low_pos=1.5"])
+    # env.user='local' needs a Python callable: refused at validation, not after the model loads
+    with pytest.raises(config_lib.ConfigError, match="env.user='local'.*make_user_factory"):
+        parse_args(["train", "--config.env.user=local"])
+    with pytest.raises(config_lib.ConfigError, match="optim.master_dtype"):
+        parse_args(["train", "--config.optim.master_dtype=bfloat16"])
 
 
 def test_unknown_key_in_a_config_dict_is_rejected_with_valid_keys_listed():

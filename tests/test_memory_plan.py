@@ -85,7 +85,7 @@ def test_every_plan_uses_all_devices_and_fits_or_says_why():
 def test_too_small_hardware_shrinks_the_rollout_batch_then_the_state_dtype():
     tiny = memory_plan.Hardware("tiny", 8, 15.0, "")
     plan = memory_plan.plan("Qwen3-8B", tiny)
-    assert "bf16" in plan.note and plan.work.param_bytes == 2
+    assert "bf16" in plan.note and plan.work.param_bytes == 2 and plan.work.master_bytes == 0
     roomy = memory_plan.plan("Qwen3-4B", memory_plan.Hardware("big", 8, 80.0, ""))
     assert roomy.note == "" and roomy.work.rollout_batch == 64
 
@@ -96,6 +96,19 @@ def test_docs_table_is_the_generated_one(tmp_path):
     committed = (memory_plan.Path(memory_plan.__file__).resolve().parents[1] / "docs" / "memory_plan.md")
     assert committed.read_text() == text, "docs/memory_plan.md is stale: run python -m sgcd_jax.memory_plan"
     assert text.count("| Qwen3-") == 6 and text.count("| Qwen3.5-4B") == 3
+
+
+def test_plan_reads_the_recipe_dtypes_and_its_header_follows_them(tmp_path):
+    work = memory_plan.workload_from_recipe("configs/tau3_airline_qwen3_4b.py")
+    # bf16 params → fp32 master + fp32 moments (optim.master_dtype default), recipe lengths and batch
+    assert (work.param_bytes, work.master_bytes, work.optimizer_bytes) == (2, 4, 4)
+    assert work.seq_len == 16384 and work.rollout_batch == 16 * 8 and work.attention == "flash"
+    cfg = memory_plan.model_config("Qwen3-4B")
+    assert memory_plan.optimizer_bytes(cfg, work) == memory_plan.num_params(cfg) * (4 + 4 + 4 + 4)
+    text = memory_plan.main(["--recipe", "configs/tau3_airline_qwen3_4b.py", "--out", str(tmp_path / "a.md")])
+    assert "bf16 params + fp32 master weights + AdamW (fp32 μ, ν; fp32 gradient)" in text
+    text = memory_plan.main(["--param_bytes", "2", "--optimizer_bytes", "2", "--out", str(tmp_path / "b.md")])
+    assert "bf16 params + AdamW (bf16 μ, ν; fp32 gradient)" in text and "fp32 params" not in text
 
 
 @pytest.mark.parametrize("name", ["full", "dots", "dots_no_batch", "none"])

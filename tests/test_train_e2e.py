@@ -92,7 +92,7 @@ def test_mixed_groups_go_through_annotation_teacher_and_credit(tmp_path, monkeyp
     assert any(abs(r.get("teacher/log_ratio_mean", 0.0)) > 0 for r in records), "teacher never differed from student"
     if method == "sgcd":
         assert sum(r["annotator/with_reference"] for r in records) > 0
-        assert any(r["credit/weight_max"] != r["credit/weight_min"] for r in records), "credit weights all equal"
+        assert any(r["credit/weight_max"] > r["credit/weight_min"] for r in records), "credit weights all equal"  # NaN: none
         samples = json.load(open(os.path.join(run_dir, "samples.json")))
         assert any("Credit reference" in s["reference"] for s in samples)
     else:

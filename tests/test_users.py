@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from sgcd_jax.envs import make_factory
+from sgcd_jax.envs import users
 from sgcd_jax.envs.base import AgentAction
 from sgcd_jax.envs.users import (GeminiUser, LocalModelUser, ScriptedUser, make_user_factory,
                                  user_termination)
@@ -17,7 +18,7 @@ SCENARIO = {"reason_for_call": "You want to cancel reservation EHGLP3.",
 
 def test_scripted_user_is_deterministic_and_answers_from_the_scenario():
     def run():
-        user = ScriptedUser(SCENARIO, max_turns=5)
+        user = ScriptedUser(SCENARIO)
         return [user.first_message(), user.reply("Could you give me your user id?"),
                 user.reply("Shall I proceed with the cancellation?"), user.reply("Is there anything else?")]
     first, second = run(), run()
@@ -26,10 +27,21 @@ def test_scripted_user_is_deterministic_and_answers_from_the_scenario():
     assert first[2] == "Yes, please proceed." and "###STOP###" in first[3]
 
 
-def test_scripted_user_stops_after_max_turns():
-    user = ScriptedUser(SCENARIO, max_turns=3)
-    replies = [user.reply("Hmm.") for _ in range(3)]
-    assert "###STOP###" not in replies[0] and "###STOP###" in replies[-1]
+def test_scripted_user_never_stops_on_a_turn_count_and_max_turns_scores_zero():
+    user = ScriptedUser(SCENARIO)
+    assert not any("###STOP###" in user.reply("Hmm.") for _ in range(50))
+    # τ³: an agent that repeats one sentence ends by max_turns (not a proper end) and scores 0, even on
+    # a refusal task where ending properly without acting scores 1.
+    factory = make_factory("tau3_airline", user="scripted", max_turns=12)
+    task = next(t for t in factory.tasks("base") if t.task_id == "0")
+    env = factory.make()
+    env.reset(task)
+    steps = [env.step(AgentAction(content="I understand.")) for _ in range(12)]
+    assert [s.done for s in steps] == [False] * 11 + [True] and steps[-1].termination == "max_turns"
+    assert env.reward() == 0.0
+    env = factory.make()
+    env.reset(task)
+    assert env.step(AgentAction(content="###STOP###")).termination == "agent_stop" and env.reward() == 1.0
 
 
 @pytest.mark.parametrize("text,reason", [("ok ###STOP###", "user_stop"), ("###TRANSFER###", "transfer"),
@@ -57,13 +69,24 @@ def test_local_model_user_sees_role_flipped_history_and_can_end_the_episode():
     assert env.reward() == 1.0  # task 0 is a refusal task: doing nothing and ending properly is right
 
 
-def test_gemini_user_without_key_falls_back_to_scripted(monkeypatch, caplog):
+def test_gemini_user_without_key_falls_back_to_scripted_warns_once_and_counts(monkeypatch, caplog):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.setattr(users, "_WARNED", set())
     with caplog.at_level(logging.WARNING):
         user = GeminiUser(SCENARIO)
         first = user.first_message()
-    assert first == ScriptedUser(SCENARIO).first_message() and user.failures == 1
+        for _ in range(3):
+            user.reply("Could you give me your user id?")
+        GeminiUser(SCENARIO).first_message()
+    assert first == ScriptedUser(SCENARIO).first_message() and user.failures == 4
     assert "GEMINI_API_KEY" in caplog.text
+    assert len(caplog.records) == 2  # the missing key once, the per-turn fallback once; not per turn
+    # The env reports the episode's fallbacks (→ the 'user_fallbacks' metric).
+    factory = make_factory("tau3_airline", user="gemini", max_turns=5)
+    env = factory.make()
+    env.reset(next(t for t in factory.tasks("base") if t.task_id == "0"))
+    env.step(AgentAction(content="Hello, how can I help?"))
+    assert env.info()["user_fallbacks"] == 2
 
 
 def test_gemini_user_api_failure_falls_back_and_never_logs_the_key(monkeypatch, caplog):
@@ -75,10 +98,11 @@ def test_gemini_user_api_failure_falls_back_and_never_logs_the_key(monkeypatch, 
             def generate_content(**_):
                 raise ConnectionError("503 unavailable")
 
+    monkeypatch.setattr(users, "_WARNED", set())
     with caplog.at_level(logging.WARNING):
         user = GeminiUser(SCENARIO, client=Broken())
         user.first_message()
-        reply = user.reply("Is there anything else?")
+        reply = user.reply("Is there anything else?")  # the scripted fallback answers the closing
     assert "###STOP###" in reply and user.failures == 2
     assert "sk-secret-value-123" not in caplog.text and "503" in caplog.text
 

@@ -7,6 +7,21 @@ ends the episode (τ² semantics: user stop, counted as a proper end for the ver
 - ``ScriptedUser``: deterministic rules over the task's user scenario (tests, airline_lite, floors).
 - ``GeminiUser``: an LLM user through google-genai; model from config, API key from an env var.
 - ``LocalModelUser``: any ``generate(messages) -> str`` callable (e.g. the project's own sampler).
+
+No simulator ends a conversation because a turn count passed: as in τ², the env's ``max_turns``
+ends it, with termination ``max_turns``, which the verifier scores 0. (An earlier scripted user said
+STOP after 10 turns, so an agent repeating one sentence scored the do-nothing floor.)
+
+What the scripted user can and cannot do, versus an LLM user (``env.user='gemini'``):
+- can: open with the scenario's reason for calling (+ known info); give its known info once when
+  asked for an id/name; answer a scenario ``facts`` regex with its canned answer; say yes to anything
+  that looks like a confirmation question; say STOP when the agent wraps up ("anything else",
+  "have a nice day", ...) or says STOP itself.
+- cannot: understand the agent's message (it matches keywords: any question containing "confirm"
+  gets a yes, even a wrong proposal); reveal ``unknown_info`` / refuse per ``task_instructions``;
+  negotiate, change its mind, or pick among options the agent offers; notice that its goal was not
+  met (it stops on a polite closing whatever happened). Scores against it are a smoke test and a
+  floor, not τ³ numbers; report τ³ results with an LLM user.
 """
 
 from __future__ import annotations
@@ -20,6 +35,15 @@ STOP, TRANSFER, OUT_OF_SCOPE = "###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE#
 STOP_TOKENS = {STOP: "user_stop", TRANSFER: "transfer", OUT_OF_SCOPE: "out_of_scope"}
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a fallback once per process (the first text of each kind); the count lives in metrics."""
+    kind = message.split("(")[0].split("$")[0]
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        log.warning(message)
 
 
 def user_termination(text: str) -> str:
@@ -46,16 +70,16 @@ _ASK_ID = re.compile(r"user id|your id|user_id|your name|identify|verify|reserva
 
 class ScriptedUser:
     """Deterministic user: opens with the reason for calling, gives its known info when the agent
-    asks for an id, says yes to confirmations, stops when the agent wraps up or after ``max_turns``.
+    asks for an id, says yes to confirmations, stops when the agent wraps up (never because of a
+    turn count: the env's ``max_turns`` ends a conversation that goes nowhere, scoring 0).
 
     ``scenario`` keys (τ² ``user_scenario.instructions`` names): ``reason_for_call``, ``known_info``,
     optional ``task_instructions``, ``opening`` (verbatim first message), ``facts`` ({keyword regex:
     answer}, checked before the generic rules).
     """
 
-    def __init__(self, scenario: dict[str, Any], max_turns: int = 10):
+    def __init__(self, scenario: dict[str, Any]):
         self.scenario = scenario
-        self.max_turns = max_turns
         self.turns = 0
         self.gave_known_info = False
 
@@ -68,7 +92,7 @@ class ScriptedUser:
 
     def reply(self, agent_text: str) -> str:
         self.turns += 1
-        if self.turns >= self.max_turns or STOP in agent_text:
+        if STOP in agent_text:
             return f"Thank you, bye. {STOP}"
         for pattern, answer in (self.scenario.get("facts") or {}).items():
             if re.search(pattern, agent_text, re.I):
@@ -99,14 +123,13 @@ def tau_user_system_prompt(scenario: dict[str, Any]) -> str:
 class _ChatUser:
     """Shared history handling for model-backed users (the agent is 'user' from their side)."""
 
-    def __init__(self, scenario: dict[str, Any], max_turns: int):
+    def __init__(self, scenario: dict[str, Any]):
         self.scenario = scenario
-        self.max_turns = max_turns
         self.system = tau_user_system_prompt(scenario)
         self.history: list[dict[str, str]] = []  # role is from the simulator's point of view
         self.turns = 0
         self.failures = 0
-        self._fallback = ScriptedUser(scenario, max_turns)
+        self._fallback = ScriptedUser(scenario)
 
     def _generate(self) -> str:
         raise NotImplementedError
@@ -117,9 +140,10 @@ class _ChatUser:
             if not text:
                 raise ValueError("empty reply")
         except Exception as exc:  # noqa: BLE001 - any backend failure falls back, never kills the episode
-            self.failures += 1
-            log.warning("%s failed (%s: %s); using the scripted user for this turn",
-                        type(self).__name__, type(exc).__name__, exc)
+            self.failures += 1  # envs report it per episode (info 'user_fallbacks' → metrics)
+            _warn_once(f"{type(self).__name__} failed ({type(exc).__name__}: {exc}); using the scripted "
+                       "user for this turn (further fallbacks are counted in the 'user_fallbacks' "
+                       "metric, not logged)")
             opening = len(self.history) == 1
             text = self._fallback.first_message() if opening else self._fallback.reply(self.history[-1]["content"])
         self.history.append({"role": "assistant", "content": text})
@@ -132,19 +156,14 @@ class _ChatUser:
     def reply(self, agent_text: str) -> str:
         self.turns += 1
         self.history.append({"role": "user", "content": agent_text})
-        if self.turns >= self.max_turns:
-            text = f"Thank you, bye. {STOP}"
-            self.history.append({"role": "assistant", "content": text})
-            return text
         return self._ask()
 
 
 class LocalModelUser(_ChatUser):
     """``generate(messages) -> str`` with chat messages (system first); inject the project's sampler."""
 
-    def __init__(self, scenario: dict[str, Any], generate: Callable[[list[dict[str, str]]], str],
-                 max_turns: int = 10):
-        super().__init__(scenario, max_turns)
+    def __init__(self, scenario: dict[str, Any], generate: Callable[[list[dict[str, str]]], str]):
+        super().__init__(scenario)
         self.generate = generate
 
     def _generate(self) -> str:
@@ -156,16 +175,15 @@ class GeminiUser(_ChatUser):
     without it every turn uses the scripted fallback (``failures`` counts them)."""
 
     def __init__(self, scenario: dict[str, Any], model: str = "gemini-2.5-flash",
-                 api_key_env: str = "GEMINI_API_KEY", temperature: float = 0.0, max_turns: int = 10,
-                 client: Any = None):
-        super().__init__(scenario, max_turns)
+                 api_key_env: str = "GEMINI_API_KEY", temperature: float = 0.0, client: Any = None):
+        super().__init__(scenario)
         self.model, self.temperature = model, temperature
         self.client = client
         if self.client is None and os.environ.get(api_key_env):
             from google import genai
             self.client = genai.Client(api_key=os.environ[api_key_env])
         if self.client is None:
-            log.warning("GeminiUser: $%s is not set; falling back to the scripted user", api_key_env)
+            _warn_once(f"GeminiUser: ${api_key_env} is not set; falling back to the scripted user")
 
     def _generate(self) -> str:
         if self.client is None:

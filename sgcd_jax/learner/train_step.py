@@ -51,6 +51,10 @@ class StepSpec:
     aux: tuple[str, ...] = ()  # e.g. ("sdpo",): actor losses toward the teacher, with ``distill``
     distill: DistillConfig = DistillConfig()
     sft: bool = False
+    # optim.master_dtype: "float32" = fp32 master weights + moments whenever a param is stored in a
+    # lower precision (the model keeps its bf16 copy for the forward); "param" = opt-in bf16-only
+    # storage (moments too) with stochastic rounding of every update.
+    master_dtype: str = "float32"
 
 
 def trainable_labels(params, pattern: str):
@@ -160,7 +164,8 @@ def loss_and_grads(params, graphdef, rest, inputs: StepInputs, spec: StepSpec):
         (loss, metrics), grads = grad_fn(params, graphdef, rest, micro_inputs, denominators, spec)
         return (loss_acc + loss, jax.tree.map(jnp.add, grad_acc, grads)), metrics
 
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    # Accumulate in >= fp32: summing bf16 micro-batch gradients in bf16 would drop small ones.
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_grads), stacked)
     return loss, grads, jax.tree.map(jnp.mean, metrics)
 
@@ -188,6 +193,30 @@ def optimizer_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
     return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
+def stochastic_round(x: jax.Array, dtype, key: jax.Array) -> jax.Array:
+    """Round fp32 ``x`` to bf16 ``dtype`` stochastically (unbiased: E[round(x)] = x): add uniform
+    random bits below bf16's 16-bit mantissa cut, then truncate. Other dtypes: a plain cast."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return x.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    out = jax.lax.bitcast_convert_type(rounded, jnp.float32)
+    out = jnp.where(jnp.isfinite(x), out, x)  # inf/nan pass through (adding noise could carry into them)
+    return out.astype(dtype)
+
+
+def needs_master(params: Any, master_dtype: str) -> bool:
+    """fp32 master weights are kept when ``master_dtype='float32'`` and any param is stored narrower."""
+    return master_dtype == "float32" and any(
+        jnp.dtype(leaf.dtype).itemsize < 4 and jnp.issubdtype(leaf.dtype, jnp.floating)
+        for leaf in jax.tree.leaves(params))
+
+
+def _upcast(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
 class Learner:
     """Holds the policy's params and optimizer state; ``update`` is one jitted optimizer step.
 
@@ -196,48 +225,88 @@ class Learner:
     (batches must be global arrays sharded over the batch axes: ``distributed.global_batch``). Without
     a mesh everything stays where the model put it (one device).
 
+    Mixed precision (``spec.master_dtype``): when the model stores bf16 params, the learner keeps an
+    fp32 ``master`` copy (sharded like the params) that AdamW updates with fp32 moments; ``params``
+    (what the forward and rollouts use) is the master cast back after every step. At lr 1e-6 a bf16
+    weight of magnitude 0.02 has a ulp (7.8e-5) far above one update, so updating bf16 storage in
+    place loses nearly every step (tests/test_mixed_precision.py). ``master_dtype='param'`` (opt-in,
+    half the optimizer memory) updates in place with stochastic rounding instead: unbiased in
+    expectation, noisier per weight.
+
     Non-finite loss or gradients leave params and optimizer state untouched (``skipped`` = 1).
     """
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, spec: StepSpec,
                  mesh: Mesh | None = None):
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.master: Any = {}  # fp32 master weights ({} = none: params are updated in place)
+        self.graphdef, self._params, self.rest = nnx.split(model, nnx.Param, ...)
         self.tx = tx
         self.spec = spec
         self.mesh = mesh
+        self._step = 0  # stochastic-rounding stream (master_dtype='param')
+        use_master = needs_master(self._params, spec.master_dtype)
         if mesh is None:
-            self.opt_state = tx.init(self.params)
-            self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+            self.master = _upcast(self._params) if use_master else {}
+            self.opt_state = tx.init(self.master if use_master else self._params)
+            self._update = jax.jit(self._update_impl, donate_argnums=(0, 1, 2))
             return
         from sgcd_jax.parallel import distributed
 
-        self.param_shardings = state_shardings(self.params, mesh)
-        self.params = distributed.place(self.params, self.param_shardings)
+        self.param_shardings = state_shardings(self._params, mesh)
+        self._params = distributed.place(self._params, self.param_shardings)
         self.rest = distributed.replicated(self.rest, mesh)
-        abstract = jax.eval_shape(tx.init, self.params)
-        self.opt_shardings = optimizer_shardings(abstract, self.params, self.param_shardings, mesh)
-        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_shardings)(self.params)
-        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1),
-                               out_shardings=(self.param_shardings, self.opt_shardings, NamedSharding(mesh, P())))
+        master_shardings = self.param_shardings if use_master else {}
+        if use_master:
+            self.master = jax.jit(_upcast, out_shardings=self.param_shardings)(self._params)
+        opt_target = self.master if use_master else self._params
+        abstract = jax.eval_shape(tx.init, opt_target)
+        self.opt_shardings = optimizer_shardings(abstract, self._params, self.param_shardings, mesh)
+        self.opt_state = jax.jit(tx.init, out_shardings=self.opt_shardings)(opt_target)
+        self._update = jax.jit(self._update_impl, donate_argnums=(0, 1, 2),
+                               out_shardings=(self.param_shardings, master_shardings, self.opt_shardings,
+                                              NamedSharding(mesh, P())))
 
-    def _update_impl(self, params, opt_state, rest, inputs: StepInputs):
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @params.setter
+    def params(self, value: Any) -> None:
+        """Replacing the params (SFT warm-up, cache) re-seeds the fp32 master from them."""
+        self._params = value
+        if jax.tree.leaves(self.master):
+            self.master = jax.jit(_upcast)(value) if self.mesh is None else \
+                jax.jit(_upcast, out_shardings=self.param_shardings)(value)
+
+    def _update_impl(self, params, master, opt_state, rest, inputs: StepInputs, step):
         loss, grads, metrics = loss_and_grads(params, self.graphdef, rest, inputs, self.spec)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, new_opt_state = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_params = jax.tree.map(keep, new_params, params)
+        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
+        if jax.tree.leaves(master):  # fp32 master: AdamW on fp32, params = master cast to storage dtype
+            updates, new_opt_state = self.tx.update(grads, opt_state, master)
+            new_master = jax.tree.map(keep, optax.apply_updates(master, updates), master)
+            new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), new_master, params)
+        else:
+            updates, new_opt_state = self.tx.update(grads, opt_state, params)
+            keys = jax.tree.unflatten(jax.tree.structure(params), list(jax.random.split(
+                jax.random.fold_in(jax.random.key(0x5EED), step), len(jax.tree.leaves(params)))))
+            new_params = jax.tree.map(
+                lambda p, u, k: stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, k),
+                params, updates, keys)
+            new_params, new_master = jax.tree.map(keep, new_params, params), master
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        skipped=1.0 - finite.astype(jnp.float32))
-        return new_params, new_opt_state, metrics
+        return new_params, new_master, new_opt_state, metrics
 
     def update(self, inputs: StepInputs) -> dict[str, float]:
-        self.params, self.opt_state, metrics = self._update(self.params, self.opt_state, self.rest, inputs)
+        self._params, self.master, self.opt_state, metrics = self._update(
+            self._params, self.master, self.opt_state, self.rest, inputs, jnp.asarray(self._step, jnp.uint32))
+        self._step += 1
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        return nnx.merge(self.graphdef, self._params, self.rest)
 
     def local_model(self) -> nnx.Module:
         """The policy on this process's devices (zero-copy view of the shared params; multi-host
@@ -246,11 +315,16 @@ class Learner:
             return self.model()
         from sgcd_jax.parallel import distributed
 
-        return nnx.merge(self.graphdef, distributed.process_local_view(self.params, self.mesh),
+        return nnx.merge(self.graphdef, distributed.process_local_view(self._params, self.mesh),
                          distributed.process_local_view(self.rest, self.mesh))
 
     def state(self) -> dict[str, Any]:
-        return {"params": self.params, "opt_state": self.opt_state}
+        state = {"params": self._params, "opt_state": self.opt_state}
+        if jax.tree.leaves(self.master):
+            state["master"] = self.master
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.params, self.opt_state = state["params"], state["opt_state"]
+        self._params, self.opt_state = state["params"], state["opt_state"]
+        if "master" in state:
+            self.master = state["master"]

@@ -24,9 +24,12 @@ TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 THINK_RE = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 
 
+PARSE_ERROR_KINDS = ("malformed_json", "unknown_tool", "bad_arguments")  # engine metric keys
+
+
 @dataclasses.dataclass(frozen=True)
 class CallError:
-    kind: str  # "malformed_json" | "unknown_tool" | "bad_arguments"
+    kind: str  # one of PARSE_ERROR_KINDS
     message: str  # shown to the agent as a tool observation
     name: str = ""  # the tool name if it could be read
 

@@ -8,19 +8,26 @@ import numpy as np
 
 from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.report import write_samples as _write_samples
+from sgcd_jax.rollout.toolparse import PARSE_ERROR_KINDS
 from sgcd_jax.rollout.trajectory import Trajectory
 
 
 def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dict[str, float]:
+    """Means over the episodes (NaN when there are none: an empty mean is not 0). Error counts read
+    the keys the rollout engine writes: parse_errors = tool calls rejected before the env
+    (toolparse.PARSE_ERROR_KINDS), tool_errors = calls the env rejected (env_tool_errors)."""
+    mean = lambda values: float(np.mean(values)) if len(values) else float("nan")  # noqa: E731
     rewards = np.asarray([t.reward for t in trajectories], np.float32)
-    state_changes = [float(t.info.get("write_calls_ok", 0)) for t in trajectories]  # successful state-changing calls
-    return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "success_rate": float((rewards >= threshold).mean()) if len(rewards) else 0.0,
-            "state_change_success_rate": float(np.mean(state_changes)) if state_changes else 0.0,
-            "turns_mean": float(np.mean([t.num_steps for t in trajectories])) if trajectories else 0.0,
-            "response_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajectories])) if trajectories else 0.0,
-            "parse_errors": float(sum(t.metrics.get("parse_errors", 0) for t in trajectories)),
-            "tool_errors": float(sum(t.metrics.get("tool_errors", 0) for t in trajectories))}
+    return {"reward_mean": mean(rewards),
+            "success_rate": mean(rewards >= threshold),
+            "state_change_success_rate": mean([float(t.info.get("write_calls_ok", 0)) for t in trajectories]),
+            "turns_mean": mean([t.num_steps for t in trajectories]),
+            "response_tokens_mean": mean([t.loss_mask.sum() for t in trajectories]),
+            "parse_errors": float(sum(t.metrics.get(kind, 0) for t in trajectories for kind in PARSE_ERROR_KINDS)),
+            "tool_errors": float(sum(t.metrics.get("env_tool_errors", 0) for t in trajectories)),
+            "user_fallbacks": float(sum(t.info.get("user_fallbacks", 0) for t in trajectories)),
+            # episodes the token budget cut (rollout.max_total_tokens): reward is what the env gave so far
+            "budget_cut_episodes": float(sum(t.termination == "max_tokens" for t in trajectories))}
 
 
 def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:

@@ -20,8 +20,8 @@ from flax import nnx
 
 from sgcd_jax import integration
 from sgcd_jax.parallel import distributed
-from sgcd_jax.learner.batch_layout import (_check_same_shapes, any_process, local_mesh, process_task_count,  # noqa: F401
-                                   rows_multiple, to_mesh)
+from sgcd_jax.learner.batch_layout import (_check_same_shapes, any_process, local_mesh, padded_length,  # noqa: F401
+                                   process_task_count, rows_multiple, to_mesh)
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.credit import SelectionConfig, select_groups
 from sgcd_jax.credit.selection import fill_mixed_groups
@@ -81,7 +81,8 @@ def vocab_config(config: TrainConfig) -> VocabConfig:
 
 def step_spec(config: TrainConfig) -> StepSpec:
     return StepSpec(policy=config.policy, vocab=vocab_config(config), micro_batch_size=config.optim.micro_batch_size,
-                    policy_fn=config.loss.policy, aux=config.loss.aux, distill=config.distill)
+                    policy_fn=config.loss.policy, aux=config.loss.aux, distill=config.distill,
+                    master_dtype=config.optim.master_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "name"))
@@ -146,7 +147,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     timings = {}
     start = time.perf_counter()
     micro = config.optim.micro_batch_size
-    length = config.rollout.max_total_tokens + config.rollout.max_new_tokens  # a turn may overshoot the cap
+    length = padded_length(trajectories, config)  # the batch's longest row, bucketed; not the budget
     teacher_length = length + (config.annotation.reference_tokens if config.loss.needs_teacher else 0)
     # Every process packs to the same shapes (its share of the rows; lengths fixed by the config).
     host_batch = pack(trajectories, prompts, rows_multiple=rows_multiple(learner, micro), pad_id=pad_id,

@@ -57,8 +57,7 @@ class AirlineLiteEnv(ToolConversation):
         self.tools = AirlineTools(self.db, now=NOW, names=frozenset(TOOLS[difficulty]))
         if difficulty == "easy":
             self.tools = _BriefTools(self.tools)
-        self.user = ScriptedUser({"opening": task.payload["opening"], "stop_on_any_reply": True},
-                                 max_turns=self.max_turns)
+        self.user = ScriptedUser({"opening": task.payload["opening"], "stop_on_any_reply": True})
         return SYSTEM_PROMPT, lite_tool_schemas(TOOLS[difficulty])
 
     def reward(self) -> float:

@@ -163,6 +163,7 @@ class AppWorldEnv:
 
 class AppWorldFactory:
     name = ENV_NAME
+    cheap_reset = False  # a reset is a server round trip: preflight does not measure prompts here
 
     def __init__(self, root: str | None = None, pool_size: int = 2, venv: str | None = None,
                  command: Callable[[int], list[str]] | None = None, max_turns: int = 30,

@@ -57,7 +57,8 @@ class TauAirlineEnv(ToolConversation):
     def info(self) -> dict[str, Any]:
         _, details = self._evaluate()
         return {**details, **self.write_call_counts(), "termination": self.termination,
-                "task_id": self.task.task_id}
+                "task_id": self.task.task_id,
+                "user_fallbacks": getattr(self.user, "failures", 0)}  # LLM-user turns the scripted user played
 
     def _evaluate(self) -> tuple[float, dict[str, Any]]:
         if self.task is None:
