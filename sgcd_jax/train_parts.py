@@ -20,6 +20,7 @@ from sgcd_jax import distributed, integration
 from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
+from sgcd_jax.credit.localization import decisive_step_lists, trajectory_localization
 from sgcd_jax.credit.selection import fill_mixed_groups, group_siblings
 from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.data import TaskStream
@@ -238,6 +239,7 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
                  sample_indices=[t.sample_index for t in trajectories],
                  attrs={"credit_fn": "credit/sgcd" if config.loss.credit != "none" else "credit/none",
                         "credit_config": dataclasses.asdict(credit_config(config.loss)), "step": iteration,
+                        "decisive_steps": decisive_step_lists(trajectories),
                         "padded_rows": rows})
 
 
@@ -322,7 +324,10 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
         metrics["teacher/log_ratio_mean"] = float(_masked_mean(teacher_logprobs - features["student_logprobs"], mask))
         metrics["teacher/reverse_kl_mean"] = float(_masked_mean(features["reverse_kl"], mask))
     host = {"weights": distributed.local_rows(credit.weights),
-            "advantages": distributed.local_rows(advantages.advantages), "target_mask": host_batch.target_mask}
+            "advantages": distributed.local_rows(advantages.advantages), "target_mask": host_batch.target_mask,
+            "step_ids": host_batch.step_ids,
+            **({"log_ratio": distributed.local_rows(teacher_logprobs - features["student_logprobs"])}
+               if needs_teacher else {})}
     return {**metrics, **timings}, host
 
 
@@ -407,6 +412,7 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
         counters.updates += 1
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
+        metrics.update(trajectory_localization(kept, host))  # credit vs the env's decisive steps
         samples = report_samples(kept, host, references, chat)
     metrics["time/update_phase_s"] = time.perf_counter() - update_started
     return metrics, samples

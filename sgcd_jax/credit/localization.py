@@ -91,6 +91,22 @@ def localization_metrics(weights: np.ndarray, loss_mask: np.ndarray, step_ids: n
     return out
 
 
+def decisive_step_lists(trajectories: Sequence[Any]) -> list[list[int] | None]:
+    """Per trajectory, its decisive steps as a sorted list (JSON for the rollout store's attrs)."""
+    return [None if (s := decisive_steps(t.info, t.steps)) is None else sorted(s) for t in trajectories]
+
+
+def stored_localization(weights: np.ndarray, loss_mask: np.ndarray, step_ids: np.ndarray, advantages: np.ndarray,
+                        attrs: dict[str, Any]) -> dict[str, float]:
+    """``localization_metrics`` for one rollout-store segment (``rescore``); {} for a run stored
+    before the trainer recorded ``decisive_steps``."""
+    lists = attrs.get("decisive_steps")
+    if lists is None:
+        return {}
+    return localization_metrics(weights, loss_mask, step_ids, advantages,
+                                [None if s is None else set(s) for s in lists])
+
+
 def trajectory_localization(trajectories: Sequence[Any], host: dict[str, np.ndarray]) -> dict[str, float]:
     """``localization_metrics`` for the trainer's scored rows (``score_and_update``'s host arrays)."""
     decisive = [decisive_steps(t.info, t.steps) for t in trajectories]
