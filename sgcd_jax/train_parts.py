@@ -20,7 +20,8 @@ from sgcd_jax import distributed, integration
 from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
-from sgcd_jax.credit.localization import decisive_step_lists, trajectory_localization
+from sgcd_jax.credit.localization import (decisive_sample_fields, decisive_step_lists, pick_mixed_pair,
+                                          trajectory_localization)
 from sgcd_jax.credit.selection import fill_mixed_groups, group_siblings
 from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.data import TaskStream
@@ -413,7 +414,7 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
         metrics.update(trajectory_localization(kept, host))  # credit vs the env's decisive steps
-        samples = report_samples(kept, host, references, chat)
+        samples = report_samples(kept, host, references, chat, iteration=rolled.index)
     metrics["time/update_phase_s"] = time.perf_counter() - update_started
     return metrics, samples
 
@@ -441,19 +442,13 @@ def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dic
             "tool_errors": float(sum(t.metrics.get("tool_errors", 0) for t in trajectories))}
 
 
-def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
-    """A failed and a successful sibling of one annotated group, with per-token weights."""
-    picked = []
-    for group_id, reference in references.items():
-        if reference is None:
-            continue
-        rows = [i for i, t in enumerate(trajectories) if t.group_id == group_id]
-        picked = rows[:limit]
-        break
-    if not picked:
-        picked = list(range(min(limit, len(trajectories))))
+def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2,
+                   iteration: int | None = None) -> list[dict]:
+    """A successful and a failed sibling of one mixed group (an annotated one first), with per-token
+    weights and the env's decisive steps; [] when no group is mixed (the last mixed group stays shown)."""
+    picked = pick_mixed_pair(trajectories, host["advantages"], [g for g, r in references.items() if r is not None])
     samples = []
-    for row in picked:
+    for row in picked[:limit]:
         traj = trajectories[row]
         ids = traj.token_ids.tolist()
         weights = np.ones(len(ids), np.float32)
@@ -461,10 +456,11 @@ def report_samples(trajectories: list[Trajectory], host: dict, references: dict,
         reference = references.get(traj.group_id)
         start = max(traj.prompt_len - 1, 0)
         samples.append({"title": f"{traj.task_id} sibling {traj.sample_index}", "reward": float(traj.reward),
-                        "advantage": float(host["advantages"][row]),
+                        "advantage": float(host["advantages"][row]), "iteration": iteration,
                         "tokens": chat.token_strings(ids[start:]), "loss_mask": traj.loss_mask[start:].tolist(),
                         "weights": weights[start:].tolist(),
-                        "reference": render_credit_text(reference, traj) if reference is not None else ""})
+                        "reference": render_credit_text(reference, traj) if reference is not None else "",
+                        **decisive_sample_fields(traj, start)})
     return samples
 
 

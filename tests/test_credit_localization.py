@@ -90,3 +90,15 @@ def test_env_turns_map_to_steps_skipping_turns_that_never_reached_the_env():
     cut = {"credit_truth": {"decisive": [{"turn": 1, "kind": "missing_call", "detail": ""}], "num_turns": 1}}
     assert decisive_steps(cut, steps[:2] + [Step(2, "trunc", [], [], parse_error="cut")]) == {2}
     assert decisive_steps({}, steps) is None
+
+
+def test_report_pair_is_a_success_and_a_failure_of_one_mixed_group_preferring_annotated():
+    from types import SimpleNamespace
+
+    from sgcd_jax.credit.localization import pick_mixed_pair
+
+    rows = [SimpleNamespace(group_id=g) for g in ("a", "a", "b", "b", "b", "c", "c")]
+    advantages = np.array([0.0, 0.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # group a is not mixed
+    assert pick_mixed_pair(rows, advantages) == [3, 2]
+    assert pick_mixed_pair(rows, advantages, preferred_groups=["c"]) == [5, 6]
+    assert pick_mixed_pair(rows[:2], advantages[:2]) == []

@@ -107,6 +107,33 @@ def stored_localization(weights: np.ndarray, loss_mask: np.ndarray, step_ids: np
                                 [None if s is None else set(s) for s in lists])
 
 
+def pick_mixed_pair(trajectories: Sequence[Any], advantages: np.ndarray,
+                    preferred_groups: Sequence[str] = ()) -> list[int]:
+    """Rows [success, failure] of one group with a positive and a negative advantage, trying the
+    ``preferred_groups`` (e.g. annotated ones) first; [] when no group is mixed (report heatmaps)."""
+    by_group: dict[str, list[int]] = {}
+    for row, traj in enumerate(trajectories):
+        by_group.setdefault(traj.group_id, []).append(row)
+    order = [g for g in preferred_groups if g in by_group] + [g for g in by_group if g not in preferred_groups]
+    for group in order:
+        rows = by_group[group]
+        success = next((r for r in rows if advantages[r] > 0), None)
+        failure = next((r for r in rows if advantages[r] < 0), None)
+        if success is not None and failure is not None:
+            return [success, failure]
+    return []
+
+
+def decisive_sample_fields(traj: Any, start: int = 0) -> dict[str, Any]:
+    """Report-sample fields: per-token 0/1 ``decisive`` from token ``start`` on and a one-line ``truth``."""
+    steps = decisive_steps(traj.info, traj.steps)
+    if steps is None:
+        return {}
+    truth = (traj.info.get("credit_truth") or {}).get("decisive", [])
+    flags = np.isin(np.asarray(traj.step_ids)[start:], sorted(steps)).astype(int).tolist()
+    return {"decisive": flags, "truth": "; ".join(f"env turn {d['turn']}: {d['kind']} ({d['detail']})" for d in truth)}
+
+
 def trajectory_localization(trajectories: Sequence[Any], host: dict[str, np.ndarray]) -> dict[str, float]:
     """``localization_metrics`` for the trainer's scored rows (``score_and_update``'s host arrays)."""
     decisive = [decisive_steps(t.info, t.steps) for t in trajectories]

@@ -240,13 +240,15 @@ def credit_metrics(weights, token_advantages, advantages, mask, low, high, lam) 
     at_high = counted & (weights >= high * (1 - 1e-6))
     abs_a = jnp.abs(jnp.broadcast_to(advantages, mask.shape))
     moved = jnp.where(counted, jnp.abs(token_advantages - advantages), 0.0).sum()
-    return {
+    # No counted token (no group with a nonzero advantage): NaN, which the metrics log keeps apart
+    # from a real value; a 0 here drew the weight-mean curve down to 0 on such iterations.
+    stats = {
         "credit/weight_mean": jnp.where(counted, weights, 0.0).sum() / total,
-        "credit/weight_min": jnp.where(any_counted, jnp.where(counted, weights, jnp.inf).min(), 1.0),
-        "credit/weight_max": jnp.where(any_counted, jnp.where(counted, weights, -jnp.inf).max(),
-                                       1.0),
+        "credit/weight_min": jnp.where(counted, weights, jnp.inf).min(),
+        "credit/weight_max": jnp.where(counted, weights, -jnp.inf).max(),
         "credit/frac_at_lower": at_low.sum() / total,
         "credit/frac_at_upper": at_high.sum() / total,
         "credit/credit_moved": moved / jnp.maximum(jnp.where(counted, abs_a, 0.0).sum(), 1e-8),
-        "credit/lambda": jnp.asarray(lam, jnp.float32),
     }
+    return {**{k: jnp.where(any_counted, v, jnp.nan) for k, v in stats.items()},
+            "credit/lambda": jnp.asarray(lam, jnp.float32)}
