@@ -129,3 +129,31 @@ def test_tau_env_info_carries_the_truth():
         env.step(AgentAction(tool_calls=(ToolCall(action["name"], action.get("arguments", {}), f"c{i}"),)))
     truth = env.info()["credit_truth"]
     assert truth["num_turns"] == len(task.payload["evaluation_criteria"]["actions"]) and truth["decisive"]
+
+
+# ---------------------------------------------------------------- replaying stored episodes
+def test_replayed_stored_episode_gives_the_live_episodes_reward_and_truth(lite):
+    import json
+
+    import numpy as np
+
+    from sgcd_jax.credit.replay_truth import replay_episode
+    from sgcd_jax.rollout.toolparse import parse_tool_calls
+
+    task = _task(lite, "membership", "silent")
+    actions = shortcut_actions(task, "silent")
+    live_reward, live_info, _ = play(lite.make(), task, actions)
+    # stored ids of a 3-turn episode: turn 0 is an unparsable call (never sent to the env), then the
+    # shortcut's lookup and its silent stop; each turn's ids decode to its text
+    texts = ["<tool_call>{not json</tool_call>"] + [
+        "".join(f'<tool_call>{json.dumps({"name": c.name, "arguments": c.arguments})}</tool_call>'
+                for c in a.tool_calls) or a.content for a in actions]
+    step_ids = np.repeat(np.arange(3), 4)
+    token_ids = np.arange(12)
+    tools = lite.make().reset(task).tools
+    reward, info, steps = replay_episode(lite, task, tools, token_ids, step_ids,
+                                         lambda ids: texts[int(ids[0]) // 4], parse_tool_calls, max_turns=6)
+    assert reward == live_reward == 0.0 and steps[0].parse_error and not steps[0].tool_calls
+    assert info["credit_truth"] == live_info["credit_truth"]
+    from sgcd_jax.credit.localization import decisive_steps
+    assert decisive_steps(info, steps) == {2}  # env turn 1 = the stop, which is stored step 2
