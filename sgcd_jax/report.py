@@ -177,8 +177,8 @@ def heatmap_png(sample: dict[str, Any], path: str) -> None:
         ax.add_patch(plt.Rectangle((index % width - 0.5, index // width - 0.5), 1, 1, fill=False, lw=0.8))
     outcome = "success" if sample.get("reward", 0) > 0 else "failure"
     when = f"iteration {sample['iteration']}, " if sample.get("iteration") is not None else ""
-    ax.set_title(f"{when}{outcome}: credit weights of assistant tokens (red w>1, blue w<1; boxed = decisive "
-                 f"step) — {sample.get('title', '')}", fontsize=7)
+    ax.set_title(f"{when}{outcome} — {sample.get('title', '')}\ncredit weight per assistant token: red w>1, "
+                 "blue w<1; boxed = the verifier's decisive step", fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path)
