@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: sgcd_jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import multiproc  # noqa: E402
 from test_train_multihost import load_params, seeded_run_dir, worker_args  # noqa: E402
