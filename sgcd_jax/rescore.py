@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sgcd_jax import store as rollout_store
+from sgcd_jax.data import store as rollout_store
 
 
 @dataclasses.dataclass
@@ -137,7 +137,7 @@ def rescore(run_dir: str, overrides: dict[str, Any]) -> list[SegmentResult]:
 
 def segment_localization(rows: rollout_store.IterationRows, stored: np.ndarray, new: np.ndarray) -> dict:
     """Credit localization (sgcd_jax.credit.localization) of the stored and the rescored weights."""
-    from sgcd_jax.credit.localization import stored_localization
+    from sgcd_jax.credit.localization import stored_localization  # lazy like the losses (the package imports a lot)
 
     args = (rows.tokens["loss_mask"], rows.tokens["step_ids"], rows.trajectories["advantage"], rows.attrs)
     return {"stored": stored_localization(stored, *args), "new": stored_localization(new, *args)}
@@ -217,7 +217,10 @@ def plot(results: list[SegmentResult], summary: dict[str, Any], path: str) -> No
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from sgcd_jax.losses import CreditConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sgcd_jax.rescore", description=__doc__.split("\n\n")[0],
+        epilog="credit overrides: --credit.<field>=<value> for any CreditConfig field: "
+               + ", ".join(f.name for f in dataclasses.fields(CreditConfig)))
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--tag", default="", help="output folder name under <run_dir>/rescore/")
     parser.add_argument("--require_exact", action="store_true",

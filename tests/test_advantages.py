@@ -52,11 +52,11 @@ def test_batch_std_scope_uses_std_of_all_valid_rewards():
 def test_rloo_is_leave_one_out_baseline():
     rewards = np.array([1.0, 0.0, 0.0, 2.0])
     out = compute_advantages(_batch(rewards, [5] * 4),
-                             AdvantageConfig(estimator="rloo", norm_by_std=False))
+                             AdvantageConfig(norm_by_std=False), "rloo")
     expected = [r - (rewards.sum() - r) / 3 for r in rewards]
     np.testing.assert_allclose(out.advantages, expected, rtol=1e-6)
     loop = compute_advantages(_batch(rewards, [5] * 4),
-                              AdvantageConfig(estimator="loop", norm_by_std=False))
+                              AdvantageConfig(norm_by_std=False), "loop")
     np.testing.assert_array_equal(loop.advantages, out.advantages)
 
 
@@ -77,6 +77,6 @@ def test_jit_matches_eager():
 
 def test_unknown_estimator_lists_registered_names():
     with pytest.raises(KeyError, match="advantage/grpo"):
-        AdvantageConfig(estimator="ppo_gae")
+        compute_advantages(_batch([1.0, 0.0], [0, 0]), AdvantageConfig(), "ppo_gae")
     with pytest.raises(KeyError, match="rloo"):
         get("advantage/nope")

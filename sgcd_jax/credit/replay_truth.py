@@ -45,7 +45,7 @@ def run_localization(run_dir: str) -> dict[str, Any]:
     from sgcd_jax.config import from_config_dict
     from transformers import PreTrainedTokenizerFast
     from sgcd_jax.rollout.toolparse import parse_tool_calls
-    from sgcd_jax.store import iter_segments
+    from sgcd_jax.data.store import iter_segments
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = from_config_dict(json.load(f))
@@ -96,8 +96,9 @@ def run_localization(run_dir: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", required=True)
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.credit.replay_truth",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run_dir", required=True, help="a finished run (its config.json, tokenizer/, rollouts/)")
     args = parser.parse_args(argv)
     out = run_localization(args.run_dir)
     print(json.dumps({k: v for k, v in out.items() if k != "per_iteration"}, indent=1))

@@ -37,7 +37,7 @@ def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
              "max_total_tokens": config.rollout.max_total_tokens,
              "optim": {k: getattr(config.optim, k) for k in ("schedule", "end_lr_fraction", "weight_decay", "b1", "b2",
                                                              "grad_clip", "micro_batch_size", "warmup_steps")},
-             "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.loss.aggregation}}
+             "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.policy.agg_mode}}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in sorted(os.listdir(tokenizer_dir)):
