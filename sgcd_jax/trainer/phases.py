@@ -305,7 +305,8 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
         metrics.update(trajectory_localization(kept, host))  # credit vs the env's decisive steps
-        samples = report_samples(kept, host, references, chat, iteration=rolled.index)
+        # labelled with the step its metrics are logged at (train.py logs update index i as step i + 1)
+        samples = report_samples(kept, host, references, chat, iteration=rolled.index + 1)
     metrics["time/update_phase_s"] = time.perf_counter() - update_started
     return metrics, samples
 
