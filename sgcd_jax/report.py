@@ -2,8 +2,9 @@
 
 - learning curves (train success, eval success, successful state-changing tool calls, credit-weight
   stats, loss) across runs, for comparison;
-- a token-credit heatmap of sample trajectories: each assistant token coloured by its credit weight
-  (blue < 1 < red), with the credit reference that produced it beside it.
+- token-credit heatmaps of one mixed group, a success and a failure side by side: each assistant
+  token coloured by its credit weight (blue < 1 < red), the credit reference that produced it and
+  the verifier's decisive step (underlined) beside it.
 
 The trainer writes ``metrics.jsonl`` and ``samples.json`` (see ``write_samples``); this module only
 reads them, so ``python -m sgcd_jax.report runs/a runs/b --out cmp/`` works on finished runs.
@@ -32,8 +33,11 @@ CURVES = (  # (metric key, phase, title)
     ("success_rate", "eval", "eval success rate (bare student)"),
     ("state_change_success_rate", "train", "successful state-changing tool calls / episode"),
     ("state_change_success_rate", "eval", "eval: successful state-changing tool calls / episode"),
-    ("reward_mean", "train", "train reward"),
-    ("credit/weight_mean", "train", "credit weight mean"),
+    ("reward_mean", "train", "train reward"),  # dropped when it equals train success (binary rewards)
+    ("credit/weight_mean", "train", "credit weight mean (mixed groups only)"),
+    ("credit/localization_auroc", "train", "credit localization AUROC vs decisive steps (0.5 = chance)"),
+    ("credit/weight_decisive", "train", "mean credit weight on decisive-step tokens"),
+    ("credit/weight_other", "train", "mean credit weight on other tokens"),
     ("credit/frac_at_upper", "train", "credit weights at the upper bound (fraction)"),
     ("credit/frac_at_lower", "train", "credit weights at the lower bound (fraction)"),
     ("loss", "train", "policy loss"),
@@ -68,7 +72,13 @@ def plot_curves(run_dirs: Sequence[str], out_dir: str, groups: dict[str, list[st
     groups = groups or {_label(d): [d] for d in run_dirs}
     records = {d: read_metrics(d) for ds in groups.values() for d in ds}
     paths = []
+    drawn_series: set = set()  # a curve identical to one already drawn (e.g. reward == success) is skipped
     for key, phase, title in CURVES:
+        signature = tuple((label, tuple(s[0].tolist()), tuple(np.round(s[1], 9).tolist()))
+                          for label, dirs in groups.items() for s in (_series(records[d], key, phase) for d in dirs))
+        if any(len(steps) for _, steps, _ in signature) and signature in drawn_series:
+            continue
+        drawn_series.add(signature)
         fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=110)
         drawn = False
         for label, dirs in groups.items():
@@ -111,19 +121,43 @@ def heatmap_html(sample: dict[str, Any]) -> str:
     weights = [w for w, m in zip(sample["weights"], sample["loss_mask"]) if m]
     scale = max(0.05, max((abs(w - 1) for w in weights), default=0.0))
     spans = []
-    for token, mask, weight in zip(sample["tokens"], sample["loss_mask"], sample["weights"]):
+    decisive = sample.get("decisive") or [0] * len(sample["tokens"])
+    for token, mask, weight, marked in zip(sample["tokens"], sample["loss_mask"], sample["weights"], decisive):
         text = html.escape(token).replace("\n", "↵<br>")
         if mask:
-            spans.append(f'<span class="tok" style="background:{_colour(weight, scale)}" '
+            spans.append(f'<span class="tok{" dec" if marked else ""}" style="background:{_colour(weight, scale)}" '
                          f'title="w={weight:.3f}">{text}</span>')
         else:
             spans.append(f'<span class="ctx">{text}</span>')
-    header = (f"<h3>{html.escape(sample.get('title', ''))}</h3><p>reward={sample.get('reward', 0):.2f} "
+    outcome = "success" if sample.get("reward", 0) > 0 else "failure"
+    when = f"iteration {sample['iteration']} · " if sample.get("iteration") is not None else ""
+    header = (f"<h3>{when}{outcome} — {html.escape(sample.get('title', ''))}</h3>"
+              f"<p>reward={sample.get('reward', 0):.2f} "
               f"advantage={sample.get('advantage', 0):+.3f} · weight range "
               f"[{min(weights, default=1):.3f}, {max(weights, default=1):.3f}] · colour saturates at 1±{scale:.3f}</p>")
     reference = html.escape(sample.get("reference") or "(no credit reference: plain GRPO weights)")
+    truth = html.escape(sample.get("truth") or "(the env reported no decisive step)")
     return (f'<div class="sample">{header}<div class="pair"><div class="traj">{"".join(spans)}</div>'
-            f'<div class="ref"><b>credit reference</b><pre>{reference}</pre></div></div></div>')
+            f'<div class="ref"><b>credit reference</b><pre>{reference}</pre>'
+            f'<b>ground truth (verifier): decisive step, underlined in the tokens</b><pre>{truth}</pre>'
+            f'</div></div></div>')
+
+
+LEGEND = ("<p class='legend'>Token colour = credit weight w of each generated token (the factor on its "
+          "trajectory's advantage): <span style='background:rgb(255,120,120)'>&nbsp;red: w &gt; 1&nbsp;</span> "
+          "more credit — more blame on a failure, more endorsement on a success; "
+          "<span style='background:rgb(120,120,255)'>&nbsp;blue: w &lt; 1&nbsp;</span> less; white: w = 1; "
+          "<span class='ctx'>grey text</span>: context (tool results, user, template), not trained. "
+          "<span class='tok dec'>Underlined</span>: tokens of the step the env's verifier marks as decisive "
+          "(failure: where it went wrong; success: the step that delivered the outcome). Good credit puts red "
+          "on the underlined tokens.</p>")
+
+
+def heatmap_pair_html(samples: Sequence[dict[str, Any]]) -> str:
+    """Samples side by side (a success and a failure of one mixed group) under the colour legend."""
+    cells = "".join(f'<div class="cell">{heatmap_html(s)}</div>' for s in samples)
+    return f'{LEGEND}<div class="side">{cells}</div>'
+
 
 
 def heatmap_png(sample: dict[str, Any], path: str) -> None:
@@ -137,8 +171,14 @@ def heatmap_png(sample: dict[str, Any], path: str) -> None:
     scale = max(0.05, float(np.nanmax(np.abs(weights - 1))))
     fig, ax = plt.subplots(figsize=(7, 1.0 + 0.25 * rows), dpi=110)
     image = ax.imshow(grid.reshape(rows, width), cmap="bwr", vmin=1 - scale, vmax=1 + scale, aspect="auto")
-    ax.set_title(f"credit weights of assistant tokens — {sample.get('title', '')}", fontsize=8)
     ax.set_yticks([])
+    decisive = [d for d, m in zip(sample.get("decisive") or [], sample["loss_mask"]) if m]
+    for index in np.flatnonzero(np.asarray(decisive, bool)):  # ground-truth decisive tokens: boxed
+        ax.add_patch(plt.Rectangle((index % width - 0.5, index // width - 0.5), 1, 1, fill=False, lw=0.8))
+    outcome = "success" if sample.get("reward", 0) > 0 else "failure"
+    when = f"iteration {sample['iteration']}, " if sample.get("iteration") is not None else ""
+    ax.set_title(f"{when}{outcome} — {sample.get('title', '')}\ncredit weight per assistant token: red w>1, "
+                 "blue w<1; boxed = the verifier's decisive step", fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path)
@@ -150,7 +190,16 @@ img{margin:4px;border:1px solid #ddd}.pair{display:flex;gap:12px}
 .traj{flex:3;font-family:monospace;font-size:12px;line-height:1.6;border:1px solid #ccc;padding:6px;
 max-height:420px;overflow:auto}.ref{flex:2;font-size:12px}.ref pre{white-space:pre-wrap;
 background:#f6f6f6;padding:6px;max-height:400px;overflow:auto}.ctx{color:#888}.tok{color:#000}
+.side{display:flex;gap:16px}.side .cell{flex:1;min-width:0}
+.dec{border-bottom:3px solid #000}.legend{font-size:12px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-size:12px}"""
+
+
+def _mean_spread(values: list[float]) -> str:
+    """"mean ± std (n runs)"; a single run is just its value (no "± 0.000")."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
 
 
 def _summary_table(groups: dict[str, list[str]]) -> str:
@@ -164,7 +213,7 @@ def _summary_table(groups: dict[str, list[str]]) -> str:
                 _, values = _series(records, key, phase)
                 if len(values):
                     finals[f"{phase} {key} (final)"].append(values[-1])
-        cells = " ".join(f"<td>{np.mean(v):.3f} ± {np.std(v):.3f}</td>" for v in finals.values())
+        cells = " ".join(f"<td>{_mean_spread(v)}</td>" for v in finals.values())
         rows.append((label, list(finals), cells))
     if not rows:
         return ""
@@ -191,10 +240,10 @@ def build_report(run_dirs: Sequence[str], out_dir: str | None = None,
         with open(path) as f:
             samples = json.load(f)
         parts.append(f"<h2>Token credit heatmaps — {html.escape(_label(d))}</h2>")
+        parts.append(heatmap_pair_html(samples))
         for i, sample in enumerate(samples):
             png = f"heatmap_{_label(d)}_{i}.png"
             heatmap_png(sample, os.path.join(out_dir, png))
-            parts.append(heatmap_html(sample))
             if os.path.exists(os.path.join(out_dir, png)):
                 parts.append(f'<img src="{png}" width="640">')
     parts.append("</body></html>")

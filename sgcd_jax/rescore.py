@@ -36,6 +36,7 @@ class SegmentResult:
     stored_token_advantages: np.ndarray  # [N, T] recomputed with the original config
     new_token_advantages: np.ndarray  # [N, T]
     counted: np.ndarray  # [N, T] bool: loss tokens of trajectories with A != 0
+    localization: dict = dataclasses.field(default_factory=dict)  # {"stored"|"new": credit/localization_* }
 
 
 def parse_overrides(args: Sequence[str], config_cls: type) -> dict[str, Any]:
@@ -127,10 +128,29 @@ def rescore(run_dir: str, overrides: dict[str, Any]) -> list[SegmentResult]:
         counted = mask & (rows.trajectories["advantage"][:, None] != 0)
         stored = np.where(mask, rows.tokens["credit_weights"], 1.0)
         results.append(SegmentResult(rows.process_index, rows.iteration, stored,
-                                     np.where(mask, reproduced, 1.0), new, old_adv, new_adv, counted))
+                                     np.where(mask, reproduced, 1.0), new, old_adv, new_adv, counted,
+                                     segment_localization(rows, stored, new)))
     if not results:
         raise ValueError(f"{run_dir}/rollouts holds no iterations yet")
     return results
+
+
+def segment_localization(rows: rollout_store.IterationRows, stored: np.ndarray, new: np.ndarray) -> dict:
+    """Credit localization (sgcd_jax.credit.localization) of the stored and the rescored weights."""
+    from sgcd_jax.credit.localization import stored_localization  # lazy like the losses (the package imports a lot)
+
+    args = (rows.tokens["loss_mask"], rows.tokens["step_ids"], rows.trajectories["advantage"], rows.attrs)
+    return {"stored": stored_localization(stored, *args), "new": stored_localization(new, *args)}
+
+
+def summarize_localization(results: list[SegmentResult]) -> dict[str, float]:
+    """Per weighting, ``credit/localization_auroc`` etc. averaged over the segments that have one."""
+    out = {}
+    for which in ("stored", "new"):
+        found = [r.localization[which] for r in results if r.localization.get(which)]
+        for key in sorted({k for f in found for k in f}):
+            out[f"{which}/{key}"] = float(np.mean([f[key] for f in found if key in f]))
+    return out
 
 
 def summarize(results: list[SegmentResult], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -161,6 +181,7 @@ def summarize(results: list[SegmentResult], overrides: dict[str, Any]) -> dict[s
         "mean_abs_weight_change": float(diff.mean()) if len(diff) else 0.0,
         "frac_tokens_changed": float((diff > 1e-6).mean()) if len(diff) else 0.0,
         "per_iteration": per_iteration,
+        "localization": summarize_localization(results),
     }
 
 
@@ -218,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"p{r.process_index}_it{r.iteration}": r.new_weights for r in results})
     print(json.dumps({k: summary[k] for k in ("overrides", "reproduction_exact",
                                                "reproduction_max_abs_diff", "mean_abs_weight_change",
-                                               "frac_tokens_changed")}))
+                                               "frac_tokens_changed", "localization")}))
     if args.require_exact and not summary["reproduction_exact"]:
         raise SystemExit(f"stored weights not reproduced (max |diff| "
                          f"{summary['reproduction_max_abs_diff']:.3g}); see {out_dir}")

@@ -45,7 +45,8 @@ def test_readme_dry_run_command_prints_the_overridden_credit_config():
     print(f"dry run took {time.perf_counter() - start:.1f}s")
 
 
-@pytest.mark.parametrize("module", ["train", "eval", "compare", "rescore", "report", "bench", "memory_plan"])
+@pytest.mark.parametrize("module", ["train", "eval", "compare", "rescore", "report", "bench", "memory_plan",
+                                    "credit.replay_truth"])
 def test_help_exits_zero_and_says_python_m(module, capsys):
     import importlib
 

@@ -175,3 +175,16 @@ def test_unknown_preset_and_bad_bounds_are_explained():
         CreditConfig(eps_low_pos=1.0)
     with pytest.raises(ValueError, match="reverse_kl"):
         get("credit/sgcd")(_batch(0).replace(reverse_kl=None), CreditConfig(eta=0.1))
+
+
+def test_metrics_are_nan_not_zero_when_no_token_is_counted():
+    # a batch whose groups all share one reward: every advantage 0, no weight matters
+    shape = (3, 5)
+    batch = CreditBatch(advantages=jnp.zeros(3), student_logprobs=jnp.full(shape, -1.0),
+                        teacher_logprobs=jnp.full(shape, -0.5), loss_mask=jnp.ones(shape),
+                        reverse_kl=jnp.zeros(shape))
+    metrics = sgcd_credit(batch, CreditConfig()).metrics
+    for key in ("credit/weight_mean", "credit/weight_min", "credit/frac_at_upper", "credit/credit_moved"):
+        assert np.isnan(float(metrics[key])), key
+    counted = batch.replace(advantages=jnp.array([1.0, 0.0, -1.0]))
+    assert abs(float(sgcd_credit(counted, CreditConfig()).metrics["credit/weight_mean"]) - 1.0) < 1e-4

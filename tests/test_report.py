@@ -47,6 +47,43 @@ def test_report_compares_runs_and_writes_pngs(tmp_path):
     assert "eval state_change_success_rate (final)" in html
     assert os.path.getsize(tmp_path / "cmp" / "train_success_rate.png") > 1000
     assert "grpo" in html and "sgcd" in html and "cancelled a non-refundable booking" in html
+    # binary rewards: train reward repeats train success, so its plot is dropped
+    assert "train_reward_mean.png" not in html and not os.path.exists(tmp_path / "cmp" / "train_reward_mean.png")
+    assert "± 0.000" not in html  # one run per label: its value, no fake spread
+
+
+def test_reward_curve_kept_when_it_differs_from_success(tmp_path):
+    run_dir = os.path.join(tmp_path, "r")
+    logger = MetricsLogger(run_dir, tensorboard=False)
+    for step in range(1, 4):
+        logger.log(step, {"success_rate": 0.1 * step, "reward_mean": 0.1 * step + 0.05})
+    logger.close()
+    assert "train_reward_mean.png" in open(build_report([run_dir])).read()
+
+
+def test_credit_curve_skips_iterations_without_a_mixed_group(tmp_path):
+    from sgcd_jax.report import _series
+
+    logger = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step, value in ((1, 1.0), (2, float("nan")), (3, 0.98)):  # NaN: no counted token at step 2
+        logger.log(step, {"credit/weight_mean": value})
+    logger.close()
+    steps, values = _series(read_metrics(str(tmp_path)), "credit/weight_mean", "train")
+    assert steps.tolist() == [1, 3] and values.tolist() == [1.0, 0.98]
+
+
+def test_mixed_pair_side_by_side_with_legend_iteration_and_decisive_step(tmp_path):
+    from sgcd_jax.report import heatmap_pair_html
+
+    def sample(reward, decisive):
+        return {"title": f"t sibling {int(reward)}", "reward": reward, "advantage": reward - 0.5, "iteration": 7,
+                "tokens": ["u", "a", "b", "c"], "loss_mask": [0, 1, 1, 1], "weights": [1, 1.2, 0.8, 1.0],
+                "decisive": decisive, "truth": "env turn 1: reply_missing_info (no reply communicates Gold)"}
+    html = heatmap_pair_html([sample(1.0, [0, 0, 1, 0]), sample(0.0, [0, 0, 0, 1])])
+    assert html.count('class="cell"') == 2 and "red: w &gt; 1" in html and "blue: w &lt; 1" in html
+    assert "iteration 7 · success" in html and "iteration 7 · failure" in html
+    assert html.count('class="tok dec"') == 2  # one decisive token per sample, marked
+    assert "reply_missing_info" in html
 
 
 def test_resumed_logger_drops_steps_that_will_be_recomputed(tmp_path):

@@ -69,6 +69,7 @@ def test_original_config_reproduces_stored_weights_bitwise(run_dir):
     assert summary["reproduction_exact"] and summary["reproduction_max_abs_diff"] == 0.0
     assert summary["num_segments"] == 4 and summary["num_counted_tokens"] > 0
     assert summary["mean_abs_weight_change"] == 0.0
+    assert summary["localization"] == {}  # stored without decisive steps: nothing to score against
     assert (path / "rescore" / "original" / "comparison.png").stat().st_size > 1000
 
 
@@ -133,3 +134,32 @@ def test_weights_from_the_trainers_credit_step_are_reproduced_bitwise(tmp_path):
                         "credit_config": dataclasses.asdict(cfg)})
     summary = rescore.main(["--run_dir", str(tmp_path), "--require_exact"])
     assert summary["reproduction_exact"] and summary["num_counted_tokens"] > 20
+
+
+def test_localization_of_stored_and_rescored_weights_against_recorded_decisive_steps(tmp_path):
+    from sgcd_jax.credit.localization import localization_metrics
+
+    rng = np.random.default_rng(3)
+    cfg = CreditConfig()
+    lengths, features, advantages = _features(rng)
+    weights, token_adv = _credit(features, advantages, cfg, step=0)
+    decisive = [[0], [1], None, [0, 2], [2], [1]]
+    store = RolloutStore(tmp_path / "rollouts")
+    store.append(0, task_ids=[f"t{i // 2}" for i in range(N)], group_ids=[f"g{i // 2}" for i in range(N)],
+                 lengths=lengths, rewards=(advantages > 0).astype(np.float32), advantages=advantages,
+                 tokens=dict(features, credit_weights=weights, token_advantages=token_adv,
+                             token_ids=rng.integers(0, 100, (N, WIDTH)).astype(np.int32)),
+                 attrs={"credit_fn": "credit/sgcd", "step": 0, "padded_rows": N + PAD_ROWS,
+                        "credit_config": dataclasses.asdict(cfg), "decisive_steps": decisive})
+    summary = rescore.main(["--run_dir", str(tmp_path), "--credit.beta_neg=3.0"])
+    mask = features["loss_mask"] > 0
+    sets = [None if d is None else set(d) for d in decisive]
+    direct = localization_metrics(np.where(mask, weights, 1.0), features["loss_mask"], features["step_ids"],
+                                  advantages, sets)
+    assert summary["localization"]["stored/credit/localization_auroc"] == pytest.approx(
+        direct["credit/localization_auroc"], abs=1e-6)
+    assert summary["localization"]["stored/credit/localization_rows"] == direct["credit/localization_rows"] >= 3
+    new = rescore.rescore(str(tmp_path), {"beta_neg": 3.0})[0].new_weights
+    assert summary["localization"]["new/credit/localization_auroc"] == pytest.approx(
+        localization_metrics(new, features["loss_mask"], features["step_ids"], advantages, sets)[
+            "credit/localization_auroc"], abs=1e-6)

@@ -95,5 +95,10 @@ def test_mixed_groups_go_through_annotation_teacher_and_credit(tmp_path, monkeyp
         assert any(r["credit/weight_max"] > r["credit/weight_min"] for r in records), "credit weights all equal"  # NaN: none
         samples = json.load(open(os.path.join(run_dir, "samples.json")))
         assert any("Credit reference" in s["reference"] for s in samples)
+        # the report's pair: a success and a failure of one mixed group, its iteration, the env's truth
+        # every group is mixed, so the pair is the last iteration's, labelled with its metrics step
+        assert sorted(s["reward"] for s in samples) == [0.0, 1.0] and all(s["iteration"] == 2 for s in samples)
+        assert all(len(s["decisive"]) == len(s["tokens"]) for s in samples)
+        print("localization:", [r.get("credit/localization_auroc") for r in records])
     else:
         assert any(r.get("distill/teacher_log_ratio", 0.0) != 0 for r in records)

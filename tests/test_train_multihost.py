@@ -121,8 +121,13 @@ def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_p
     assert rescored.returncode == 0, rescored.stdout[-2000:] + rescored.stderr[-2000:]
 
     # Params after SFT + 2 RL updates (checkpoint 2) and after the resumed 3rd: equal within fp32
-    # reduction-order noise (Adam divides each entry by its own magnitude, so near-zero gradient
-    # entries carry ~1e-6 differences).
+    # reduction-order noise, which Adam amplifies where a gradient entry is near its ε = 1e-8 (the step
+    # lr·g/(|g|+ε) there turns a ~1e-12 gradient difference into ~1e-5). Measured max |Δparam|
+    # (tests/helpers/multihost_spread.py): 2.09e-05 on the 2-core x86 dev box, the same at checkpoints
+    # 1, 2 and 3 (it comes from the SFT warm-up, lr 3e-3, and does not grow), with the updates moving
+    # params by 7.8e-04 / 3.3e-04 (ratio ≤ 0.064); 1.35e-05 on another x86 machine (issue 15), where the
+    # old bound 1e-5 failed. 1e-4 and moved/3 leave ≥ 5x margin over both, and stay ~10x below what one
+    # wrongly reduced or unsynchronised update moves an entry by (O(lr) = 1e-3).
     for step in (2, 3):
         final_single, final_multi = load_params(single_process_run, step), load_params(run_dir, step)
         before = load_params(single_process_run, step - 1)
@@ -131,7 +136,7 @@ def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_p
         moved = max(np.abs(final_single[k] - before[k]).max() for k in final_single)
         print(f"step {step}: param max |1 process - 2 processes| = {diff:.3g}; the update moved params by {moved:.3g}")
         assert moved > 1e-4, "the RL update did not change the params"
-        assert diff < 1e-5 and diff < moved / 20
+        assert diff < 1e-4 and diff < moved / 3
 
     # Job-wide metrics (reduced across processes, logged by process 0) match the one-process run.
     records = train_records(run_dir)

@@ -240,14 +240,15 @@ def credit_metrics(weights, token_advantages, advantages, mask, low, high, lam) 
     at_high = counted & (weights >= high * (1 - 1e-6))
     abs_a = jnp.abs(jnp.broadcast_to(advantages, mask.shape))
     moved = jnp.where(counted, jnp.abs(token_advantages - advantages), 0.0).sum()
-    nan = jnp.float32(jnp.nan)  # no token with a non-zero advantage: these means have no elements
-    return {
-        "credit/weight_mean": jnp.where(any_counted, jnp.where(counted, weights, 0.0).sum() / total, nan),
-        "credit/weight_min": jnp.where(any_counted, jnp.where(counted, weights, jnp.inf).min(), nan),
-        "credit/weight_max": jnp.where(any_counted, jnp.where(counted, weights, -jnp.inf).max(), nan),
-        "credit/frac_at_lower": jnp.where(any_counted, at_low.sum() / total, nan),
-        "credit/frac_at_upper": jnp.where(any_counted, at_high.sum() / total, nan),
-        "credit/credit_moved": jnp.where(
-            any_counted, moved / jnp.maximum(jnp.where(counted, abs_a, 0.0).sum(), 1e-8), nan),
-        "credit/lambda": jnp.asarray(lam, jnp.float32),
+    # No counted token (no group with a nonzero advantage): NaN, which the metrics log keeps apart
+    # from a real value; a 0 here drew the weight-mean curve down to 0 on such iterations.
+    stats = {
+        "credit/weight_mean": jnp.where(counted, weights, 0.0).sum() / total,
+        "credit/weight_min": jnp.where(counted, weights, jnp.inf).min(),
+        "credit/weight_max": jnp.where(counted, weights, -jnp.inf).max(),
+        "credit/frac_at_lower": at_low.sum() / total,
+        "credit/frac_at_upper": at_high.sum() / total,
+        "credit/credit_moved": moved / jnp.maximum(jnp.where(counted, abs_a, 0.0).sum(), 1e-8),
     }
+    return {**{k: jnp.where(any_counted, v, jnp.nan) for k, v in stats.items()},
+            "credit/lambda": jnp.asarray(lam, jnp.float32)}

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sgcd_jax.credit.localization import decisive_sample_fields, pick_mixed_pair
 from sgcd_jax.credit.teacher import render_credit_text
 from sgcd_jax.report import write_samples as _write_samples
 from sgcd_jax.rollout.toolparse import PARSE_ERROR_KINDS
@@ -30,19 +31,13 @@ def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dic
             "budget_cut_episodes": float(sum(t.termination == "max_tokens" for t in trajectories))}
 
 
-def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
-    """A failed and a successful sibling of one annotated group, with per-token weights."""
-    picked = []
-    for group_id, reference in references.items():
-        if reference is None:
-            continue
-        rows = [i for i, t in enumerate(trajectories) if t.group_id == group_id]
-        picked = rows[:limit]
-        break
-    if not picked:
-        picked = list(range(min(limit, len(trajectories))))
+def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2,
+                   iteration: int | None = None) -> list[dict]:
+    """A successful and a failed sibling of one mixed group (an annotated one first), with per-token
+    weights and the env's decisive steps; [] when no group is mixed (the last mixed group stays shown)."""
+    picked = pick_mixed_pair(trajectories, host["advantages"], [g for g, r in references.items() if r is not None])
     samples = []
-    for row in picked:
+    for row in picked[:limit]:
         traj = trajectories[row]
         ids = traj.token_ids.tolist()
         weights = np.ones(len(ids), np.float32)
@@ -50,10 +45,11 @@ def report_samples(trajectories: list[Trajectory], host: dict, references: dict,
         reference = references.get(traj.group_id)
         start = max(traj.prompt_len - 1, 0)
         samples.append({"title": f"{traj.task_id} sibling {traj.sample_index}", "reward": float(traj.reward),
-                        "advantage": float(host["advantages"][row]),
+                        "advantage": float(host["advantages"][row]), "iteration": iteration,
                         "tokens": chat.token_strings(ids[start:]), "loss_mask": traj.loss_mask[start:].tolist(),
                         "weights": weights[start:].tolist(),
-                        "reference": render_credit_text(reference, traj) if reference is not None else ""})
+                        "reference": render_credit_text(reference, traj) if reference is not None else "",
+                        **decisive_sample_fields(traj, start)})
     return samples
 
 

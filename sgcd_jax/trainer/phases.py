@@ -24,6 +24,7 @@ from sgcd_jax.learner.batch_layout import (_check_same_shapes, any_process, loca
                                    process_task_count, rows_multiple, to_mesh)
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.credit import SelectionConfig, select_groups
+from sgcd_jax.credit.localization import decisive_step_lists, trajectory_localization
 from sgcd_jax.credit.selection import fill_mixed_groups
 from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.trainer.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
@@ -132,6 +133,7 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
                  sample_indices=[t.sample_index for t in trajectories],
                  attrs={"credit_fn": f"credit/{config.loss.credit}",
                         "credit_config": dataclasses.asdict(config.credit), "step": iteration,
+                        "decisive_steps": decisive_step_lists(trajectories),
                         "padded_rows": rows})
 
 
@@ -215,7 +217,10 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
         metrics["teacher/log_ratio_mean"] = float(_masked_mean(teacher_logprobs - features["student_logprobs"], mask))
         metrics["teacher/reverse_kl_mean"] = float(_masked_mean(features["reverse_kl"], mask))
     host = {"weights": distributed.local_rows(credit.weights),
-            "advantages": distributed.local_rows(advantages.advantages), "target_mask": host_batch.target_mask}
+            "advantages": distributed.local_rows(advantages.advantages), "target_mask": host_batch.target_mask,
+            "step_ids": host_batch.step_ids,
+            **({"log_ratio": distributed.local_rows(teacher_logprobs - features["student_logprobs"])}
+               if needs_teacher else {})}
     return {**metrics, **timings}, host
 
 
@@ -301,7 +306,9 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
         counters.updates += 1
         counters.skipped_updates += int(update_metrics.get("skipped", 0) > 0)
         metrics.update(update_metrics)
-        samples = report_samples(kept, host, references, chat)
+        metrics.update(trajectory_localization(kept, host))  # credit vs the env's decisive steps
+        # labelled with the step its metrics are logged at (train.py logs update index i as step i + 1)
+        samples = report_samples(kept, host, references, chat, iteration=rolled.index + 1)
     metrics["time/update_phase_s"] = time.perf_counter() - update_started
     return metrics, samples
 

@@ -17,6 +17,7 @@ from sgcd_jax.envs.airline_lite.generator import TOOLS, generate_db, generate_ta
 from sgcd_jax.envs.base import Task
 from sgcd_jax.envs.conversation import PROPER_ENDS, ToolConversation
 from sgcd_jax.envs.cowdb import CowDB
+from sgcd_jax.envs.credit_truth import conversation_truth
 from sgcd_jax.envs.tau_airline.evaluator import replay_gold
 from sgcd_jax.envs.tau_airline.schemas import TOOL_SPECS, validate_arguments
 from sgcd_jax.envs.tau_airline.tools import NOW, WRITE_TOOLS, AirlineTools
@@ -86,6 +87,8 @@ class AirlineLiteEnv(ToolConversation):
                 "communicate": communicated, "required_reads": reads_ok, "fail_reasons": reasons,
                 "termination": self.termination, "task_id": self.task.task_id,
                 "family": payload["family"], "difficulty": payload["difficulty"],
+                "credit_truth": conversation_truth(self, payload["actions"], payload["communicate_info"], reward,
+                                                   ended_ok, payload["required_reads"]),
                 **self.write_call_counts()}
 
     def _required_reads_done(self) -> dict[str, bool]:

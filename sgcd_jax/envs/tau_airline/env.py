@@ -8,6 +8,7 @@ from typing import Any
 from sgcd_jax.envs.base import Task
 from sgcd_jax.envs.conversation import PROPER_ENDS, ToolConversation
 from sgcd_jax.envs.cowdb import CowDB
+from sgcd_jax.envs.credit_truth import conversation_truth
 from sgcd_jax.envs.tau_airline import data
 from sgcd_jax.envs.tau_airline.evaluator import replay_gold, score
 from sgcd_jax.envs.tau_airline.schemas import tool_schemas
@@ -55,9 +56,12 @@ class TauAirlineEnv(ToolConversation):
         return self._evaluate()[0]
 
     def info(self) -> dict[str, Any]:
-        _, details = self._evaluate()
+        reward, details = self._evaluate()
+        criteria = self._criteria()
+        truth = conversation_truth(self, criteria["actions"], criteria["communicate_info"], reward,
+                                   details["ended_by_stop"])
         return {**details, **self.write_call_counts(), "termination": self.termination,
-                "task_id": self.task.task_id,
+                "task_id": self.task.task_id, "credit_truth": truth,
                 "user_fallbacks": getattr(self.user, "failures", 0)}  # LLM-user turns the scripted user played
 
     def _evaluate(self) -> tuple[float, dict[str, Any]]:
