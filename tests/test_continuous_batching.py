@@ -71,6 +71,7 @@ def setup():
     return renderer, model, sampler
 
 
+@pytest.mark.slow  # three rollouts (sync, continuous, again) compile every bucket: 167 s call on a loaded 2-core CPU
 def test_continuous_equals_synchronous_token_for_token(setup):
     renderer, model, sampler = setup
     tasks = [Task("t-1", "chatty"), Task("t-4", "chatty"), Task("t-2", "chatty")]
