@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -125,6 +126,7 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
         _check(self.group_size >= 2, "rl.group_size (G) must be >= 2 for group advantages")
@@ -146,13 +148,19 @@ class CreditSpec:
     gemini_model: str = "gemini-2.5-flash"
     cache_dir: str = ""  # "" = run_dir/annotation_cache
     async_annotation: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1 (train.py)
+    # One timeout for annotation: each Gemini HTTP request and the trainer's wait for a group's
+    # reference; a call still running after it is abandoned (daemon thread; sgcd_jax/daemon_pool.py).
     timeout_s: float = 60.0
+    gemini_base_url: str = ""  # "" = Google's endpoint; else a Gemini-compatible proxy / server (HttpOptions.base_url)
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
 
     def __post_init__(self):
         _one_of("credit.annotator", self.annotator, ("contrast", "gemini", "replay", "none"))
         _one_of("credit.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
         _check(self.max_oversample_rounds >= 0, "credit.max_oversample_rounds must be >= 0")
+        _check(math.isfinite(self.timeout_s) and self.timeout_s > 0, "credit.timeout_s must be a finite number > 0")
+        _check(not self.gemini_base_url or self.gemini_base_url.startswith(("http://", "https://")),
+               f"credit.gemini_base_url={self.gemini_base_url!r} must start with http:// or https:// ('' = Google's)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

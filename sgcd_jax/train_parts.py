@@ -158,7 +158,8 @@ def build_annotation_queue(credit: CreditSpec, run_dir: str) -> AsyncAnnotationQ
     gemini = None
     if credit.annotator == "gemini":
         from sgcd_jax.credit.gemini import GeminiConfig
-        gemini = GeminiConfig(model=credit.gemini_model)
+        gemini = GeminiConfig(model=credit.gemini_model, timeout_s=credit.timeout_s,
+                              base_url=credit.gemini_base_url or None)
     annotator = build_annotator(AnnotatorConfig(kind=credit.annotator, cache_dir=cache_dir, gemini=gemini))
     return AsyncAnnotationQueue(annotator, max_workers=4)
 

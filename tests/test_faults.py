@@ -44,3 +44,127 @@ def test_row_08_deep_or_huge_tool_call_is_an_error_observation(payload):
     # brackets inside strings do not count; a normal call still parses
     ok = parse_tool_calls('<tool_call>{"name": "get_user_details", "arguments": {"q": "' + "[" * 200 + '"}}</tool_call>', tools)
     assert ok.errors == () and ok.action.tool_calls[0].arguments == {"q": "[" * 200}
+
+
+# ---- row 5: annotation-cache entries are checked against their key; nested JSON is a miss ---------
+def test_row_05_swapped_or_nested_annotation_cache_entries_are_rejected_and_rewritten(tmp_path):
+    from helpers.credit_fixtures import cancel_group
+    from sgcd_jax.credit.cache import CachingAnnotator, cache_key
+    from sgcd_jax.credit.contrast import ContrastAnnotator
+
+    first, second = cancel_group("g0"), cancel_group("g1")
+    second.trajectories[0].reward = 0.75  # another input → another key and another reference
+    calls = []
+
+    class Counting(ContrastAnnotator):
+        def annotate(self, group):
+            calls.append(group.group_id)
+            return super().annotate(group)
+
+    caching = CachingAnnotator(Counting(), tmp_path)
+    caching.annotate(first), caching.annotate(second)
+    ident = caching.identity()
+    path_a, path_b = (caching.cache.path(cache_key(g, ident)) for g in (first, second))
+    text_a, text_b = path_a.read_text(), path_b.read_text()
+    path_a.write_text(text_b), path_b.write_text(text_a)  # swap the two entries
+    fresh = CachingAnnotator(Counting(), tmp_path)
+    assert fresh.annotate(first).reason != "cache_hit" and fresh.annotate(second).reason != "cache_hit"
+    assert fresh.as_metrics()["credit_cache/rejected"] == 2
+    assert json.loads(path_a.read_text())["key"] == cache_key(first, ident)  # rewritten correctly
+    # an edited reference (its stored hash no longer matches) is rejected too
+    entry = json.loads(path_a.read_text())
+    entry["reference"]["summary"] = "tampered " + str(entry["reference"].get("summary", ""))
+    path_a.write_text(json.dumps(entry))
+    assert CachingAnnotator(Counting(), tmp_path).annotate(first).reason != "cache_hit"
+    # a deeply nested entry: a counted miss that gets rewritten, not a RecursionError forever
+    path_b.write_text("[" * 100_000 + "]" * 100_000)
+    third = CachingAnnotator(Counting(), tmp_path)
+    assert third.annotate(second).reference is not None and third.as_metrics()["credit_cache/rejected"] == 1
+    assert CachingAnnotator(Counting(), tmp_path).annotate(second).reason == "cache_hit"
+
+
+# ---- row 6: a fallback reference is cached under the fallback's identity ---------------------------
+def test_row_06_fallback_reference_is_not_cached_under_the_primary_identity(tmp_path):
+    from helpers.credit_fixtures import cancel_group
+    from sgcd_jax.credit.annotator import AnnotationResult, FallbackAnnotator
+    from sgcd_jax.credit.cache import CachingAnnotator, ReplayAnnotator
+    from sgcd_jax.credit.contrast import ContrastAnnotator
+
+    class Primary:  # stands in for Gemini: fails (run 1), then answers (run 2)
+        name = "primary"
+
+        def __init__(self, healthy):
+            self.healthy, self.calls = healthy, 0
+
+        def identity(self):
+            return "primary-v1"
+
+        def annotate(self, group):
+            self.calls += 1
+            if not self.healthy:
+                return AnnotationResult(group.group_id, None, "http_500", source=self.name)
+            result = ContrastAnnotator().annotate(group)
+            return AnnotationResult(group.group_id, result.reference, "ok", source=self.name)
+
+    group = cancel_group("g0")
+    down = Primary(healthy=False)
+    first = CachingAnnotator(FallbackAnnotator(down, ContrastAnnotator()), tmp_path).annotate(group)
+    assert first.reason == "fallback:http_500" and first.reference is not None
+    up = Primary(healthy=True)
+    second = CachingAnnotator(FallbackAnnotator(up, ContrastAnnotator()), tmp_path).annotate(group)
+    assert up.calls == 1 and second.reason == "ok"  # the healthy primary is asked, not served the fallback
+    # the fallback's answer is replayable under the fallback's own identity
+    assert ReplayAnnotator(tmp_path, ContrastAnnotator().identity()).annotate(group).reason == "cache_hit"
+
+
+# ---- row 7: one config timeout bounds annotation; a hung annotator thread cannot pin exit ----------
+def test_row_07_annotator_timeout_and_base_url_come_from_config(tmp_path):
+    from sgcd_jax.config import ConfigError, CreditSpec
+    from sgcd_jax.train_parts import build_annotation_queue
+
+    os.environ.setdefault("GEMINI_API_KEY", "test-key-not-real")
+    queue = build_annotation_queue(CreditSpec(annotator="gemini", timeout_s=7.5,
+                                              gemini_base_url="http://127.0.0.1:9/"), str(tmp_path))
+    try:
+        gemini = queue.annotator.inner.primary
+        assert gemini.config.timeout_s == 7.5 and gemini.config.base_url == "http://127.0.0.1:9/"
+        assert gemini._client._api_client._http_options.base_url == "http://127.0.0.1:9/"
+        assert gemini._client._api_client._http_options.timeout == 7500  # ms, per HTTP request
+    finally:
+        queue.close(wait=False)
+    with pytest.raises(ConfigError, match="credit.timeout_s"):
+        CreditSpec(timeout_s=float("inf"))
+    with pytest.raises(ConfigError, match="credit.gemini_base_url"):
+        CreditSpec(gemini_base_url="127.0.0.1:8080")
+
+
+HUNG_ANNOTATOR = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from helpers.credit_fixtures import cancel_group
+from sgcd_jax.credit.async_queue import AsyncAnnotationQueue
+
+class Hung:
+    name = "hung"
+    def identity(self): return "hung"
+    def annotate(self, group): time.sleep(3600)
+
+queue = AsyncAnnotationQueue(Hung())
+queue.submit([cancel_group()])
+print(list(queue.collect(timeout_s=0.5).values())[0].reason, flush=True)
+queue.close(wait=False)
+"""
+
+
+def test_row_07_hung_annotator_thread_does_not_hold_process_exit():
+    import subprocess
+    import sys
+    import time
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", HUNG_ANNOTATOR.format(tests=tests)], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(tests))
+    elapsed = time.monotonic() - started
+    assert out.returncode == 0 and out.stdout.strip() == "queue_timeout", out.stderr[-2000:]
+    assert elapsed < 30, f"exit took {elapsed:.1f} s after a 0.5 s deadline: a hung thread held it"

@@ -43,6 +43,9 @@ class AnnotationResult:
     usage: Usage = dataclasses.field(default_factory=Usage)
     latency_s: float = 0.0
     source: str = ""  # which annotator produced the reference
+    # identity() of the annotator that produced the reference when it is not the one asked (a
+    # fallback's): caches store the reference under that identity, never the asked annotator's.
+    identity: str = ""
 
     @property
     def ok(self) -> bool:
@@ -120,4 +123,5 @@ class FallbackAnnotator:
         usage.add(second.usage)
         reason = f"fallback:{first.reason}" if second.reference is not None else first.reason
         return AnnotationResult(group.group_id, second.reference, reason, usage,
-                                time.monotonic() - start, second.source or self.fallback.name)
+                                time.monotonic() - start, second.source or self.fallback.name,
+                                identity=second.identity or self.fallback.identity())
