@@ -1,7 +1,7 @@
 """Typed, frozen, validated training configuration.
 
 Experiments are Python files (``configs/*.py``) whose ``get_config()`` returns an
-``ml_collections.ConfigDict``; command-line overrides (``--config.rl.group_size=8``) are applied by
+``ml_collections.ConfigDict``; command-line overrides (``--config.rollout.group_size=8``) are applied by
 ``ml_collections.config_flags``. ``from_config_dict`` then converts the dict into the dataclasses
 below: unknown keys and bad values raise ``ConfigError`` naming the key and the fix, before any
 model is built. ``save_resolved`` writes the resolved config (never secrets) into the run dir.
@@ -129,7 +129,10 @@ class RolloutSpec:
     env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
-        _check(self.group_size >= 2, "rl.group_size (G) must be >= 2 for group advantages")
+        _check(self.group_size >= 2, "rollout.group_size (G) must be >= 2 for group advantages")
+        _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
+        _check(math.isfinite(self.env_timeout_s) and self.env_timeout_s > 0,
+               "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")

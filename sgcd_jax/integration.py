@@ -100,7 +100,8 @@ def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, te
                             top_p=r.top_p, top_k=r.top_k)
     sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids(), mesh=mesh)
     return RolloutEngine(sampler, chat.renderer, RolloutConfig(
-        max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens))
+        max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens,
+        env_timeout_s=r.env_timeout_s))
 
 
 def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task], group_size: int,

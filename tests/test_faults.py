@@ -168,3 +168,92 @@ def test_row_07_hung_annotator_thread_does_not_hold_process_exit():
     elapsed = time.monotonic() - started
     assert out.returncode == 0 and out.stdout.strip() == "queue_timeout", out.stderr[-2000:]
     assert elapsed < 30, f"exit took {elapsed:.1f} s after a 0.5 s deadline: a hung thread held it"
+
+
+# ---- row 9: an env call that never returns ends its episode and cannot hold the process ------------
+HUNG_ENV = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import jax
+import test_rollout as tr
+from sgcd_jax.envs.base import Task
+from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
+
+class Forever(tr.WeatherEnv):
+    def step(self, action):
+        time.sleep(3600)
+
+class F(tr.Factory):
+    def make(self): return Forever()
+
+renderer = tr.ChatRenderer(tr.load_tokenizer("smollm2-135m-instruct"))
+engine = RolloutEngine(tr.ScriptedPolicy(tr.scripted_turns(renderer)), renderer,
+                       RolloutConfig(env_timeout_s=0.5, max_turns=3))
+trajs = engine.run([Task("t", "weather")], F(), group_size=2, rng=jax.random.key(0))
+print(",".join(t.termination for t in trajs), flush=True)
+print("returned_at", time.monotonic(), flush=True)
+"""
+
+
+def test_row_09_hung_env_thread_does_not_hold_process_exit():
+    import subprocess
+    import sys
+    import time
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", HUNG_ENV.format(tests=tests)], capture_output=True, text=True,
+                         timeout=180, cwd=os.path.dirname(tests))
+    exited = time.monotonic()
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and lines[0] == "env_timeout,env_timeout", out.stderr[-2000:]
+    after_run = exited - float(lines[1].split()[1])  # CLOCK_MONOTONIC is system-wide on Linux
+    assert after_run < 10, f"process exit took {after_run:.1f} s after the rollout returned"
+
+
+def test_row_09_env_timeout_is_a_config_key():
+    from sgcd_jax.config import ConfigError, RolloutSpec, TrainConfig
+    from sgcd_jax.integration import make_engine
+
+    class Chat:
+        class renderer:  # noqa: N801
+            @staticmethod
+            def stop_token_ids():
+                return [0]
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sgcd_jax.models import Decoder, ModelConfig
+
+    model = Decoder(ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                num_kv_heads=1, head_dim=8, max_position_embeddings=64, dtype=jnp.float32),
+                    rngs=nnx.Rngs(0))
+    engine = make_engine(model, Chat(), TrainConfig(rollout=RolloutSpec(env_timeout_s=2.5)))
+    assert engine.config.env_timeout_s == 2.5
+    with pytest.raises(ConfigError, match="rollout.env_timeout_s"):
+        RolloutSpec(env_timeout_s=0.0)
+
+
+# ---- row 10: a NaN reward is scored 0 and counted at the env boundary -------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0x"])
+def test_row_10_non_finite_reward_is_rejected_at_the_env_boundary(bad):
+    import jax
+
+    import test_rollout as tr
+    from sgcd_jax.envs.base import Task
+    from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
+
+    class BadReward(tr.WeatherEnv):
+        def reward(self):
+            return bad
+
+    class F(tr.Factory):
+        def make(self):
+            return BadReward()
+
+    renderer = tr.ChatRenderer(tr.load_tokenizer("smollm2-135m-instruct"))
+    engine = RolloutEngine(tr.ScriptedPolicy(tr.scripted_turns(renderer)), renderer, RolloutConfig(max_turns=5))
+    trajs = engine.run([Task("t", "weather")], F(), group_size=2, rng=jax.random.key(0))
+    assert [t.reward for t in trajs] == [0.0, 0.0]
+    assert all(t.metrics["reward_errors"] == 1.0 for t in trajs)
+    assert all(np.isfinite(t.reward) for t in trajs)

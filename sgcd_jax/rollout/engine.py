@@ -25,6 +25,7 @@ import numpy as np
 
 from sgcd_jax.envs.base import AgentAction, EnvFactory, EnvReset, Task
 from sgcd_jax.rollout.episode import EnvCallError, Episode, checked_env_step, wait_result
+from sgcd_jax.daemon_pool import DaemonThreadPool
 from sgcd_jax.rollout.toolparse import parse_tool_calls
 from sgcd_jax.rollout.trajectory import Step, Trajectory
 from sgcd_jax.sampling.session import TurnOutput
@@ -103,7 +104,7 @@ class RolloutEngine:
         self._runs += 1
         started = time.monotonic()
         cfg = self.config
-        pool = concurrent.futures.ThreadPoolExecutor(cfg.env_workers, thread_name_prefix="env")
+        pool = DaemonThreadPool(cfg.env_workers, thread_name_prefix="env")  # a hung env call cannot pin exit
         try:
             episodes = [Episode(key=(t, g), task=task, group_id=f"{task.task_id}/run{self._runs}")
                         for t, task in enumerate(tasks) for g in range(group_size)]
