@@ -247,7 +247,11 @@ class OptimSpec:
     trainable: str = ""
 
     def __post_init__(self):
-        _check(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        _check(math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1.0,
+               f"optim.learning_rate={self.learning_rate!r} must be finite and in (0, 1] (AdamW moves each "
+               "weight by about lr per update)")
+        for key in ("b1", "b2", "end_lr_fraction", "weight_decay", "grad_clip"):
+            _check(math.isfinite(getattr(self, key)), f"optim.{key} must be finite")
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
         _check(self.updates_per_iteration >= 1, "optim.updates_per_iteration must be >= 1")
@@ -277,6 +281,8 @@ class SFTSpec:
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,
                "sft.steps >= 0, sft.batch_size >= 1 and sft.num_demos >= 1 required")
         _check(0.0 <= self.demo_shortcut_rate <= 1.0, "sft.demo_shortcut_rate must be in [0, 1]")
+        _check(math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1.0,
+               f"sft.learning_rate={self.learning_rate!r} must be finite and in (0, 1]")
         from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS
 
         _check(self.demo_shortcut in ("",) + SHORTCUTS,

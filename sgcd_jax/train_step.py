@@ -9,6 +9,7 @@ aggregation mode.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -61,6 +62,9 @@ def trainable_labels(params, pattern: str):
     return labels
 
 
+MAX_LEARNING_RATE = 1.0  # AdamW steps each weight by ~lr: above this a single update destroys the policy
+
+
 def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | None = None, *,
                    trainable: str | None = None) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine (or constant) schedule, after global-norm clipping.
@@ -76,6 +80,9 @@ def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | No
 
 def _adamw(optim: OptimSpec, total_steps: int, learning_rate: float | None) -> optax.GradientTransformation:
     peak = optim.learning_rate if learning_rate is None else learning_rate
+    if not (math.isfinite(peak) and 0 < peak <= MAX_LEARNING_RATE):
+        raise ValueError(f"learning rate {peak!r} must be finite and in (0, {MAX_LEARNING_RATE}] "
+                         "(optim.learning_rate / sft.learning_rate): AdamW moves each weight by about lr per step")
     total_steps = max(total_steps, optim.warmup_steps + 1)
     if optim.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
@@ -220,6 +227,7 @@ class Learner:
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt_state = self.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        finite = finite & _all_finite(new_params)  # e.g. an inf/huge learning rate: finite grads, NaN params
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_params = jax.tree.map(keep, new_params, params)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)

@@ -257,3 +257,30 @@ def test_row_10_non_finite_reward_is_rejected_at_the_env_boundary(bad):
     assert [t.reward for t in trajs] == [0.0, 0.0]
     assert all(t.metrics["reward_errors"] == 1.0 for t in trajs)
     assert all(np.isfinite(t.reward) for t in trajs)
+
+
+# ---- row 11: the update guard rejects non-finite updated params; bad learning rates rejected -----
+def test_row_11_update_guard_rejects_non_finite_params_and_bad_learning_rates():
+    import jax
+    import optax
+
+    from test_train_step import spec, step_inputs, teacher_prompts, tiny_model, trajectories
+    from sgcd_jax.config import ConfigError, OptimSpec, SFTSpec
+    from sgcd_jax.train_step import Learner, make_optimizer
+
+    model, trajs = tiny_model(), trajectories()
+    inputs, _ = step_inputs(model, trajs, teacher_prompts())
+    learner = Learner(model, optax.sgd(float("inf")), spec())  # finite loss and grads, inf step
+    before = jax.tree.map(np.array, learner.params)
+    metrics = learner.update(inputs)
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert metrics["skipped"] == 1.0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(learner.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for bad in (float("inf"), float("nan"), 1e30):
+        with pytest.raises(ConfigError, match="optim.learning_rate"):
+            OptimSpec(learning_rate=bad)
+        with pytest.raises(ConfigError, match="sft.learning_rate"):
+            SFTSpec(learning_rate=bad)
+        with pytest.raises(ValueError, match="learning rate"):
+            make_optimizer(OptimSpec(), 10, learning_rate=bad)
