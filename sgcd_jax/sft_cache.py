@@ -5,7 +5,10 @@ the same post-SFT policy; without a cache each run repeats the warm-up (about a 
 run). The key is a hash of everything the warm-up's result depends on: the model spec, the SFT spec,
 the env spec, ``run.seed`` (init and demo order), ``rollout.max_total_tokens`` (which demos fit), the
 tokenizer's files and the optimizer settings SFT reuses. Entries are orbax checkpoints written to a
-temporary name and renamed, so a crash mid-write never leaves an entry that looks complete.
+temporary name and renamed, so a crash mid-write never leaves an entry that looks complete. Each
+entry's ``integrity.json`` stores its key and a fingerprint of the params (``sgcd_jax.integrity``);
+a restored entry whose key, fingerprint or finiteness does not check out is reported, removed and
+recomputed (random bytes in a params file used to restore as a hit and train on NaNs).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sgcd_jax import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +71,18 @@ def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tupl
                 restored = checkpointer.restore(os.path.join(entry, "params"), params)
             with open(os.path.join(entry, "metrics.json")) as f:
                 metrics = json.load(f)
+            _verify(entry, key, restored)
             return restored, {**metrics, "sft/cache_hit": 1.0}
         except Exception as err:  # noqa: BLE001 — a bad entry costs a recompute, never the run
             logger.warning("SFT cache entry %s unreadable (%s); recomputing it", entry, err)
             if jax.process_index() == 0:
                 shutil.rmtree(entry, ignore_errors=True)
     new_params, metrics = run_sft()
+    digest, finite = integrity.fingerprint(new_params)
+    if not all(finite):
+        logger.error("SFT warm-up produced non-finite params (%s); not caching them",
+                     integrity.non_finite_paths(new_params, finite)[:5])
+        return new_params, {**metrics, "sft/cache_hit": 0.0}
     tmp = f"{entry}.tmp-{_job_token()}"  # one name for every process of the job: orbax writes it together
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -80,6 +91,8 @@ def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tupl
         if jax.process_index() == 0:
             with open(os.path.join(tmp, "metrics.json"), "w") as f:
                 json.dump({k: float(v) for k, v in metrics.items()}, f)
+            with open(os.path.join(tmp, "integrity.json"), "w") as f:
+                json.dump({"key": key, "params_fingerprint": digest}, f)
             if not os.path.isdir(entry):
                 os.replace(tmp, entry)
     except OSError as err:  # a full or read-only disk must not lose the run: train on without the cache
@@ -88,3 +101,19 @@ def cached_sft(params: Any, key: str, cache_dir: str, run_sft: Callable[[], tupl
         if jax.process_index() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
     return new_params, {**metrics, "sft/cache_hit": 0.0}
+
+
+class CorruptEntry(ValueError):
+    """An SFT cache entry whose contents do not match what was written."""
+
+
+def _verify(entry: str, key: str, params: Any) -> None:
+    with open(os.path.join(entry, "integrity.json")) as f:  # missing (pre-integrity entry): recomputed
+        stored = json.load(f)
+    if stored.get("key") != key:
+        raise CorruptEntry(f"entry names key {stored.get('key')!r}, not {key!r} (moved or copied)")
+    digest, finite = integrity.fingerprint(params)
+    if not all(finite):
+        raise CorruptEntry(f"non-finite params in {integrity.non_finite_paths(params, finite)[:5]}")
+    if digest != stored.get("params_fingerprint"):
+        raise CorruptEntry("params do not match the fingerprint stored with them (files changed on disk)")

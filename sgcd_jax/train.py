@@ -100,7 +100,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     latest = checkpointer.latest_step() if config.run.resume else None
     saveable = lambda: {**learner.state(), "rng": _global_key(rng, mesh)}  # noqa: E731
     if latest is not None:
-        state, meta = checkpointer.restore(latest, saveable())
+        latest, state, meta = checkpointer.restore_latest(saveable())  # a corrupt newest step → the previous intact one
         learner.load_state(state)
         rng = _local_key(state["rng"])
         stream.set_state(meta["data"])

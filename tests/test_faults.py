@@ -284,3 +284,150 @@ def test_row_11_update_guard_rejects_non_finite_params_and_bad_learning_rates():
             SFTSpec(learning_rate=bad)
         with pytest.raises(ValueError, match="learning rate"):
             make_optimizer(OptimSpec(), 10, learning_rate=bad)
+
+
+# ---- rows 2, 3: checkpoints verified on restore, corrupt latest → previous intact one ------------
+def _ckpt_state(seed=0):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = {"w": jax.random.normal(jax.random.key(seed), (64, 64)), "b": jnp.arange(64.0) + seed}
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    return {"params": params, "opt_state": opt_state, "rng": jax.random.key(seed + 7)}
+
+
+def _data_files(step_dir):
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names]
+    return sorted((f for f in files if "/d/" in f), key=os.path.getsize, reverse=True)
+
+
+def _two_checkpoints(tmp_path):
+    from sgcd_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(str(tmp_path), keep=3)
+    for step in (1, 2):
+        assert ckpt.save(step, _ckpt_state(step), {"iteration": step}, force=True)
+    ckpt.close()
+    return TrainCheckpointer(str(tmp_path), keep=3)
+
+
+def test_row_02_random_bytes_in_a_checkpoint_data_file_are_detected_and_the_previous_one_used(tmp_path):
+    import jax
+
+    from sgcd_jax.checkpoint import CorruptCheckpoint
+
+    ckpt = _two_checkpoints(tmp_path)
+    target = _data_files(os.path.join(ckpt.directory, "2"))[0]
+    size = os.path.getsize(target)
+    with open(target, "r+b") as f:  # 4 KB of random bytes in the middle, size unchanged
+        f.seek(max(size // 2 - 2048, 0))
+        f.write(np.random.default_rng(0).bytes(min(4096, size)))
+    assert os.path.getsize(target) == size
+    with pytest.raises(CorruptCheckpoint, match=r"checkpoints/2"):
+        ckpt.restore(2, _ckpt_state(9))
+    step, state, meta = ckpt.restore_latest(_ckpt_state(9))
+    assert step == 1 and meta == {"iteration": 1}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(_ckpt_state(1)["params"]["w"]))
+    assert os.path.isdir(os.path.join(ckpt.directory, "corrupt-2")) and ckpt.latest_step() == 1
+    assert ckpt.save(2, _ckpt_state(2), {"iteration": 2}, force=True)  # step 2 is written again, not skipped
+    ckpt.wait()
+    assert ckpt.restore_latest(_ckpt_state(9))[0] == 2
+    ckpt.close()
+    del jax
+
+
+def test_row_02_swapped_values_that_still_decode_are_caught_by_the_fingerprint(tmp_path):
+    import jax.numpy as jnp
+
+    from sgcd_jax.checkpoint import CorruptCheckpoint, TrainCheckpointer
+
+    # Same bytes, other order: the decoder cannot notice, only a content check can. Saved through a
+    # second checkpointer whose arrays are the first's with two elements swapped, then its meta
+    # (holding the fingerprint of the original arrays) replaced by the original's.
+    original = _ckpt_state(1)
+    swapped = dict(original, params=dict(original["params"], b=jnp.asarray(original["params"]["b"]).at[0].set(2.0).at[2].set(1.0)))
+    a, b = TrainCheckpointer(str(tmp_path / "a")), TrainCheckpointer(str(tmp_path / "b"))
+    a.save(1, original, {"iteration": 1}, force=True), b.save(1, swapped, {"iteration": 1}, force=True)
+    a.close(), b.close()
+    import shutil
+    shutil.copy(os.path.join(a.directory, "1", "meta", "metadata"), os.path.join(b.directory, "1", "meta", "metadata"))
+    with pytest.raises(CorruptCheckpoint, match="fingerprint"):
+        TrainCheckpointer(str(tmp_path / "b")).restore(1, _ckpt_state(9))
+
+
+@pytest.mark.parametrize("damage", ["truncate_meta", "garbage_meta", "truncate_data", "delete_data"])
+def test_row_03_truncated_or_garbage_latest_falls_back_naming_the_bad_path(tmp_path, damage, caplog):
+    ckpt = _two_checkpoints(tmp_path)
+    step_dir = os.path.join(ckpt.directory, "2")
+    meta_file = os.path.join(step_dir, "meta", "metadata")
+    data = _data_files(step_dir)[0]
+    if damage == "truncate_meta":
+        open(meta_file, "r+b").truncate(5)
+    elif damage == "garbage_meta":
+        open(meta_file, "wb").write(b"\x00\xffnot json")
+    elif damage == "truncate_data":
+        open(data, "r+b").truncate(os.path.getsize(data) // 3)
+    else:
+        os.remove(data)
+    with caplog.at_level("ERROR"):
+        step, _, meta = ckpt.restore_latest(_ckpt_state(9))
+    assert step == 1 and meta["iteration"] == 1
+    assert any(step_dir in r.getMessage() for r in caplog.records)
+    ckpt.close()
+
+
+def test_row_02_non_finite_state_is_never_saved_and_never_rotates_out_a_good_one(tmp_path):
+    import jax.numpy as jnp
+
+    from sgcd_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(str(tmp_path), keep=1)
+    assert ckpt.save(1, _ckpt_state(1), {"iteration": 1}, force=True)
+    bad = _ckpt_state(2)
+    bad["params"]["w"] = bad["params"]["w"].at[3, 3].set(jnp.nan)
+    assert not ckpt.save(2, bad, {"iteration": 2}, force=True)
+    ckpt.save_best(2, bad, {"iteration": 2}, 0.9)
+    ckpt.wait()
+    assert ckpt.latest_step() == 1 and ckpt.best_step() is None
+    assert ckpt.restore_latest(_ckpt_state(9))[0] == 1
+    ckpt.close()
+
+
+# ---- row 4: SFT-cache entries verified on restore -------------------------------------------------
+def test_row_04_corrupt_or_misplaced_sft_cache_entry_is_recomputed_not_a_hit(tmp_path):
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from sgcd_jax.sft_cache import cached_sft
+
+    calls = []
+
+    def warm_up():
+        calls.append(1)
+        return {"w": jax.random.normal(jax.random.key(len(calls)), (128, 64))}, {"sft/nll_last": 0.5}
+
+    start = {"w": jnp.zeros((128, 64))}
+    cached_sft(start, "k", str(tmp_path), warm_up)
+    target = _data_files(str(tmp_path / "k" / "params"))[0]
+    size = os.path.getsize(target)
+    with open(target, "r+b") as f:  # random bytes, size unchanged
+        f.seek(max(size // 2 - 2048, 0))
+        f.write(np.random.default_rng(1).bytes(min(4096, size)))
+    params, metrics = cached_sft(start, "k", str(tmp_path), warm_up)
+    assert metrics["sft/cache_hit"] == 0.0 and len(calls) == 2
+    assert np.isfinite(np.asarray(params["w"])).all()
+    # an intact entry copied under another key is not that key's warm-up
+    shutil.copytree(tmp_path / "k", tmp_path / "other")
+    _, metrics = cached_sft(start, "other", str(tmp_path), warm_up)
+    assert metrics["sft/cache_hit"] == 0.0 and len(calls) == 3
+    assert cached_sft(start, "k", str(tmp_path), warm_up)[1]["sft/cache_hit"] == 1.0  # the rewritten entry hits
+
+    def nan_warm_up():
+        return {"w": jnp.full((128, 64), jnp.nan)}, {}
+
+    cached_sft(start, "nan", str(tmp_path), nan_warm_up)
+    assert not os.path.exists(tmp_path / "nan")  # non-finite warm-ups are never cached
