@@ -220,6 +220,10 @@ class LossSpec:
         for key in ("eps_high_pos", "eps_high_neg", "kl_coef", "sdpo_coef", "eta", "dual_clip"):
             _check(getattr(self, key) >= 0, f"loss.{key} must be >= 0")
         _check(self.vocab_chunk >= 1, "loss.vocab_chunk must be >= 1")
+        _check(math.isfinite(self.adv_eps) and self.adv_eps > 0,
+               f"loss.adv_eps={self.adv_eps!r} must be a finite number > 0 (it keeps A = (r-mean)/(std+eps) finite)")
+        for key in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "credit_lambda", "eta", "beta_pos", "beta_neg"):
+            _check(math.isfinite(getattr(self, key)), f"loss.{key} must be finite")
 
     @property
     def needs_teacher(self) -> bool:
@@ -323,6 +327,13 @@ class TrainConfig:
     mesh: MeshSpec = MeshSpec()
 
     def __post_init__(self):
+        # Keys that only fail deep inside a run (after SFT, eval, checkpoint 0) are checked here.
+        oracle_only = "only airline_lite has the oracle demonstrations it is built from"
+        _check(not self.sft.enabled or self.env.name == "airline_lite",
+               f"sft.enabled=True with env.name={self.env.name!r}: {oracle_only}; set sft.enabled=False")
+        _check(not (self.model.source == "tiny" and self.model.tokenizer == "domain-bpe") or self.env.name == "airline_lite",
+               f"model.tokenizer='domain-bpe' with env.name={self.env.name!r}: {oracle_only}; set model.tokenizer "
+               "to a tokenizer name or path (e.g. 'smollm2-135m-instruct')")
         if self.loss.credit != "none" or self.loss.sdpo_coef > 0:
             _check(self.credit.annotator != "none" or self.loss.sdpo_coef > 0,
                    f"loss.credit={self.loss.credit!r} needs a credit reference: set credit.annotator "
@@ -413,3 +424,19 @@ def configs_dir() -> str:
     return os.path.join(here, "configs")
 
 
+
+
+def preflight(config: TrainConfig, environ: dict[str, str] | None = None) -> None:
+    """Checks that depend on the environment, run before any model is built (``train`` calls it first):
+    an annotator that cannot work fails now, naming its key, not after the SFT warm-up and eval."""
+    environ = os.environ if environ is None else environ
+    if not config.loss.needs_teacher:
+        return
+    if config.credit.annotator == "gemini":
+        _check(bool(environ.get("GEMINI_API_KEY")),
+               "credit.annotator='gemini' needs an API key in the environment variable GEMINI_API_KEY "
+               "(keys are never read from config files); or set credit.annotator='contrast'")
+    if config.credit.annotator == "replay":
+        raise ConfigError("credit.annotator='replay' is not available in the trainer (it needs the identity of the "
+                          "annotator that filled the cache); use sgcd_jax.credit.ReplayAnnotator offline, or "
+                          "credit.annotator='contrast' / 'gemini' with credit.cache_dir")

@@ -117,3 +117,54 @@ def _verify(entry: str, key: str, params: Any) -> None:
         raise CorruptEntry(f"non-finite params in {integrity.non_finite_paths(params, finite)[:5]}")
     if digest != stored.get("params_fingerprint"):
         raise CorruptEntry("params do not match the fingerprint stored with them (files changed on disk)")
+
+
+# ---- a warm-up interrupted by a signal: its state saved and resumed (sgcd_jax/preemption.py) ----
+PARTIAL_DIR = "sft_partial"
+
+
+def _partial_path(config: Any) -> str:
+    return os.path.abspath(os.path.join(config.run_dir, PARTIAL_DIR))
+
+
+def save_partial(sft_learner: Any, step: int, config: Any) -> None:
+    """Save the SFT learner's params + optimizer state before step ``step`` (synchronously)."""
+    path = _partial_path(config)
+    tmp = f"{path}.tmp-{_job_token()}"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(tmp, "state"), {"params": sft_learner.params, "opt_state": sft_learner.opt_state})
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump({"step": int(step), "key": cache_key(config, os.path.join(config.run_dir, "tokenizer"))}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    logger.warning("SFT warm-up interrupted before step %d: state saved in %s", step, path)
+
+
+def restore_partial(sft_learner: Any, config: Any) -> int:
+    """The step to start the warm-up at: 0, or where a saved partial warm-up of the same config stopped
+    (its params and optimizer state loaded into ``sft_learner``)."""
+    path = _partial_path(config)
+    if not os.path.isdir(path):
+        return 0
+    try:
+        with open(os.path.join(path, "progress.json")) as f:
+            progress = json.load(f)
+        if progress["key"] != cache_key(config, os.path.join(config.run_dir, "tokenizer")):
+            logger.warning("ignoring %s: saved by a warm-up with another config", path)
+            return 0
+        with ocp.StandardCheckpointer() as checkpointer:
+            state = checkpointer.restore(os.path.join(path, "state"),
+                                         {"params": sft_learner.params, "opt_state": sft_learner.opt_state})
+    except Exception as err:  # noqa: BLE001 — an unreadable partial warm-up is redone, never fatal
+        logger.warning("ignoring unreadable partial SFT warm-up %s (%s); starting it over", path, err)
+        return 0
+    sft_learner.params, sft_learner.opt_state = state["params"], state["opt_state"]
+    logger.warning("resuming the SFT warm-up at step %d from %s", progress["step"], path)
+    return int(progress["step"])
+
+
+def clear_partial(config: Any) -> None:
+    if jax.process_index() == 0:
+        shutil.rmtree(_partial_path(config), ignore_errors=True)

@@ -10,8 +10,11 @@ the quickstart (configs/quickstart.py).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m sgcd_jax.train: SIGTERM/SIGINT are handled from the first line on
+    from sgcd_jax import preemption as _early_preemption
+    _early_preemption.install()
+
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -20,36 +23,16 @@ import jax
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax import distributed, sft_cache
+from sgcd_jax import distributed, preemption, sft_cache
 from sgcd_jax import train_parts as parts
 from sgcd_jax.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
 from sgcd_jax.data import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
+from sgcd_jax.run_lock import RunDirLocked, locks_run_dir
+from sgcd_jax.preemption import Preemption as _Preemption  # SIGTERM/SIGINT → finish the iteration, checkpoint, stop
 from sgcd_jax.sharding import MeshConfig, make_mesh
 from sgcd_jax.train_step import Learner, make_optimizer
-
-
-class _Preemption:
-    """SIGTERM → finish the current iteration, checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. train() called from a worker): no handler
-            self._previous = None
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (a collective when several processes run)."""
-        return parts.any_process(self.requested)
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _NullLogger:
@@ -62,8 +45,10 @@ class _NullLogger:
         pass
 
 
+@locks_run_dir  # a second run on the same run dir fails at once, naming the holder (sgcd_jax/run_lock.py)
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the run dir, report path and final eval."""
+    config_lib.preflight(config)  # environment-dependent config errors before any compute
     run_dir = config.run_dir
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -121,6 +106,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                           force=True)
 
     annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
+    if annotator is not None:
+        counters.attach(annotator.stats)  # annotator/* totals continue across a resume
     store = parts.open_rollout_store(config)
     preemption = _Preemption()
     progress.phase("iterations", config.run.num_iterations)
@@ -290,6 +277,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    preemption.install()  # from process start: a signal during config, compile or SFT is a clean stop too
     argv = sys.argv if argv is None else argv
     try:
         config = parse_args(argv)
@@ -297,7 +285,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {err}")
     distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
-    summary = train(config)
+    try:
+        summary = train(config)
+    except RunDirLocked as err:
+        sys.exit(f"error: {err}")
+    except config_lib.ConfigError as err:
+        sys.exit(f"config error: {err}")
+    except preemption.Preempted as stop:  # e.g. during the SFT warm-up, its state saved
+        print(f"preempted ({preemption.signal_name()}): {stop}; rerun the same command to resume", flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    if summary.get("preempted") and preemption.requested():
+        print(f"preempted ({preemption.signal_name()}) at iteration {summary['iteration']}: checkpoint saved in "
+              f"{summary['run_dir']}; rerun the same command to resume", flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: run dir {summary['run_dir']}")
     if summary.get("report"):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgcd_jax import distributed, integration
+from sgcd_jax import distributed, integration, preemption, sft_cache
 from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
 from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
                              build_sdpo_teacher_batch, build_teacher_batch, select_groups)
@@ -51,13 +51,24 @@ class Counters:
     annotation_fallbacks: int = 0
     groups_without_reference: int = 0
     sft_steps: int = 0
+    annotation: dict = dataclasses.field(default_factory=dict)  # AnnotatorStats.state() as of the last save
 
     def as_metrics(self) -> dict[str, float]:
-        return {f"count/{k}": float(v) for k, v in dataclasses.asdict(self).items()}
+        return {f"count/{k}": float(v) for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
+
+    def attach(self, stats) -> None:
+        """Resume ``stats`` (the annotation queue's AnnotatorStats) from these counters; saved with them."""
+        stats.load(self.annotation)
+        self._annotation_stats = stats
+
+    def snapshot(self) -> dict[str, Any]:
+        if getattr(self, "_annotation_stats", None) is not None:
+            self.annotation = self._annotation_stats.state()
+        return dataclasses.asdict(self)
 
 
 def meta(iteration: int, stream: TaskStream, counters: Counters, best_eval: float) -> dict[str, Any]:
-    return {"iteration": iteration, "data": stream.get_state(), "counters": dataclasses.asdict(counters),
+    return {"iteration": iteration, "data": stream.get_state(), "counters": counters.snapshot(),
             "best_eval": best_eval}
 
 
@@ -485,7 +496,11 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
     length = max(len(d.token_ids) for d in demos)  # one padded shape (one compile), no wider than the demos
     progress.phase("sft", config.sft.steps)
     nll = []
-    for step in range(config.sft.steps):
+    first_step = sft_cache.restore_partial(sft, config)  # a warm-up stopped by a signal resumes where it stopped
+    for step in range(first_step, config.sft.steps):
+        if preemption.agreed():  # SIGTERM/SIGINT: save the warm-up's state, stop (train.main exits 75)
+            sft_cache.save_partial(sft, step, config)
+            raise preemption.Preempted(f"SFT warm-up stopped before step {step}/{config.sft.steps}, its state saved")
         take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
         batch = to_mesh(pack(take, rows_multiple=sft_rows, pad_id=chat.pad_id,
                              min_length=length), sft, same_on_every_process=True)
@@ -493,6 +508,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
     learner.params = sft.params
+    sft_cache.clear_partial(config)
     return {"sft/nll_first": nll[0] if nll else 0.0, "sft/nll_last": nll[-1] if nll else 0.0,
             "sft/demos": float(len(demos))}
 

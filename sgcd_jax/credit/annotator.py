@@ -83,6 +83,21 @@ class AnnotatorStats:
             self.results += 1
             self.with_reference += result.reference is not None
 
+    def state(self) -> dict:
+        """JSON-able totals (saved in checkpoint meta, so they continue across a resume)."""
+        with self._lock:
+            return {"reasons": dict(self.reasons), "usage": dataclasses.asdict(self.usage),
+                    "latency_s": self.latency_s, "results": self.results, "with_reference": self.with_reference}
+
+    def load(self, state: dict) -> None:
+        """Continue from ``state()`` of an earlier run ({}: from zero)."""
+        with self._lock:
+            self.reasons = collections.Counter({k: int(v) for k, v in state.get("reasons", {}).items()})
+            self.usage = Usage(**state.get("usage", {}))
+            self.latency_s = float(state.get("latency_s", 0.0))
+            self.results = int(state.get("results", 0))
+            self.with_reference = int(state.get("with_reference", 0))
+
     def as_metrics(self, prefix: str = "annotator/") -> dict[str, float]:
         with self._lock:
             out = {f"{prefix}results": float(self.results),

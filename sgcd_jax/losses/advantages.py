@@ -91,7 +91,7 @@ def _batch_std(batch: AdvantageBatch) -> jax.Array:
 def _finish(centred, batch, count, group_std, cfg: AdvantageConfig) -> AdvantageOutput:
     if cfg.norm_by_std:
         std = group_std if cfg.std_scope == "group" else _batch_std(batch)
-        centred = centred / (std + cfg.eps)
+        centred = jnp.where(centred == 0, 0.0, centred / (std + cfg.eps))  # eps=0 on a zero-std group: 0, not 0/0
     usable = batch.valid & (count > 1)
     advantages = jnp.where(usable, centred, 0.0)
     num_valid = jnp.maximum(batch.valid.sum(), 1)
