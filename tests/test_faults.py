@@ -431,3 +431,209 @@ def test_row_04_corrupt_or_misplaced_sft_cache_entry_is_recomputed_not_a_hit(tmp
 
     cached_sft(start, "nan", str(tmp_path), nan_warm_up)
     assert not os.path.exists(tmp_path / "nan")  # non-finite warm-ups are never cached
+
+
+# ---------------------------------------------------------------------------------- trainer level
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code_or_args, timeout=240, env_extra=None, **popen):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=REPO, **(env_extra or {}))
+    env.pop("GEMINI_API_KEY", None) if env_extra is None or "GEMINI_API_KEY" not in env_extra else None
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+                          **popen)
+
+
+# ---- row 1: one run dir, one run -------------------------------------------------------------------
+def test_row_01_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(tmp_path):
+    import socket
+    import time
+
+    from sgcd_jax.run_lock import RunDirLock, RunDirLocked
+
+    run_dir = tmp_path / "runs" / "r"
+    with RunDirLock(str(run_dir)):
+        with pytest.raises(RunDirLocked, match=rf"pid {os.getpid()} on host {socket.gethostname()}"):
+            RunDirLock(str(run_dir)).acquire()
+        started = time.monotonic()  # the CLI: a second `python -m sgcd_jax.train` on the same dir
+        out = _python(["-m", "sgcd_jax.train", f"--config.run.workdir={tmp_path / 'runs'}", "--config.run.name=r"])
+        elapsed = time.monotonic() - started
+        assert out.returncode == 1 and f"in use by pid {os.getpid()}" in out.stderr, out.stderr[-2000:]
+        assert not (run_dir / "config.json").exists()  # it wrote nothing into the held dir
+        print(f"\nsecond run on a locked dir: exit {out.returncode} after {elapsed:.1f} s: {out.stderr.strip()}")
+    RunDirLock(str(run_dir)).acquire().release()  # released: free again
+
+
+def test_row_01_lock_of_a_killed_run_is_stale_and_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sgcd_jax.run_lock import RunDirLock
+
+    code = ("import sys, time; from sgcd_jax.run_lock import RunDirLock; lock = RunDirLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.stdout.readline().strip() == "held"
+    from sgcd_jax.run_lock import RunDirLocked
+    with pytest.raises(RunDirLocked, match=f"pid {proc.pid}"):
+        RunDirLock(str(tmp_path)).acquire()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    lock = RunDirLock(str(tmp_path)).acquire()  # the kernel dropped the dead holder's flock
+    assert time.monotonic() < deadline and f'"pid": {os.getpid()}' in open(lock.path).read()
+    lock.release()
+
+
+# ---- row 12: signals from process start; exit 75 and "preempted"; SFT state kept -----------------
+def test_row_12_sigterm_at_any_point_exits_75_saying_preempted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers.tiny_train import TINY_WORLD
+
+    overrides = {**TINY_WORLD, "run.workdir": str(tmp_path), "run.name": "p", "run.num_iterations": 50,
+                 "run.checkpoint_every": 0, "run.eval_every": 0, "sft.steps": 3, "sft.batch_size": 2, "sft.num_demos": 4,
+                 "eval.num_tasks": 1, "run.report": False}
+    args = [sys.executable, "-m", "sgcd_jax.train"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("GEMINI_API_KEY", None)
+    results = {}
+    for when in ("at_start", "after_config"):  # during the imports; after the run dir exists (build / SFT / RL)
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if when == "at_start":
+            time.sleep(0.3)
+        else:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "p" / "config.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=400)
+        results[when] = (proc.returncode, time.monotonic() - sent)
+        assert proc.returncode == 75, (when, proc.returncode, err[-3000:])
+        assert "preempted" in out, out[-2000:]
+        print(f"\nSIGTERM {when}: exit {proc.returncode} {results[when][1]:.1f} s after the signal; {out.strip().splitlines()[-1]}")
+
+
+def test_row_12_sft_warm_up_interrupted_by_a_signal_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import signal
+
+    import jax
+
+    from helpers.tiny_train import TINY_WORLD
+    from sgcd_jax import preemption, train_parts
+    from sgcd_jax.config import configs_dir, load_config_file
+
+    overrides = {**TINY_WORLD, "run.workdir": str(tmp_path), "run.num_iterations": 0, "sft.steps": 4,
+                 "sft.batch_size": 2, "sft.num_demos": 4, "eval.num_tasks": 1, "run.report": False}
+    sft_params = {}
+    real_run_sft = train_parts.run_sft
+
+    def recording_run_sft(learner, *args):
+        metrics = real_run_sft(learner, *args)
+        sft_params[args[2].run.name] = jax.tree.map(np.asarray, learner.params)
+        return metrics
+
+    monkeypatch.setattr(train_parts, "run_sft", recording_run_sft)
+    from sgcd_jax.train import train
+
+    train(load_config_file(os.path.join(configs_dir(), "quickstart.py"), {**overrides, "run.name": "whole"}))
+
+    calls = []
+    real_agreed = preemption.agreed
+
+    def signal_at_step_2():
+        calls.append(1)
+        if len(calls) == 3:  # before SFT step 2: a real SIGTERM through the installed handler
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_agreed()
+
+    previous = preemption.install()
+    try:
+        monkeypatch.setattr(train_parts.preemption, "agreed", signal_at_step_2)
+        cfg = load_config_file(os.path.join(configs_dir(), "quickstart.py"), {**overrides, "run.name": "cut"})
+        with pytest.raises(preemption.Preempted, match="before step 2/4"):
+            train(cfg)
+        assert json.load(open(tmp_path / "cut" / "sft_partial" / "progress.json"))["step"] == 2
+        preemption.reset()
+        monkeypatch.setattr(train_parts.preemption, "agreed", real_agreed)
+        train(cfg)  # resumes at step 2
+    finally:
+        preemption.reset()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert not (tmp_path / "cut" / "sft_partial").exists()
+    for a, b in zip(jax.tree.leaves(sft_params["whole"]), jax.tree.leaves(sft_params["cut"])):
+        np.testing.assert_array_equal(a, b)  # same batches, same optimizer state: bit-identical warm-up
+
+
+# ---- row 13: config errors before any compute, naming the real key ----------------------------------
+@pytest.mark.parametrize("override, key", [
+    ({"rollout.top_k": -5}, "rollout.top_k"),
+    ({"env.name": "tau3_airline"}, "sft.enabled"),
+    ({"env.name": "tau3_airline", "sft.enabled": False}, "model.tokenizer"),
+    ({"optim.learning_rate": float("inf")}, "optim.learning_rate"),
+    ({"optim.learning_rate": 1e30}, "optim.learning_rate"),
+    ({"loss.adv_eps": 0.0}, "loss.adv_eps"),
+    ({"rollout.group_size": 1}, "rollout.group_size"),
+    ({"rollout.env_timeout_s": -1.0}, "rollout.env_timeout_s"),
+    ({"credit.timeout_s": 0.0}, "credit.timeout_s"),
+])
+def test_row_13_bad_values_fail_at_config_time_naming_the_key(override, key):
+    from sgcd_jax.config import ConfigError, configs_dir, load_config_file
+
+    with pytest.raises(ConfigError) as err:
+        load_config_file(os.path.join(configs_dir(), "quickstart.py"), override)
+    assert str(err.value).startswith(key) or f" {key}" in str(err.value) or f"{key}=" in str(err.value), str(err.value)
+
+
+def test_row_13_gemini_without_a_key_fails_within_seconds_from_the_cli(tmp_path):
+    import time
+
+    started = time.monotonic()
+    out = _python(["-m", "sgcd_jax.train", f"--config.run.workdir={tmp_path}", "--config.credit.annotator=gemini"])
+    elapsed = time.monotonic() - started
+    assert out.returncode == 1 and "credit.annotator='gemini' needs an API key" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "quickstart" / "checkpoints").exists()
+    assert elapsed < 60, elapsed  # imports only (was 151 s: after SFT, eval and checkpoint 0)
+    started = time.monotonic()
+    bad = _python(["-m", "sgcd_jax.train", f"--config.run.workdir={tmp_path}", "--config.rollout.top_k=-5"])
+    assert bad.returncode == 1 and "rollout.top_k" in bad.stderr, bad.stderr[-2000:]
+    print(f"\nconfig errors from the CLI: gemini without key {elapsed:.1f} s, top_k=-5 {time.monotonic() - started:.1f} s")
+
+
+# ---- row 15: annotator totals continue across a resume ---------------------------------------------
+def test_row_15_annotator_counters_are_saved_and_restored_with_the_checkpoint_meta():
+    from sgcd_jax.credit.annotator import AnnotationResult, AnnotatorStats, Usage
+    from sgcd_jax.train_parts import Counters, meta
+
+    class Stream:
+        def get_state(self):
+            return {"next_index": 5}
+
+    stats = AnnotatorStats()
+    counters = Counters(updates=3)
+    counters.attach(stats)
+    for reason in ("ok", "fallback:http_500", "ok"):
+        stats.record(AnnotationResult("g", None, reason, Usage(calls=2, prompt_tokens=100, output_tokens=10,
+                                                                cost_usd=0.25), 0.5))
+    saved = json.loads(json.dumps(meta(3, Stream(), counters, 0.0)))  # as the JSON checkpoint stores it
+    resumed_stats = AnnotatorStats()
+    resumed = Counters(**saved["counters"])
+    resumed.attach(resumed_stats)
+    resumed_stats.record(AnnotationResult("g", None, "ok", Usage(calls=1, cost_usd=0.5)))
+    got = resumed_stats.as_metrics()
+    assert got["annotator/calls"] == 7 and got["annotator/cost_usd"] == pytest.approx(1.25)
+    assert got["annotator/results"] == 4 and got["annotator/reason/ok"] == 3
+    assert got["annotator/reason/fallback:http_500"] == 1 and resumed.updates == 3
+    assert "count/annotation" not in resumed.as_metrics()
