@@ -69,6 +69,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if process_count > 1 and is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
     chat = parts.ChatRenderer(tokenizer)
+    if preemption.agreed():  # signalled while the world was built: nothing to save yet
+        raise preemption.Preempted("stopped before training started (nothing to save yet)")
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
     # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.
