@@ -23,14 +23,16 @@ ROWS = {1: "two runs on one run dir", 2: "random bytes in a checkpoint / non-fin
 
 def main() -> int:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, "-m", "pytest", "tests/test_faults.py", "-v", "-s", "-p", "no:cacheprovider",
+    row16 = "tests/test_advantages.py::test_exactly_equal_rewards_get_exactly_zero_advantage_and_count_as_zero_std"
+    args = [sys.executable, "-m", "pytest", "tests/test_faults.py", row16, "-rA", "-s", "-p", "no:cacheprovider",
             "--timeout", "1200"]
     if "--fast" in sys.argv:
         args += ["-m", "not slow"]
     out = subprocess.run(args, cwd=repo, capture_output=True, text=True)
     results = collections.defaultdict(list)
-    for name, status in re.findall(r"(test_row_\d+\S*) (PASSED|FAILED|ERROR|SKIPPED)", out.stdout):
-        results[int(name.split("_")[2])].append((name, status))
+    for status, name in re.findall(r"^(PASSED|FAILED|ERROR|SKIPPED) \S+::(test_\S+)", out.stdout, re.M):
+        row = 16 if name.startswith("test_exactly_equal") else int(name.split("_")[2])
+        results[row].append((name, status))
     print(f"{'row':>3}  {'result':6}  fault  [tests]")
     ok = True
     for row, what in ROWS.items():
@@ -42,7 +44,8 @@ def main() -> int:
     for line in out.stdout.splitlines():
         if re.search(r"second run on a locked dir|config errors from the CLI|hung (annotator|env)|SIGTERM (during|after)", line):
             print("  " + re.sub(r"^[.F]*", "", line.strip()))
-    tail = out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else []
+    failed = [line for line in out.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    tail = failed + (out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else [])
     print("\n" + "\n".join(tail))
     return 0 if ok and out.returncode == 0 else 1
 

@@ -31,6 +31,7 @@ from sgcd_jax.data import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.run_lock import RunDirLocked, locks_run_dir
 from sgcd_jax.preemption import Preemption as _Preemption  # SIGTERM/SIGINT → finish the iteration, checkpoint, stop
+from sgcd_jax.preemption import Preempted as _Preempted, agreed as _stop_agreed
 from sgcd_jax.sharding import MeshConfig, make_mesh
 from sgcd_jax.train_step import Learner, make_optimizer
 
@@ -69,8 +70,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if process_count > 1 and is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
     chat = parts.ChatRenderer(tokenizer)
-    if preemption.agreed():  # signalled while the world was built: nothing to save yet
-        raise preemption.Preempted("stopped before training started (nothing to save yet)")
+    if _stop_agreed():  # signalled while the world was built: nothing to save yet
+        raise _Preempted("stopped before training started (nothing to save yet)")
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
     # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.
