@@ -44,7 +44,7 @@ def main() -> int:
     for line in out.stdout.splitlines():
         if re.search(r"second run on a locked dir|config errors from the CLI|hung (annotator|env)|SIGTERM (during|after)", line):
             print("  " + re.sub(r"^[.F]*", "", line.strip()))
-    failed = [line for line in out.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed = [line for line in out.stdout.splitlines() if re.match(r"(FAILED|ERROR) \S+::", line)]
     tail = failed + (out.stdout.strip().splitlines()[-1:] if out.stdout.strip() else [])
     print("\n" + "\n".join(tail))
     return 0 if ok and out.returncode == 0 else 1
