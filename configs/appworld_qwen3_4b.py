@@ -6,15 +6,11 @@ is the fraction of unit tests passed (success threshold 1.0 for groups); eval re
     python -m sgcd_jax.train --config configs/appworld_qwen3_4b.py
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import tau3_airline_qwen3_4b  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = tau3_airline_qwen3_4b.get_config()
+    cfg = base_config("tau3_airline_qwen3_4b")
     cfg.run.name = "appworld_qwen3_4b"
     cfg.env.name = "appworld"
     cfg.env.train_split = "train"
@@ -22,6 +18,6 @@ def get_config():
     cfg.env.max_turns = 40
     cfg.env.user = "scripted"
     cfg.rollout.max_total_tokens = 24576  # longer rows: keeps the τ³ recipe's cudnn attention + full remat
-    cfg.credit.success_threshold = 1.0
+    cfg.annotation.success_threshold = 1.0
     cfg.eval.trials = 1
     return cfg

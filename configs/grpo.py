@@ -1,15 +1,11 @@
 """Ablation on the quickstart setting: plain GRPO (no credit weights, no teacher)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "grpo"
     cfg.loss.credit = "none"
-    cfg.credit.annotator = "none"
+    cfg.annotation.name = "none"
     return cfg

@@ -1,17 +1,13 @@
 """GRPO + KL to the frozen initial policy (k3 estimator)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "grpo_kl"
     cfg.loss.credit = "none"
-    cfg.credit.annotator = "none"
-    cfg.loss.kl_coef = 0.05
-    cfg.loss.kl_estimator = "k3"
+    cfg.annotation.name = "none"
+    cfg.policy.kl_coef = 0.05
+    cfg.policy.kl_estimator = "k3"
     return cfg

@@ -1,16 +1,12 @@
 """LOOP / RLOO leave-one-out advantages, no credit weights."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "loop"
     cfg.loss.credit = "none"
-    cfg.credit.annotator = "none"
+    cfg.annotation.name = "none"
     cfg.loss.advantage = "rloo"
     return cfg

@@ -1,11 +1,11 @@
 """Quickstart (what ``python -m sgcd_jax.train`` runs with no --config).
 
 A tiny random-init Decoder (2 layers, d=128) on a 1,024-token BPE trained on airline_lite's own text
-with SmolLM2's special tokens and chat template (sgcd_jax/domain_tokenizer.py: SmolLM2's 49k vocab
+with SmolLM2's special tokens and chat template (sgcd_jax/data/domain_tokenizer.py: SmolLM2's 49k vocab
 made the LM head >90% of the step), trained on airline_lite (easy) on CPU: an SFT warm-up on an
 imperfect demonstrator's conversations (below), then SGCD RL with the offline ContrastAnnotator. No network, API key or accelerator.
 
-Sizes are set by what made the student copy ids at all (measured, see sgcd_jax/domain_tokenizer.py): a
+Sizes are set by what made the student copy ids at all (measured, see sgcd_jax/data/domain_tokenizer.py): a
 whitespace-split domain BPE (ids tokenize the same in the request and in the tool call), one token per
 recurring system-prompt line (prompt 84 tokens, demos 180-260 tokens) and 256 distinct demos.
 
@@ -22,15 +22,11 @@ raise it (0.40 -> 0.31): the step-0 errors are ids and statuses guessed from the
 iterations of 32 episodes do not teach.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = base.get_config()
+    cfg = base_config("base")
     cfg.run.name = "quickstart"
     cfg.run.num_iterations = 20
     cfg.run.eval_every = 5
@@ -55,8 +51,8 @@ def get_config():
     cfg.rollout.group_size = 4
     cfg.rollout.max_new_tokens = 64  # the longest demo turn is ~50 domain-BPE tokens (tests/test_quickstart.py)
     cfg.rollout.max_total_tokens = 384  # demos are 180-260 tokens (84-token prompt)
-    cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (train_parts.vocab_config)
-    cfg.credit.annotator = "contrast"
+    cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (trainer/phases.vocab_config)
+    cfg.annotation.name = "contrast"
     cfg.loss.credit = "sgcd"
     cfg.optim.learning_rate = 1e-4  # 3e-4 drifts the warm-up's priors (oracle-only warm-up: 0.40 -> 0.31)
     cfg.optim.warmup_steps = 0

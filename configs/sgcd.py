@@ -1,14 +1,10 @@
 """SGCD (defaults of the credit family): decoupled β, bounds, mean-1 renormalisation, token level."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "sgcd"
     cfg.loss.credit = "sgcd"
     return cfg

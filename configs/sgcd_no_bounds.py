@@ -1,15 +1,13 @@
-"""SGCD ablation: no clipping of the raw weights (bounded=False)."""
+"""SGCD ablation: no clipping of the raw weights: bounds [0.01, 100] that never bind in practice."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "sgcd_no_bounds"
     cfg.loss.credit = "sgcd"
-    cfg.loss.bounded = False
+    for sign in ("pos", "neg"):
+        cfg.credit[f"eps_low_{sign}"] = 0.99  # w >= 0.01
+        cfg.credit[f"eps_high_{sign}"] = 99.0  # w <= 100
     return cfg

@@ -1,15 +1,11 @@
 """SGCD ablation: step granularity (weights averaged within each assistant turn)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import quickstart  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = quickstart.get_config()
+    cfg = base_config("quickstart")
     cfg.run.name = "sgcd_step"
     cfg.loss.credit = "sgcd"
-    cfg.loss.granularity = "step"
+    cfg.credit.granularity = "step"
     return cfg

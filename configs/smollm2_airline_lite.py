@@ -4,15 +4,11 @@ Slow on 2 cores (a 135M model: ~minutes per iteration); the tiny quickstart is t
     python -m sgcd_jax.train --config configs/smollm2_airline_lite.py
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import sgcd  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = sgcd.get_config()
+    cfg = base_config("sgcd")
     cfg.run.name = "smollm2_airline_lite"
     cfg.run.num_iterations = 50
     cfg.run.eval_every = 10

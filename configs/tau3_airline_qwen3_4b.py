@@ -7,14 +7,12 @@ credit annotator (Gemini, contrast fallback). Sized for one 8-chip host (data ×
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = base.get_config()
+    cfg = base_config("base")
     cfg.run.name = "tau3_airline_qwen3_4b"
     cfg.run.num_iterations = 200
     cfg.run.eval_every = 20
@@ -36,12 +34,12 @@ def get_config():
     cfg.rollout.max_new_tokens = 1024
     cfg.rollout.max_total_tokens = 16384
     cfg.rollout.temperature = 1.0
-    cfg.credit.annotator = "gemini"
-    cfg.credit.async_annotation = True  # Gemini latency overlaps the next rollout (one-step-stale update)
-    cfg.credit.gemini_model = "gemini-2.5-flash"
-    cfg.credit.non_mixed_groups = "drop"
-    cfg.credit.max_oversample_rounds = 2
-    cfg.credit.reference_tokens = 2048
+    cfg.annotation.name = "gemini"
+    cfg.annotation.asynchronous = True  # Gemini latency overlaps the next rollout (one-step-stale update)
+    cfg.annotation.model = "gemini-2.5-flash"
+    cfg.annotation.non_mixed_groups = "drop"
+    cfg.annotation.max_oversample_rounds = 2
+    cfg.annotation.reference_tokens = 2048
     cfg.loss.credit = "sgcd"
     cfg.loss.vocab_chunk = 1024
     cfg.optim.learning_rate = 1e-6

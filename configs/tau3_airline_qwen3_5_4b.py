@@ -13,14 +13,12 @@ DeltaNet states, i.e. ~4 GiB per GPU with rows split over 8 devices.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from sgcd_jax.config_files import base_config
 
 
 def get_config():
-    cfg = base.get_config()
+    cfg = base_config("base")
     cfg.run.name = "tau3_airline_qwen3_5_4b_sgcd"
     cfg.run.num_iterations = 200
     cfg.run.eval_every = 20
@@ -42,10 +40,10 @@ def get_config():
     cfg.rollout.max_new_tokens = 1024
     cfg.rollout.max_total_tokens = 16384
     cfg.rollout.temperature = 1.0
-    cfg.credit.annotator = "gemini"
-    cfg.credit.async_annotation = True  # Gemini latency overlaps the next rollout (one-step-stale update)
-    cfg.credit.max_oversample_rounds = 2
-    cfg.credit.reference_tokens = 1024
+    cfg.annotation.name = "gemini"
+    cfg.annotation.asynchronous = True  # Gemini latency overlaps the next rollout (one-step-stale update)
+    cfg.annotation.max_oversample_rounds = 2
+    cfg.annotation.reference_tokens = 1024
     cfg.loss.credit = "sgcd"
     cfg.optim.learning_rate = 1e-6
     cfg.optim.warmup_steps = 10

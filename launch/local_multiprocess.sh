@@ -4,7 +4,7 @@
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local_multiprocess.sh --config configs/quickstart.py
 #
 # Every process gets SGCD_COORDINATOR_ADDRESS=127.0.0.1:<free port>, SGCD_NUM_PROCESSES and
-# SGCD_PROCESS_ID (read by sgcd_jax.distributed.initialize). On CPU (PLATFORM=cpu) each process
+# SGCD_PROCESS_ID (read by sgcd_jax.parallel.distributed.initialize). On CPU (PLATFORM=cpu) each process
 # simulates DEVICES_PER_PROCESS devices via XLA_FLAGS; on GPU (PLATFORM=gpu) process i owns GPUs
 # [i*DEVICES_PER_PROCESS, (i+1)*DEVICES_PER_PROCESS) via SGCD_LOCAL_DEVICE_IDS.
 # If one process fails, the others are stopped and the script exits with its status.

@@ -15,7 +15,7 @@
 #   GEMINI_SECRET (a Secret Manager secret holding the Gemini key: each worker reads it into
 #   GEMINI_API_KEY at start, so the key is never on a command line or on disk), DRY_RUN=1
 #   (print the gcloud commands instead of running them).
-# On the workers sgcd_jax.distributed sees SGCD_CLUSTER=tpu and lets JAX read the slice topology
+# On the workers sgcd_jax.parallel.distributed sees SGCD_CLUSTER=tpu and lets JAX read the slice topology
 # from the TPU metadata server: no coordinator address is needed.
 set -euo pipefail
 

@@ -16,14 +16,17 @@ import sys
 import time
 from typing import Sequence
 
-from sgcd_jax.config import configs_dir
+from sgcd_jax.config_files import configs_dir
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.report import build_report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["grpo", "grpo_kl", "sdpo", "sgcd"])
+    methods = sorted(os.path.splitext(f)[0] for f in os.listdir(configs_dir()) if f.endswith(".py"))
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.compare", description=__doc__.split("\n\n")[0],
+                                     epilog="any other --config.a.b=value is passed to every run")
+    parser.add_argument("--methods", nargs="+", default=["grpo", "grpo_kl", "sdpo", "sgcd"], choices=methods,
+                        metavar="METHOD", help=f"config names under configs/: {', '.join(methods)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/compare")
     args, overrides = parser.parse_known_args(argv)

@@ -1,24 +1,18 @@
-"""Typed, frozen, validated training configuration.
-
-Experiments are Python files (``configs/*.py``) whose ``get_config()`` returns an
-``ml_collections.ConfigDict``; command-line overrides (``--config.rollout.group_size=8``) are applied by
-``ml_collections.config_flags``. ``from_config_dict`` then converts the dict into the dataclasses
-below: unknown keys and bad values raise ``ConfigError`` naming the key and the fix, before any
-model is built. ``save_resolved`` writes the resolved config (never secrets) into the run dir.
-"""
+"""Typed, frozen, validated training configuration: one dataclass per concept; the loss sections are the
+loss library's own config types. ``from_config_dict`` turns a ConfigDict (``config_files``) into them:
+unknown keys and bad values raise ``ConfigError`` naming the key, before any model is built."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import typing
 from typing import Any
 
-SECRET_KEY_MARKERS = ("api_key", "apikey", "token_secret", "password", "secret")
-
+from sgcd_jax.config_io import SECRET_KEY_MARKERS, save_resolved, scrub_secrets, to_dict  # noqa: F401
+from sgcd_jax.losses import AdvantageConfig, CreditConfig, DistillConfig, PolicyLossConfig
 
 class ConfigError(ValueError):
     """A config key is unknown or a value is invalid."""
@@ -49,7 +43,7 @@ class RunConfig:
     tensorboard: bool = True
     report: bool = True
     stop_after_iterations: int = 0  # >0: exit (as if preempted) after this many iterations; tests
-    store_rollouts: bool = True  # append tokens/scores/credit weights to run_dir/rollouts (sgcd_jax.store)
+    store_rollouts: bool = True  # append tokens/scores/credit weights to run_dir/rollouts (sgcd_jax.data.store)
 
     def __post_init__(self):
         _check(self.num_iterations >= 0, "run.num_iterations must be >= 0")
@@ -131,8 +125,7 @@ class RolloutSpec:
     def __post_init__(self):
         _check(self.group_size >= 2, "rollout.group_size (G) must be >= 2 for group advantages")
         _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
-        _check(math.isfinite(self.env_timeout_s) and self.env_timeout_s > 0,
-               "rollout.env_timeout_s must be a finite number > 0")
+        _check(0 < self.env_timeout_s < math.inf, "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
@@ -141,97 +134,62 @@ class RolloutSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CreditSpec:
-    """Sibling selection + annotation (the credit reference)."""
+class AnnotationSpec:
+    """Sibling selection + the annotator that writes the credit reference (``annotation.*``)."""
 
-    annotator: str = "contrast"  # contrast | gemini | replay | none
+    name: str = "contrast"  # contrast | gemini | replay | none
     success_threshold: float = 1.0
     non_mixed_groups: str = "grpo"  # drop | grpo (keep, advantage is 0 anyway under GRPO)
     max_oversample_rounds: int = 0  # dynamic sampling: extra rollout rounds per iteration until every task slot holds a mixed group
-    gemini_model: str = "gemini-2.5-flash"
+    model: str = "gemini-2.5-flash"  # the Gemini annotator's model
     cache_dir: str = ""  # "" = run_dir/annotation_cache
-    async_annotation: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1 (train.py)
-    # One timeout for annotation: each Gemini HTTP request and the trainer's wait for a group's
-    # reference; a call still running after it is abandoned (daemon thread; sgcd_jax/daemon_pool.py).
-    timeout_s: float = 60.0
-    gemini_base_url: str = ""  # "" = Google's endpoint; else a Gemini-compatible proxy / server (HttpOptions.base_url)
+    asynchronous: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1
+    timeout_s: float = 60.0  # bounds each Gemini HTTP request and the wait for a group's reference (then abandoned)
+    base_url: str = ""  # the Gemini annotator's endpoint: "" = Google's; else a Gemini-compatible proxy / server
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
 
     def __post_init__(self):
-        _one_of("credit.annotator", self.annotator, ("contrast", "gemini", "replay", "none"))
-        _one_of("credit.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
-        _check(self.max_oversample_rounds >= 0, "credit.max_oversample_rounds must be >= 0")
-        _check(math.isfinite(self.timeout_s) and self.timeout_s > 0, "credit.timeout_s must be a finite number > 0")
-        _check(not self.gemini_base_url or self.gemini_base_url.startswith(("http://", "https://")),
-               f"credit.gemini_base_url={self.gemini_base_url!r} must start with http:// or https:// ('' = Google's)")
+        _one_of("annotation.name", self.name, ("contrast", "gemini", "replay", "none"))
+        _one_of("annotation.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
+        _check(self.max_oversample_rounds >= 0, "annotation.max_oversample_rounds must be >= 0")
+        _check(0 < self.timeout_s < math.inf, "annotation.timeout_s must be a finite number > 0")
+        _check(not self.base_url or self.base_url.startswith(("http://", "https://")),
+               f"annotation.base_url={self.base_url!r} must start with http:// or https:// ('' = Google's endpoint)")
+
+
+def _registered_one(key: str, kind: str, name: str) -> None:
+    from sgcd_jax.losses import registered
+
+    names = registered(kind)
+    _check(name in names, f"{key}={name!r} is not a registered {kind}; registered: {names} "
+                          f"(add one with @sgcd_jax.losses.register('{kind}/<name>'), e.g. in your config file)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSpec:
-    """Which registered functions make the loss, and their knobs (see DESIGN.md credit family)."""
+    """Which registered functions make the loss (``sgcd_jax.losses.registered(kind)``); their knobs are
+    the library's own config sections: ``advantage.*``, ``policy.*``, ``credit.*``, ``distill.*``."""
 
-    advantage: str = "grpo"  # grpo | rloo
-    norm_by_std: bool = True
-    adv_eps: float = 1e-6
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    aggregation: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    dual_clip: float = 3.0  # dual-clip constant for negative advantages; 0 = off
-    credit: str = "none"  # none | sgcd | rlsd (rlsd = the sgcd family with RLSD's values, see configs/rlsd.py)
-    credit_lambda: float = 1.0  # λ: Ã = A·((1−λ) + λ·w)
-    lambda_schedule: str = "constant"  # constant | linear | cosine decay to lambda_final
-    lambda_final: float = 0.0
-    lambda_decay_steps: int = 1000
-    beta_pos: float = 1.0
-    beta_neg: float = 1.0
-    eps_low_pos: float = 0.5
-    eps_high_pos: float = 1.0
-    eps_low_neg: float = 0.5
-    eps_high_neg: float = 1.0
-    bounded: bool = True  # False: bounds widened to [0.01, 100] (the "no bounds" ablation)
-    renormalize: bool = True
-    granularity: str = "token"  # token | step
-    eta: float = 0.1  # η · D_t (reverse KL) in the signed score
-    entropy_gate: str = "none"  # none | hard | soft
-    entropy_threshold: float = 0.5
-    sdpo_coef: float = 0.0  # >0 adds the direct self-distillation actor loss (SDPO baseline)
-    sdpo_mode: str = "sampled"  # sampled (token log-ratio surrogate) | full (vocab reverse KL)
+    advantage: str = "grpo"  # advantage/<name>: grpo | rloo | loop
+    policy: str = "ppo"  # policy_loss/<name>: called with (PolicyBatch, policy.*)
+    credit: str = "none"  # credit/<name>: none | sgcd (rlsd = sgcd with CreditConfig.preset("rlsd"))
+    aux: tuple[str, ...] = ()  # aux_loss/<name>s added to the policy loss, e.g. ("sdpo",), with distill.*
     vocab_chunk: int = 128  # sequence chunk for the chunked vocab math
 
     def __post_init__(self):
-        _one_of("loss.advantage", self.advantage, ("grpo", "rloo"))
-        _one_of("loss.aggregation", self.aggregation,
-                ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"))
-        _one_of("loss.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        _one_of("loss.credit", self.credit, ("none", "sgcd", "rlsd"))
-        _one_of("loss.granularity", self.granularity, ("token", "step"))
-        _one_of("loss.sdpo_mode", self.sdpo_mode, ("sampled", "full"))
-        _one_of("loss.lambda_schedule", self.lambda_schedule, ("constant", "linear", "cosine"))
-        _one_of("loss.entropy_gate", self.entropy_gate, ("none", "hard", "soft"))
-        _check(0.0 <= self.credit_lambda <= 1.0 and 0.0 <= self.lambda_final <= 1.0,
-               "loss.credit_lambda and loss.lambda_final must be in [0, 1]")
-        _check(self.lambda_decay_steps >= 1, "loss.lambda_decay_steps must be >= 1")
-        _check(self.clip_low >= 0 and self.clip_high >= 0, "loss.clip_low/clip_high must be >= 0")
-        for key in ("eps_low_pos", "eps_low_neg"):
-            _check(0 <= getattr(self, key) < 1, f"loss.{key} must be in [0, 1) (lower bound 1-eps > 0)")
-        for key in ("eps_high_pos", "eps_high_neg", "kl_coef", "sdpo_coef", "eta", "dual_clip"):
-            _check(getattr(self, key) >= 0, f"loss.{key} must be >= 0")
+        _registered_one("loss.advantage", "advantage", self.advantage)
+        _registered_one("loss.policy", "policy_loss", self.policy)
+        _check(self.policy != "sgcd", "loss.policy='sgcd' is the standalone SGCD loss (credit inside it); the "
+                                      "trainer applies credit by loss.credit: set loss.credit='sgcd', loss.policy='ppo'")
+        _registered_one("loss.credit", "credit", self.credit)
+        for name in self.aux:
+            _registered_one("loss.aux", "aux_loss", name)
+        _check(len(set(self.aux)) == len(self.aux), f"loss.aux={self.aux!r} names a loss twice")
         _check(self.vocab_chunk >= 1, "loss.vocab_chunk must be >= 1")
-        _check(math.isfinite(self.adv_eps) and self.adv_eps > 0,
-               f"loss.adv_eps={self.adv_eps!r} must be a finite number > 0 (it keeps A = (r-mean)/(std+eps) finite)")
-        for key in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "credit_lambda", "eta", "beta_pos", "beta_neg"):
-            _check(math.isfinite(getattr(self, key)), f"loss.{key} must be finite")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.credit != "none" or self.sdpo_coef > 0
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kl_coef > 0
+        return self.credit != "none" or bool(self.aux)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -251,11 +209,8 @@ class OptimSpec:
     trainable: str = ""
 
     def __post_init__(self):
-        _check(math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1.0,
-               f"optim.learning_rate={self.learning_rate!r} must be finite and in (0, 1] (AdamW moves each "
-               "weight by about lr per update)")
-        for key in ("b1", "b2", "end_lr_fraction", "weight_decay", "grad_clip"):
-            _check(math.isfinite(getattr(self, key)), f"optim.{key} must be finite")
+        _check(0 < self.learning_rate <= 1.0, f"optim.learning_rate={self.learning_rate!r} must be in (0, 1] "
+                                              "(AdamW moves each weight by about lr per update)")
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
         _check(self.updates_per_iteration >= 1, "optim.updates_per_iteration must be >= 1")
@@ -275,7 +230,7 @@ class SFTSpec:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 3e-3
-    cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/sft_cache.py)
+    cache_dir: str = ""  # "" = off; else reuse an identical earlier warm-up (sgcd_jax/trainer/sft_cache.py)
     # An imperfect demonstrator: this airline_lite shortcut policy (envs/airline_lite/oracle.py SHORTCUTS,
     # e.g. "silent") plays a seeded `demo_shortcut_rate` of the demos it applies to; "" = oracle only.
     demo_shortcut: str = ""
@@ -285,8 +240,7 @@ class SFTSpec:
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,
                "sft.steps >= 0, sft.batch_size >= 1 and sft.num_demos >= 1 required")
         _check(0.0 <= self.demo_shortcut_rate <= 1.0, "sft.demo_shortcut_rate must be in [0, 1]")
-        _check(math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1.0,
-               f"sft.learning_rate={self.learning_rate!r} must be finite and in (0, 1]")
+        _check(0 < self.learning_rate <= 1.0, f"sft.learning_rate={self.learning_rate!r} must be in (0, 1]")
         from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS
 
         _check(self.demo_shortcut in ("",) + SHORTCUTS,
@@ -319,25 +273,31 @@ class TrainConfig:
     model: ModelSpec = ModelSpec()
     env: EnvSpec = EnvSpec()
     rollout: RolloutSpec = RolloutSpec()
-    credit: CreditSpec = CreditSpec()
+    annotation: AnnotationSpec = AnnotationSpec()
     loss: LossSpec = LossSpec()
+    advantage: AdvantageConfig = AdvantageConfig()
+    policy: PolicyLossConfig = PolicyLossConfig()
+    credit: CreditConfig = CreditConfig()
+    distill: DistillConfig = DistillConfig()
     optim: OptimSpec = OptimSpec()
     sft: SFTSpec = SFTSpec()
     eval: EvalSpec = EvalSpec()
     mesh: MeshSpec = MeshSpec()
 
     def __post_init__(self):
-        # Keys that only fail deep inside a run (after SFT, eval, checkpoint 0) are checked here.
-        oracle_only = "only airline_lite has the oracle demonstrations it is built from"
-        _check(not self.sft.enabled or self.env.name == "airline_lite",
-               f"sft.enabled=True with env.name={self.env.name!r}: {oracle_only}; set sft.enabled=False")
-        _check(not (self.model.source == "tiny" and self.model.tokenizer == "domain-bpe") or self.env.name == "airline_lite",
-               f"model.tokenizer='domain-bpe' with env.name={self.env.name!r}: {oracle_only}; set model.tokenizer "
-               "to a tokenizer name or path (e.g. 'smollm2-135m-instruct')")
-        if self.loss.credit != "none" or self.loss.sdpo_coef > 0:
-            _check(self.credit.annotator != "none" or self.loss.sdpo_coef > 0,
-                   f"loss.credit={self.loss.credit!r} needs a credit reference: set credit.annotator "
+        # Keys that would only fail deep inside a run (after SFT, eval, checkpoint 0) are checked here.
+        oracle = f"with env.name={self.env.name!r}: only airline_lite has the oracle demos it needs"
+        _check(not self.sft.enabled or self.env.name == "airline_lite", f"sft.enabled=True {oracle}; set it False")
+        _check(self.model.source != "tiny" or self.model.tokenizer != "domain-bpe" or self.env.name == "airline_lite",
+               f"model.tokenizer='domain-bpe' {oracle}; use a tokenizer name, e.g. 'smollm2-135m-instruct'")
+        if self.loss.credit != "none" and not self.loss.aux:
+            _check(self.annotation.name != "none",
+                   f"loss.credit={self.loss.credit!r} needs a credit reference: set annotation.name "
                    "to 'contrast', 'gemini' or 'replay'")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.policy.kl_coef > 0
 
     @property
     def run_dir(self) -> str:
@@ -345,17 +305,59 @@ class TrainConfig:
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    if type(None) in args:  # `float | None`: None switches the knob off
+        if value is None:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is tuple:  # tuple[str, ...]: a list or tuple of names
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        _check(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+               f"{path}={value!r} must be a list of names, e.g. ['sdpo'] (or [] for none)")
+        return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is bool:
         _check(isinstance(value, bool), f"{path}={value!r} must be a bool (True/False)")
     elif annotation is int:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{path}={value!r} must be an int")
-    elif annotation is float:
-        _check(isinstance(value, float), f"{path}={value!r} must be a number")
+    elif annotation is float:  # inf / nan never make a sensible knob; they would only fail mid-run
+        _check(isinstance(value, float) and math.isfinite(value), f"{path}={value!r} must be a finite number")
     elif annotation is str:
         _check(isinstance(value, str), f"{path}={value!r} must be a string")
     return value
+
+
+def all_keys(cls: type = None, path: str = "") -> list[str]:
+    """Every dotted config key (``loss.credit``, ``credit.beta_pos``, …)."""
+    cls = TrainConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            keys += all_keys(hints[field.name], f"{path}{field.name}.")
+        else:
+            keys.append(f"{path}{field.name}")
+    return keys
+
+
+def unknown_key_message(key: str) -> str:
+    """``unknown config key 'credit.beta'; closest valid keys: ['credit.beta_pos', …]``."""
+    import difflib
+
+    valid = all_keys()
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # a right leaf under a wrong section: match on the last part
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:3] or \
+            difflib.get_close_matches(key, valid, n=3, cutoff=0.3)
+    section = key.split(".")[0]
+    sections = sorted({k.split(".")[0] for k in valid})
+    hint = f"; closest valid keys: {close}" if close else f"; sections: {sections}"
+    if section not in sections:
+        hint += f" (no section {section!r})"
+    return f"unknown config key {key!r}{hint}. All keys and defaults: python -m sgcd_jax.train --help"
 
 
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
@@ -363,8 +365,7 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[f'{path}{k}' for k in unknown]}; "
-                          f"valid keys under '{path or '<root>'}': {sorted(fields)}")
+        raise ConfigError(unknown_key_message(f"{path}{unknown[0]}"))
     kwargs = {}
     for key, value in values.items():
         annotation = hints[key]
@@ -373,70 +374,16 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
             kwargs[key] = _build(annotation, value, f"{path}{key}.")
         else:
             kwargs[key] = _coerce(f"{path}{key}", value, annotation)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError) as error:  # the loss library's own checks: name the section
+        message = str(error).strip("'\"")
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: {message}") from None
 
 
 def from_config_dict(config: Any) -> TrainConfig:
     """ConfigDict / nested dict → validated TrainConfig. Raises ConfigError naming the bad key."""
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return _build(TrainConfig, values, "")
-
-
-def to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def save_resolved(config: TrainConfig, run_dir: str) -> str:
-    """Write the resolved config as JSON; keys that look like secrets are dropped."""
-    def scrub(d: dict) -> dict:
-        return {k: (scrub(v) if isinstance(v, dict) else v) for k, v in d.items()
-                if not any(m in k.lower() for m in SECRET_KEY_MARKERS)}
-
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "config.json")
-    with open(path, "w") as f:
-        json.dump(scrub(to_dict(config)), f, indent=2, sort_keys=True)
-    return path
-
-
-def load_config_file(path: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load ``configs/x.py`` (its ``get_config()``), apply dotted ``overrides``, validate."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"sgcd_config_{abs(hash(path))}", path)
-    _check(spec is not None and spec.loader is not None, f"cannot load config file {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    cd = module.get_config()
-    for dotted, value in (overrides or {}).items():
-        node = cd
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            _check(p in node, f"unknown config section {dotted!r}")
-            node = node[p]
-        _check(leaf in node, f"unknown config key {dotted!r}")
-        node[leaf] = value
-    return from_config_dict(cd)
-
-
-def configs_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "configs")
-
-
-
-
-def preflight(config: TrainConfig, environ: dict[str, str] | None = None) -> None:
-    """Checks that depend on the environment, run before any model is built (``train`` calls it first):
-    an annotator that cannot work fails now, naming its key, not after the SFT warm-up and eval."""
-    environ = os.environ if environ is None else environ
-    if not config.loss.needs_teacher:
-        return
-    if config.credit.annotator == "gemini":
-        _check(bool(environ.get("GEMINI_API_KEY")),
-               "credit.annotator='gemini' needs an API key in the environment variable GEMINI_API_KEY "
-               "(keys are never read from config files); or set credit.annotator='contrast'")
-    if config.credit.annotator == "replay":
-        raise ConfigError("credit.annotator='replay' is not available in the trainer (it needs the identity of the "
-                          "annotator that filled the cache); use sgcd_jax.credit.ReplayAnnotator offline, or "
-                          "credit.annotator='contrast' / 'gemini' with credit.cache_dir")

@@ -25,7 +25,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     """(config, model with the checkpointed params, tokenizer) of a finished or running run."""
     from flax import nnx
 
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     with open(os.path.join(run_dir, "config.json")) as f:
         config = from_config_dict(json.load(f))
@@ -37,7 +37,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     if step is None:
         raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint under {checkpointer.directory}: "
                                 "train first, or pass --model to evaluate a model directly")
-    from sgcd_jax.train_step import make_optimizer
+    from sgcd_jax.learner.train_step import make_optimizer
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     abstract = {"params": params, "opt_state": make_optimizer(config.optim, 1).init(params), "rng": jax.random.key(0)}
@@ -48,24 +48,21 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
 
 def run_eval(config: TrainConfig, model: Any, tokenizer: Any, *, split: str, trials: int, num_tasks: int,
              out_dir: str, seed: int = 0) -> dict[str, Any]:
-    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, save_eval, summarize
+    from sgcd_jax.envs.metrics import save_eval
 
     env_factory = integration.build_env(config.env)
     tasks = env_factory.tasks(split)[:num_tasks]
     config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, trials=trials))
     chat = integration.ChatAdapter(tokenizer)
     temperature = config.eval.temperature if trials == 1 else max(config.eval.temperature, 1.0)
-    trajectories = integration.rollout(model, chat, env_factory, tasks, trials, jax.random.key(seed), config,
-                                       temperature=temperature)
-    rows = integration.eval_rows(trajectories, SUCCESS_THRESHOLD)
-    summary = summarize(rows, env_factory.name, split)
-    summary["success_rate"] = sum(r["successes"] for r in rows) / max(sum(r["trials"] for r in rows), 1)
+    rows, summary = integration.eval_episodes(model, chat, env_factory, tasks, config, trials=trials,
+                                              temperature=temperature, rng=jax.random.key(seed), split=split)
     save_eval(rows, summary, out_dir)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", required=True, help="a training run dir (config.json + checkpoints/)")
     parser.add_argument("--best", action="store_true", help="use the best-by-eval checkpoint")
     parser.add_argument("--split", default=None, help="env split (default: the run's env.eval_split)")

@@ -55,7 +55,7 @@ def build_model(spec: ModelSpec, *, seed: int, run_dir: str = "", env_factory: E
         return load_model(spec.source, dtype=spec.dtype, param_dtype=spec.param_dtype,
                           attention_impl=spec.attention_impl, remat_policy=spec.remat_policy)
     if spec.tokenizer == "domain-bpe":
-        from sgcd_jax.domain_tokenizer import load_or_train
+        from sgcd_jax.data.domain_tokenizer import load_or_train
 
         if env_factory is None:
             raise ValueError("model.tokenizer='domain-bpe' needs the env (its text is the BPE corpus)")
@@ -195,20 +195,36 @@ def demonstrations(env_factory: EnvFactory, chat: ChatAdapter, config: TrainConf
     return [t for t in out if len(t.token_ids) <= config.rollout.max_total_tokens]
 
 
+def eval_episodes(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task],
+                  config: TrainConfig, *, trials: int, temperature: float, rng: jax.Array, split: str,
+                  task_slots: Sequence[int] | None = None, mesh: Mesh | None = None) -> tuple[list, dict[str, Any]]:
+    """The one eval implementation (trainer and ``python -m sgcd_jax.eval``): the bare student batched
+    through the rollout engine on plain env prompts (no credit reference or sibling evidence exists on
+    this path) → per-task rows and the env summary, with ``success_rate`` from ``success_rate(rows)``."""
+    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, summarize
+
+    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=temperature,
+                           task_slots=task_slots, mesh=mesh)
+    rows = eval_rows(trajectories, SUCCESS_THRESHOLD)
+    summary = summarize(rows, env_factory.name, split)
+    summary["success_rate"] = success_rate(rows)
+    return rows, summary
+
+
+def success_rate(rows: Sequence[dict[str, Any]]) -> float:
+    """The one success formula: successful episodes / episodes (every task weighs its trials)."""
+    return float(sum(r["successes"] for r in rows) / max(sum(r["trials"] for r in rows), 1))
+
+
 def evaluate(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task],
              config: TrainConfig, rng: jax.Array | None = None, *, task_slots: Sequence[int] | None = None,
              mesh: Mesh | None = None) -> dict[str, float]:
-    """The bare student, batched through the rollout engine: plain env prompts only (the engine renders
-    what env.reset returns; no credit reference or sibling evidence exists on this path)."""
-    from sgcd_jax.envs.metrics import SUCCESS_THRESHOLD, summarize
-
-    trials = config.eval.trials
+    """The trainer's periodic eval: ``eval_episodes`` at ``eval.trials`` / ``eval.temperature`` as flat metrics."""
     rng = jax.random.key(config.run.seed + 1) if rng is None else rng
-    trajectories = rollout(model, chat, env_factory, tasks, trials, rng, config, temperature=config.eval.temperature,
-                           task_slots=task_slots, mesh=mesh)
-    rows = eval_rows(trajectories, SUCCESS_THRESHOLD)
-    summary = summarize(rows, env_factory.name, config.env.eval_split)
-    out = {"success_rate": float(np.mean([r["successes"] / r["trials"] for r in rows])),
+    rows, summary = eval_episodes(model, chat, env_factory, tasks, config, trials=config.eval.trials,
+                                  temperature=config.eval.temperature, rng=rng, split=config.env.eval_split,
+                                  task_slots=task_slots, mesh=mesh)
+    out = {"success_rate": summary["success_rate"],
            "mean_reward": float(summary["mean_reward"]),
            "state_change_success_rate": float(np.mean([i.get("write_calls_ok", 0) for r in rows for i in r["infos"]]))}
     out.update({f"pass_hat_{k}": float(v) for k, v in summary["pass_hat_k"].items()})

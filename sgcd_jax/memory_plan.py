@@ -39,42 +39,8 @@ COMFORT = 0.75  # prefer meshes that stay under this fraction (the activation mo
 
 # ----------------------------------------------------------------------------- accelerator knobs
 
-REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-
-
-def remat_policy(name: str) -> Any:
-    """Config name → ``jax.checkpoint`` policy (None = no remat: keep every intermediate).
-
-    "full": save nothing inside a block (recompute it in the backward pass; least memory);
-    "dots": save all matmul outputs; "dots_no_batch": save matmuls without batch dims (weights·x);
-    "save_attention_out": save only values named "attention_out" via ``checkpoint_name``.
-    """
-    policies = jax.checkpoint_policies
-    table = {
-        "none": None,
-        "full": policies.nothing_saveable,
-        "dots": policies.checkpoint_dots,
-        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
-        "save_attention_out": policies.save_only_these_names("attention_out"),
-    }
-    if name not in table:
-        raise ValueError(f"remat policy {name!r} is not one of {REMAT_POLICY_NAMES}")
-    return table[name]
-
-
-ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}  # config name → jax value
-
-
-def attention_implementation(name: str) -> str | None:
-    """Config name → ``jax.nn.dot_product_attention(implementation=...)`` value.
-
-    "xla": portable (CPU/TPU/GPU); "cudnn": cuDNN flash attention (GPU, bf16/fp16 only);
-    "auto": implementation=None, JAX's choice — in jax 0.10.2 that is always the XLA path (it
-    materialises [T, S] scores); ask for "cudnn" explicitly on GPUs.
-    """
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {name!r}; use one of {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[name]
+# The knobs live beside the model code (models/accel.py); re-exported here for existing callers.
+from sgcd_jax.models.accel import ATTENTION_IMPLS, REMAT_POLICY_NAMES, attention_implementation, remat_policy  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- models and hardware
@@ -319,7 +285,8 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description="per-device memory table → docs/memory_plan.md")
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.memory_plan",
+                                     description="per-device memory table → docs/memory_plan.md")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory_plan.md"))
     for field in dataclasses.fields(Workload):
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)

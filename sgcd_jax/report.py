@@ -205,7 +205,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Render report.html from run dirs")
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.report", description="Render report.html from run dirs")
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

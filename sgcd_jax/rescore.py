@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sgcd_jax import store as rollout_store
+from sgcd_jax.data import store as rollout_store
 
 
 @dataclasses.dataclass
@@ -196,7 +196,10 @@ def plot(results: list[SegmentResult], summary: dict[str, Any], path: str) -> No
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from sgcd_jax.losses import CreditConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sgcd_jax.rescore", description=__doc__.split("\n\n")[0],
+        epilog="credit overrides: --credit.<field>=<value> for any CreditConfig field: "
+               + ", ".join(f.name for f in dataclasses.fields(CreditConfig)))
     parser.add_argument("--run_dir", required=True)
     parser.add_argument("--tag", default="", help="output folder name under <run_dir>/rescore/")
     parser.add_argument("--require_exact", action="store_true",

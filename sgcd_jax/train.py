@@ -1,4 +1,4 @@
-"""``python -m sgcd_jax.train [--config configs/x.py] [--config.key=value …]`` — the training loop.
+"""``python -m sgcd_jax.train [--config configs/x.py] [--config.key=value …] [--dry_run]`` — the training loop.
 
 One iteration (DESIGN.md): grain task stream → rollouts (G siblings per task) → verifier rewards →
 sibling selection → annotation (async queue) → teacher contexts → one jitted scoring pass
@@ -11,7 +11,7 @@ the quickstart (configs/quickstart.py).
 from __future__ import annotations
 
 if __name__ == "__main__":  # python -m sgcd_jax.train: SIGTERM/SIGINT are handled from the first line on
-    from sgcd_jax import preemption as _early_preemption
+    from sgcd_jax.trainer import preemption as _early_preemption
     _early_preemption.install()
 
 import os
@@ -23,17 +23,19 @@ import jax
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax import distributed, preemption, sft_cache
-from sgcd_jax import train_parts as parts
-from sgcd_jax.checkpoint import TrainCheckpointer
+from sgcd_jax import cli
+from sgcd_jax.parallel import distributed
+from sgcd_jax.trainer import preemption, sft_cache
+from sgcd_jax.trainer import phases as parts
+from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
-from sgcd_jax.data import TaskStream
+from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
-from sgcd_jax.run_lock import RunDirLocked, locks_run_dir
-from sgcd_jax.preemption import Preemption as _Preemption  # SIGTERM/SIGINT → finish the iteration, checkpoint, stop
-from sgcd_jax.preemption import Preempted as _Preempted, agreed as _stop_agreed
-from sgcd_jax.sharding import MeshConfig, make_mesh
-from sgcd_jax.train_step import Learner, make_optimizer
+from sgcd_jax.parallel.sharding import MeshConfig, make_mesh
+from sgcd_jax.learner.train_step import Learner, make_optimizer
+from sgcd_jax.trainer.run_lock import RunDirLocked, locks_run_dir
+from sgcd_jax.trainer.startup_checks import check_environment
+from sgcd_jax.trainer.trainer import Trainer, due
 
 
 class _NullLogger:
@@ -46,10 +48,10 @@ class _NullLogger:
         pass
 
 
-@locks_run_dir  # a second run on the same run dir fails at once, naming the holder (sgcd_jax/run_lock.py)
+@locks_run_dir  # a second run on the same run dir fails at once, naming the holder (trainer/run_lock.py)
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the run dir, report path and final eval."""
-    config_lib.preflight(config)  # environment-dependent config errors before any compute
+    check_environment(config)  # environment-dependent config errors before any compute
     run_dir = config.run_dir
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -69,9 +71,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                          train_split=config.env.train_split)
     if process_count > 1 and is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
-    chat = parts.ChatRenderer(tokenizer)
-    if _stop_agreed():  # signalled while the world was built: nothing to save yet
-        raise _Preempted("stopped before training started (nothing to save yet)")
+    chat = parts.ChatAdapter(tokenizer)
+    if preemption.agreed():  # signalled while the world was built: nothing to save yet
+        raise preemption.Preempted("stopped before training started (nothing to save yet)")
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
     # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.
@@ -79,141 +81,123 @@ def train(config: TrainConfig) -> dict[str, Any]:
     learner = Learner(model, make_optimizer(config.optim, total_updates), parts.step_spec(config), mesh=mesh)
     stream = TaskStream(train_tasks, seed=config.run.seed, process_index=process_index,
                         process_count=process_count)
+    trainer = Trainer(config, learner, env_factory, chat, stream, rng=jax.random.key(config.run.seed))
     checkpointer = TrainCheckpointer(run_dir, keep=config.run.keep_checkpoints)
-    rng = jax.random.key(config.run.seed)
-    counters = parts.Counters()
     start_iteration, best_eval = 0, -1.0
+
+    def save(step: int, best: float | None = None) -> None:
+        """The one checkpoint write: the latest (``best`` None) or the best-by-eval one."""
+        meta = parts.meta(step, stream, trainer.counters, best_eval if best is None else best)
+        if best is None:
+            checkpointer.save(step, trainer.state(mesh), meta, force=True)
+        else:
+            checkpointer.save_best(step, trainer.state(mesh), meta, best)
 
     # ---- resume exactly, or start fresh (with the optional SFT warm-up)
     latest = checkpointer.latest_step() if config.run.resume else None
-    saveable = lambda: {**learner.state(), "rng": _global_key(rng, mesh)}  # noqa: E731
     if latest is not None:
-        latest, state, meta = checkpointer.restore_latest(saveable())  # a corrupt newest step → the previous intact one
+        latest, state, meta = checkpointer.restore_latest(trainer.state(mesh))  # a corrupt newest → previous intact
         learner.load_state(state)
-        rng = _local_key(state["rng"])
+        trainer.rng = _local_key(state["rng"])
         stream.set_state(meta["data"])
-        counters = parts.Counters(**meta["counters"])
+        trainer.counters = parts.Counters(**meta["counters"])
         start_iteration, best_eval = int(meta["iteration"]), float(meta["best_eval"])
         progress.print(f"resumed from {checkpointer.directory} at iteration {start_iteration}")
     elif config.sft.enabled:
         sft_metrics = _warm_up(learner, env_factory, chat, config, progress)
         progress.print(f"SFT warm-up: {sft_metrics}")
     # KL reference = the policy RL starts from (after SFT), saved once so a resumed run uses the same one.
-    ref_model = parts.reference_model(learner, checkpointer, config) if config.loss.needs_reference else None
+    trainer.ref_model = parts.reference_model(learner, checkpointer, config) if config.needs_reference else None
     logger = (MetricsLogger(run_dir, tensorboard=config.run.tensorboard,
                             resume_step=start_iteration + 1 if latest is not None else None) if is_main else _NullLogger())
     if latest is None:
         if config.eval.at_start:  # the baseline the RL curve is read against
-            logger.log(0, parts.evaluate_student(learner, env_factory, eval_tasks, chat, config), phase="eval")
-        checkpointer.save(0, saveable(), parts.meta(0, stream, counters, best_eval),
-                          force=True)
+            logger.log(0, trainer.evaluate(eval_tasks), phase="eval")
+        save(0)
 
-    annotator = parts.build_annotation_queue(config.credit, run_dir) if config.loss.needs_teacher else None
-    if annotator is not None:
-        counters.attach(annotator.stats)  # annotator/* totals continue across a resume
-    store = parts.open_rollout_store(config)
-    preemption = _Preemption()
+    trainer.annotator = parts.build_annotation_queue(config.annotation, run_dir) if config.loss.needs_teacher else None
+    if trainer.annotator is not None:
+        trainer.counters.attach(trainer.annotator.stats)  # annotator/* totals continue across a resume
+    trainer.store = parts.open_rollout_store(config)
+    stop_signal = preemption.Preemption()  # SIGTERM/SIGINT → finish the iteration, checkpoint, stop
     progress.phase("iterations", config.run.num_iterations)
+    run = config.run
     iteration = start_iteration
     eval_result: dict[str, float] = {}
-    pipelined = _check_pipelining(config) and annotator is not None
+    pipelined = _check_pipelining(config) and trainer.annotator is not None
     pending: parts.Rolled | None = None  # rolled out, annotation in flight, not yet scored/updated
-    last_finish = time.perf_counter()
+    trainer.last_finish = time.perf_counter()
+
+    def stop_requested(step: int) -> bool:
+        return bool(run.stop_after_iterations and step - start_iteration >= run.stop_after_iterations)
 
     def boundary(step: int) -> bool:
         """After update ``step`` the run evaluates / checkpoints / stops: nothing may be in flight."""
-        return (step >= config.run.num_iterations or bool(config.run.checkpoint_every and step % config.run.checkpoint_every == 0)
-                or bool(config.run.eval_every and step % config.run.eval_every == 0)
-                or bool(config.run.stop_after_iterations and step - start_iteration >= config.run.stop_after_iterations))
+        return (step >= run.num_iterations or due(step, run.checkpoint_every) or due(step, run.eval_every)
+                or stop_requested(step))
 
-    def roll(index: int) -> parts.Rolled:
-        nonlocal rng
-        rng, rollout_key = jax.random.split(rng)
-        return parts.rollout_phase(index, learner, stream, env_factory, chat, annotator, rollout_key, config, counters)
-
-    def finish(rolled: parts.Rolled) -> tuple[dict[str, float], list]:
-        nonlocal iteration, last_finish
-        metrics, samples = parts.update_phase(rolled, learner, ref_model, env_factory, chat, annotator, config,
-                                              counters, store, sampler_is_old=counters.updates != rolled.updates_at_rollout)
-        now = time.perf_counter()
-        metrics["time/iteration_s"] = now - max(last_finish, rolled.started)
-        last_finish = now
-        iteration += 1
-        return metrics, samples
+    def log(step: int, metrics: dict[str, float], samples: list) -> None:
+        if process_count > 1:  # job-wide means over the keys any process logged
+            metrics = distributed.reduce_metrics_union(metrics)
+        logger.log(step, {**metrics, **trainer.counters.as_metrics()})
+        if samples and is_main:
+            parts.write_samples(run_dir, samples)
+        progress.advance("iterations", step,
+                         f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
 
     try:
-        while iteration < config.run.num_iterations:
-            if pending is None:
-                pending = roll(iteration)
-            ahead = None
-            preempted = preemption.agreed()  # one SIGTERMed process stops them all, at the same point
-            if pipelined and not boundary(iteration + 1) and not preempted:
-                ahead = roll(iteration + 1)  # its annotation runs while `pending` is scored and updated
-            metrics, samples = finish(pending)
-            pending = ahead
-            if process_count > 1:  # job-wide means over the keys any process logged
-                metrics = distributed.reduce_metrics_union(metrics)
-            if config.run.eval_every and iteration % config.run.eval_every == 0 and iteration < config.run.num_iterations:
-                eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
+        while iteration < run.num_iterations:
+            # ---- rollout (and, pipelined, the next iteration's rollout while this one's annotation runs)
+            pending = pending or trainer.roll(iteration)
+            preempted = stop_signal.agreed()  # one SIGTERMed process stops them all, at the same point
+            ahead = (trainer.roll(iteration + 1)
+                     if pipelined and not boundary(iteration + 1) and not preempted else None)
+            # ---- annotation → teacher contexts → score → credit → update
+            metrics, samples = trainer.finish(pending)
+            iteration, pending = iteration + 1, ahead
+            # ---- eval, log, checkpoint, stop
+            if due(iteration, run.eval_every) and iteration < run.num_iterations:
+                eval_result = trainer.evaluate(eval_tasks)
                 logger.log(iteration, eval_result, phase="eval")
                 if eval_result["success_rate"] > best_eval:
                     best_eval = eval_result["success_rate"]
-                    checkpointer.save_best(iteration, saveable(),
-                                           parts.meta(iteration, stream, counters, best_eval), best_eval)
-            logger.log(iteration, {**metrics, **counters.as_metrics()})
-            if samples and is_main:
-                parts.write_samples(run_dir, samples)
-            progress.advance("iterations", iteration,
-                             f"success {metrics.get('success_rate', 0):.2f} loss {metrics.get('loss', 0):+.3f}")
-            stop_now = preempted or preemption.agreed() or (config.run.stop_after_iterations and
-                                                iteration - start_iteration >= config.run.stop_after_iterations)
+                    save(iteration, best=best_eval)
+            log(iteration, metrics, samples)
+            stop_now = preempted or stop_signal.agreed() or stop_requested(iteration)
             if stop_now and pending is not None:  # preempted with a batch in flight: drain it first
-                metrics, samples = finish(pending)
-                pending = None
-                if process_count > 1:
-                    metrics = distributed.reduce_metrics_union(metrics)
-                logger.log(iteration, {**metrics, **counters.as_metrics()})
-            if stop_now or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
-                checkpointer.save(iteration, saveable(),
-                                  parts.meta(iteration, stream, counters, best_eval), force=True)
+                metrics, _ = trainer.finish(pending)
+                iteration, pending = iteration + 1, None
+                log(iteration, metrics, [])
+            if stop_now or due(iteration, run.checkpoint_every):
+                save(iteration)
             if stop_now:
                 progress.print(f"stopping at iteration {iteration} (checkpoint saved)")
                 checkpointer.close()
                 return {"run_dir": run_dir, "iteration": iteration, "preempted": True}
         # ---- final eval, checkpoint, export, report
-        if latest is not None and start_iteration >= config.run.num_iterations:
+        if latest is not None and start_iteration >= run.num_iterations:
             # a finished run started again: its final eval is on record; nothing to redo or re-log
             eval_result = _last_eval(run_dir)
             progress.print(f"already finished at iteration {start_iteration}")
         else:
-            eval_result = parts.evaluate_student(learner, env_factory, eval_tasks, chat, config)
+            eval_result = trainer.evaluate(eval_tasks)
             logger.log(iteration, eval_result, phase="eval")
-            checkpointer.save(iteration, saveable(),
-                              parts.meta(iteration, stream, counters, best_eval), force=True)
+            save(iteration)
             if eval_result["success_rate"] > best_eval:
-                checkpointer.save_best(iteration, saveable(),
-                                       parts.meta(iteration, stream, counters, eval_result["success_rate"]),
-                                       eval_result["success_rate"])
+                save(iteration, best=eval_result["success_rate"])
         checkpointer.close()
     finally:
-        preemption.restore()
+        stop_signal.restore()
         logger.close()
         progress.close()
-        if annotator is not None:
-            annotator.close(wait=False)
+        trainer.close()
     summary = {"run_dir": run_dir, "iteration": iteration, "preempted": False, "eval": eval_result}
-    if config.run.export_hf and is_main:  # local_model: whole on every process (replicated over data)
+    if run.export_hf and is_main:  # local_model: whole on every process (replicated over data)
         summary["export_dir"] = parts.export(learner.local_model(), tokenizer, os.path.join(run_dir, "export"))
-    if config.run.report and is_main:
+    if run.report and is_main:
         from sgcd_jax.report import build_report
         summary["report"] = build_report([run_dir])
     return summary
-
-
-def _global_key(key: jax.Array, mesh) -> jax.Array:
-    """The host loop's PRNG key as orbax saves it: replicated on the mesh when several processes
-    save one checkpoint; unchanged for one process."""
-    return distributed.replicated(key, mesh) if jax.process_count() > 1 else key
 
 
 def _local_key(key: jax.Array) -> jax.Array:
@@ -246,46 +230,32 @@ def _last_eval(run_dir: str) -> dict[str, float]:
 
 
 def _check_pipelining(config: TrainConfig) -> bool:
-    """``credit.async_annotation``: iteration k's annotation runs during rollout k+1 and update k
+    """``annotation.asynchronous``: iteration k's annotation runs during rollout k+1 and update k
     happens after it, so update k is one policy step off its samples; the PPO ratio then uses the
     sampler's log-probs, which are π_old for untruncated sampling at any temperature (the learner
     scores logits / rollout.temperature too), not under top-p / top-k truncation."""
-    if not config.credit.async_annotation:
+    if not config.annotation.asynchronous:
         return False
     if config.rollout.top_p < 1.0 or config.rollout.top_k > 0:
         raise config_lib.ConfigError(
-            f"credit.async_annotation=True needs rollout.top_p=1 and rollout.top_k=0 (got "
+            f"annotation.asynchronous=True needs rollout.top_p=1 and rollout.top_k=0 (got "
             f"{config.rollout.top_p}, {config.rollout.top_k}): the delayed update uses the sampler's "
-            "log-probs as π_old, which truncation changes. Set credit.async_annotation=False or sample untruncated.")
+            "log-probs as π_old, which truncation changes. Set annotation.asynchronous=False or sample untruncated.")
     return True
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """``--config path.py`` plus ``--config.a.b=value`` overrides (ml_collections config_flags)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    flag_values = flags.FlagValues()
-    default = os.path.join(config_lib.configs_dir(), "quickstart.py")
-    try:
-        config_flags.DEFINE_config_file("config", default, "experiment config file", flag_values=flag_values,
-                                        sys_argv=list(argv), lock_config=True)
-        flag_values(argv)
-        config_dict = flag_values.config
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
-        overrides = [a for a in argv[1:] if a.startswith("--config")]
-        raise config_lib.ConfigError(f"bad command line {overrides}: {err}. Keys and defaults: "
-                                     "configs/base.py") from None
-    return config_lib.from_config_dict(config_dict)
+    """``--config path.py`` plus ``--config.a.b=value`` overrides (``sgcd_jax.cli``)."""
+    return cli.parse_args(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     preemption.install()  # from process start: a signal during config, compile or SFT is a clean stop too
     argv = sys.argv if argv is None else argv
-    try:
-        config = parse_args(argv)
-    except config_lib.ConfigError as err:
-        sys.exit(f"config error: {err}")
+    config, dry_run = cli.parse_or_exit(argv)
+    if dry_run:  # validated; nothing built
+        print(cli.resolved_json(config))
+        return
     distributed.initialize()  # no-op for one process; joins the job before any other JAX use
     started = time.time()
     try:

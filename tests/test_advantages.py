@@ -52,11 +52,11 @@ def test_batch_std_scope_uses_std_of_all_valid_rewards():
 def test_rloo_is_leave_one_out_baseline():
     rewards = np.array([1.0, 0.0, 0.0, 2.0])
     out = compute_advantages(_batch(rewards, [5] * 4),
-                             AdvantageConfig(estimator="rloo", norm_by_std=False))
+                             AdvantageConfig(norm_by_std=False), "rloo")
     expected = [r - (rewards.sum() - r) / 3 for r in rewards]
     np.testing.assert_allclose(out.advantages, expected, rtol=1e-6)
     loop = compute_advantages(_batch(rewards, [5] * 4),
-                              AdvantageConfig(estimator="loop", norm_by_std=False))
+                              AdvantageConfig(norm_by_std=False), "loop")
     np.testing.assert_array_equal(loop.advantages, out.advantages)
 
 
@@ -77,7 +77,7 @@ def test_jit_matches_eager():
 
 def test_unknown_estimator_lists_registered_names():
     with pytest.raises(KeyError, match="advantage/grpo"):
-        AdvantageConfig(estimator="ppo_gae")
+        compute_advantages(_batch([1.0, 0.0], [0, 0]), AdvantageConfig(), "ppo_gae")
     with pytest.raises(KeyError, match="rloo"):
         get("advantage/nope")
 
@@ -88,7 +88,7 @@ def test_exactly_equal_rewards_get_exactly_zero_advantage_and_count_as_zero_std(
     # mean-then-deviation path turned that into same-sign advantages up to 0.19.
     rewards = [2.9] * 7 + [0.3] * 5 + [1.0, 0.0, 0.25]
     groups = [0] * 7 + [1] * 5 + [2] * 3
-    out = compute_advantages(_batch(rewards, groups), AdvantageConfig(estimator=estimator, eps=1e-6))
+    out = compute_advantages(_batch(rewards, groups), AdvantageConfig(eps=1e-6), estimator)
     adv = np.asarray(out.advantages)
     assert np.all(adv[:12] == 0.0), adv[:12]
     assert float(out.metrics["advantage/zero_std_fraction"]) == pytest.approx(12 / 15)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sgcd_jax.checkpoint import TrainCheckpointer
+from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
 
 def state(seed=0):

@@ -109,13 +109,13 @@ def test_fill_mixed_groups_draws_rounds_until_target_and_caps_the_batch():
 
 
 def test_trainer_rollout_phase_oversamples_with_fresh_tasks_slots_and_group_ids(monkeypatch):
-    """credit.max_oversample_rounds > 0: rollout_phase draws more tasks from the stream (same size each
+    """annotation.max_oversample_rounds > 0: rollout_phase draws more tasks from the stream (same size each
     round, new sampling slots, group ids that stay distinct) until every slot holds a mixed group."""
     import jax
 
     from sgcd_jax import config as config_lib
-    from sgcd_jax import train_parts
-    from sgcd_jax.data import TaskStream
+    from sgcd_jax.trainer import phases as train_parts
+    from sgcd_jax.data.tasks import TaskStream
     from sgcd_jax.envs.base import Task
 
     calls = []
@@ -136,7 +136,7 @@ def test_trainer_rollout_phase_oversamples_with_fresh_tasks_slots_and_group_ids(
 
     monkeypatch.setattr(train_parts.integration, "rollout", fake_rollout)
     config = config_lib.from_config_dict({"rollout": {"tasks_per_iteration": 2, "group_size": 2},
-                                          "credit": {"max_oversample_rounds": 3, "annotator": "none"}})
+                                          "annotation": {"max_oversample_rounds": 3, "name": "none"}})
     stream = TaskStream([Task(f"t{i}", "airline_lite") for i in range(10)], seed=0)
     counters = train_parts.Counters()
     rolled = train_parts.rollout_phase(0, FakeLearner(), stream, None, None, None, jax.random.key(0), config, counters)

@@ -1,6 +1,6 @@
 """Grain task stream: seeded, exactly resumable, disjoint across processes."""
 
-from sgcd_jax.data import TaskStream
+from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.envs.base import Task
 
 TASKS = [Task(f"t{i}", "fake") for i in range(10)]

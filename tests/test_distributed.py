@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from sgcd_jax import distributed
-from sgcd_jax.distributed import DistributedConfig, resolve_config
+from sgcd_jax.parallel import distributed
+from sgcd_jax.parallel.distributed import DistributedConfig, resolve_config
 
 
 def test_nothing_set_means_single_process():

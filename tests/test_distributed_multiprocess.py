@@ -37,7 +37,7 @@ def _worker(args: argparse.Namespace) -> None:
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sgcd_jax import distributed
+    from sgcd_jax.parallel import distributed
 
     if args.num_processes > 1:
         distributed.initialize(distributed.DistributedConfig(
@@ -59,13 +59,13 @@ def _worker(args: argparse.Namespace) -> None:
 
     from flax import nnx
 
-    from sgcd_jax import sharding
+    from sgcd_jax.parallel import sharding
     from sgcd_jax.config import OptimSpec
     from sgcd_jax.losses import (AdvantageBatch, AdvantageConfig, CreditBatch, CreditConfig,
                                  PolicyLossConfig, VocabConfig, compute_advantages, sgcd_credit)
     from sgcd_jax.models import Decoder, ModelConfig
-    from sgcd_jax.scoring import ScoreSpec, pack, score
-    from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+    from sgcd_jax.learner.scoring import ScoreSpec, pack, score
+    from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
     model_cfg = ModelConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=2 * DIM, num_layers=1,
                             num_heads=4, num_kv_heads=2, qk_norm=True)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.credit.teacher import CREDIT_HEADER, DEMO_HEADER, messages_with_context
 from sgcd_jax.models.chat import ChatRenderer
 from sgcd_jax.train import train

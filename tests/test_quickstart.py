@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from sgcd_jax import config as config_lib
+from sgcd_jax import config_files
 from sgcd_jax import integration
-from sgcd_jax import train_parts as parts
+from sgcd_jax.trainer import phases as parts
 from sgcd_jax.metrics_log import Progress
 from sgcd_jax.rollout.engine import RolloutConfig, RolloutEngine
 from sgcd_jax.sampling.session import TurnOutput
-from sgcd_jax.train_step import Learner, make_optimizer
+from sgcd_jax.learner.train_step import Learner, make_optimizer
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
 
@@ -21,20 +22,20 @@ CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("quickstart"))
-    config = config_lib.load_config_file(CONFIG, {"run.workdir": workdir, "sft.steps": 2, "sft.num_demos": 8,
+    config = config_files.load_config_file(CONFIG, {"run.workdir": workdir, "sft.steps": 2, "sft.num_demos": 8,
                                                   "env.num_tasks": 16})
     env_factory = parts.build_env(config.env)
     model, tokenizer = parts.build_model(config.model, seed=0, run_dir=config.run_dir, env_factory=env_factory,
                                          train_split=config.env.train_split)
-    return config, env_factory, model, tokenizer, parts.ChatRenderer(tokenizer)
+    return config, env_factory, model, tokenizer, parts.ChatAdapter(tokenizer)
 
 
 def test_quickstart_config_validates():
-    config = config_lib.load_config_file(CONFIG)
+    config = config_files.load_config_file(CONFIG)
     assert config.env.name == "airline_lite" and config.sft.enabled and config.loss.credit == "sgcd"
     assert config.rollout.max_new_tokens < config.rollout.max_total_tokens
     with pytest.raises(config_lib.ConfigError):
-        config_lib.load_config_file(CONFIG, {"rollout.group_sizee": 2})
+        config_files.load_config_file(CONFIG, {"rollout.group_sizee": 2})
 
 
 def test_ids_tokenize_the_same_in_request_and_tool_call(world):
@@ -117,7 +118,7 @@ def test_demos_equal_rollout_engine_rendering(world):
 
 def test_short_sft_on_demos_lowers_nll(world):
     config, env_factory, model, _, chat = world
-    config = config_lib.load_config_file(CONFIG, {"run.workdir": config.run.workdir, "sft.steps": 6,
+    config = config_files.load_config_file(CONFIG, {"run.workdir": config.run.workdir, "sft.steps": 6,
                                                   "sft.num_demos": 8, "env.num_tasks": 16})
     learner = Learner(model, make_optimizer(config.optim, 4), parts.step_spec(config))
     metrics = parts.run_sft(learner, env_factory, chat, config, Progress(False))
@@ -136,7 +137,7 @@ def test_scoring_reproduces_the_sampler_logprobs_at_the_rollout_temperature(worl
     the first PPO epoch's ratio is exactly 1; scored at temperature 1 instead, a T=0.6 sample differs."""
     import dataclasses
 
-    from sgcd_jax.scoring import ScoreSpec, pack, score
+    from sgcd_jax.learner.scoring import ScoreSpec, pack, score
 
     config, env_factory, _, _, chat = world
     model, _ = parts.build_model(config.model, seed=1, run_dir=config.run_dir, env_factory=env_factory,

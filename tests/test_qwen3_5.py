@@ -20,7 +20,7 @@ from sgcd_jax.models.export import export_hf
 from sgcd_jax.models.loading import hf_config
 from sgcd_jax.sampling.rules import SamplingParams
 from sgcd_jax.sampling.session import Sampler
-from sgcd_jax.sharding import state_shardings
+from sgcd_jax.parallel.sharding import state_shardings
 
 CHUNK = 8  # our DeltaNet chunk; transformers uses 64 (the math must not depend on it)
 TEXT = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -215,6 +215,6 @@ def test_every_parameter_of_the_4b_model_has_a_partition_rule_and_the_count_is_4
 
 
 def test_recipe_config_validates():
-    from sgcd_jax.config import configs_dir, load_config_file
+    from sgcd_jax.config_files import configs_dir, load_config_file
     cfg = load_config_file(f"{configs_dir()}/tau3_airline_qwen3_5_4b.py")
     assert cfg.env.name == "tau3_airline" and cfg.loss.credit == "sgcd" and cfg.model.dtype == "bfloat16"

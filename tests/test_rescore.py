@@ -9,7 +9,7 @@ import pytest
 
 from sgcd_jax import rescore
 from sgcd_jax.losses import CreditBatch, CreditConfig, sgcd_credit
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 
 N, WIDTH, PAD_ROWS = 6, 24, 2
 
@@ -113,20 +113,17 @@ def test_unknown_override_names_the_valid_fields():
 
 
 def test_weights_from_the_trainers_credit_step_are_reproduced_bitwise(tmp_path):
-    """The trainer's own jitted credit call (train_parts._credit on its padded batch, float mask)."""
-    from sgcd_jax import train_parts
-    from sgcd_jax.config import LossSpec
+    """The trainer's own jitted credit call (trainer/phases._credit on its padded batch, float mask)."""
+    from sgcd_jax.trainer import phases as train_parts
 
-    loss_spec = LossSpec(credit="sgcd", granularity="step", lambda_schedule="cosine",
-                         lambda_decay_steps=5, eta=0.3)
-    cfg = train_parts.credit_config(loss_spec)
+    cfg = CreditConfig(granularity="step", lam_schedule="cosine", lam_decay_steps=5, eta=0.3)
     lengths, features, advantages = _features(np.random.default_rng(7))
     pad = lambda x, fill=0: np.concatenate([x, np.full((PAD_ROWS, *x.shape[1:]), fill, x.dtype)])  # noqa: E731
     out = train_parts._credit(CreditBatch(
         advantages=pad(advantages), student_logprobs=pad(features["student_logprobs"]),
         teacher_logprobs=pad(features["teacher_logprobs"]),
         loss_mask=pad(features["loss_mask"].astype(np.float32)), step_ids=pad(features["step_ids"], -1),
-        reverse_kl=pad(features["reverse_kl"]), entropy=pad(features["entropy"])), cfg, 3, True)
+        reverse_kl=pad(features["reverse_kl"]), entropy=pad(features["entropy"])), cfg, 3, "sgcd")
     store = RolloutStore(tmp_path / "rollouts")
     store.append(3, task_ids=["t"] * N, group_ids=["g"] * N, lengths=lengths,
                  tokens=dict(features, credit_weights=np.asarray(out.weights)[:N],

@@ -194,7 +194,7 @@ def test_sharded_rows_give_same_greedy_output(model):
 
 
 def test_project_mesh_with_tp_and_fsdp_weights_gives_same_greedy_output(model):
-    from sgcd_jax.sharding import MeshConfig, make_mesh, shard_model
+    from sgcd_jax.parallel.sharding import MeshConfig, make_mesh, shard_model
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")

@@ -14,7 +14,7 @@ from flax import nnx
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.models import Decoder, ModelConfig
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.scoring import ScoreSpec, pack, score, teacher_plan, to_device
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score, teacher_plan, to_device
 
 VOCAB = 61
 PROMPTS = {1: 3, 4: 12, 5: 9}  # row → teacher prompt length (shorter and longer than the student prompt)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgcd_jax import config as config_lib
-from sgcd_jax.sft_cache import cache_key, cached_sft
+from sgcd_jax import config_files
+from sgcd_jax.trainer.sft_cache import cache_key, cached_sft
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
 
@@ -55,14 +56,14 @@ def test_corrupt_entry_is_recomputed(tmp_path):
 
 
 def test_key_covers_what_the_warm_up_depends_on(tmp_path):
-    base = config_lib.load_config_file(CONFIG)
+    base = config_files.load_config_file(CONFIG)
     key = cache_key(base)
-    assert key == cache_key(config_lib.load_config_file(CONFIG))
-    assert key == cache_key(config_lib.load_config_file(CONFIG, {"loss.credit": "none", "credit.annotator": "none",
+    assert key == cache_key(config_files.load_config_file(CONFIG))
+    assert key == cache_key(config_files.load_config_file(CONFIG, {"loss.credit": "none", "annotation.name": "none",
                                                                  "sft.cache_dir": "/elsewhere"}))
     for override in ({"sft.steps": 7}, {"run.seed": 1}, {"env.tasks_per_db": 3}, {"model.num_layers": 3},
                      {"rollout.max_total_tokens": 512}, {"sft.learning_rate": 1e-3}):
-        assert cache_key(config_lib.load_config_file(CONFIG, override)) != key, override
+        assert cache_key(config_files.load_config_file(CONFIG, override)) != key, override
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
     (tokenizer_dir / "tokenizer.json").write_text("a")
@@ -77,8 +78,8 @@ def test_trainer_restores_a_cached_warm_up_instead_of_recomputing(tmp_path, monk
     from test_train_e2e import tiny_config
 
     from sgcd_jax import train as train_lib
-    from sgcd_jax import train_parts
-    from sgcd_jax.checkpoint import TrainCheckpointer
+    from sgcd_jax.trainer import phases as train_parts
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 
     cache = str(tmp_path / "sft_cache")
     extra = {"run.num_iterations": 0, "run.report": False, "eval.at_start": False, "sft.cache_dir": cache}

@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sgcd_jax.models import Decoder, ModelConfig, load_model
-from sgcd_jax.sharding import (DEFAULT_RULES, MeshConfig, jit_sharded_forward, make_mesh, partition_spec,
+from sgcd_jax.parallel.sharding import (DEFAULT_RULES, MeshConfig, jit_sharded_forward, make_mesh, partition_spec,
                                state_shardings)
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,

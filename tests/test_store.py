@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from sgcd_jax import store as rollout_store
+from sgcd_jax.data import store as rollout_store
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 
 
 def _iteration(rng, n=4, width=9):

@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
 from sgcd_jax.train import train
 

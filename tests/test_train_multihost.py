@@ -41,7 +41,7 @@ def load_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
 
-    from sgcd_jax.sharding import path_to_str
+    from sgcd_jax.parallel.sharding import path_to_str
 
     path = run_dir / "checkpoints" / str(step) / "state"
     with ocp.StandardCheckpointer() as checkpointer:
@@ -55,7 +55,7 @@ def load_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
 
 def stored_rollouts(run_dir: Path) -> dict[tuple, dict[str, np.ndarray]]:
     """(iteration, task, sibling) → its stored tokens and credit weights, over every process's store."""
-    from sgcd_jax.store import iter_segments
+    from sgcd_jax.data.store import iter_segments
 
     out = {}
     for segment in iter_segments(run_dir / "rollouts", fields=("token_ids", "credit_weights")):
@@ -108,7 +108,7 @@ def test_two_processes_train_to_the_same_params_as_one(single_process_run, tmp_p
     assert len(list((run_dir / "rollouts").glob("process_*"))) == 2  # one sub-store per process
     # Process 1's groups (odd slots) are all-fail: no credit reference, weights 1 — yet it joined the
     # teacher scoring pass that process 0's references needed (the choice is agreed across processes).
-    from sgcd_jax.store import open_all
+    from sgcd_jax.data.store import open_all
 
     weights = [np.concatenate([store.read_iteration(i, ("credit_weights",)).tokens["credit_weights"].ravel()
                                for i in store.iterations]) for store in open_all(run_dir / "rollouts")]
@@ -182,7 +182,7 @@ def test_killing_a_training_process_makes_its_peer_exit_with_an_error(single_pro
 # ----------------------------------------------------------------------------- one-process pieces
 
 def test_timeouts_come_from_the_environment_unless_the_config_sets_them():
-    from sgcd_jax.distributed import DistributedConfig, resolve_config
+    from sgcd_jax.parallel.distributed import DistributedConfig, resolve_config
 
     env = {"SGCD_HEARTBEAT_TIMEOUT_S": "7", "SGCD_BARRIER_TIMEOUT_S": "90"}
     resolved = resolve_config(environ=env)
@@ -193,7 +193,7 @@ def test_timeouts_come_from_the_environment_unless_the_config_sets_them():
 def test_a_batch_every_process_holds_is_split_over_the_batch_shards():
     import jax
 
-    from sgcd_jax import distributed, sharding
+    from sgcd_jax.parallel import distributed, sharding
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4, tp=1))
     full = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
@@ -215,13 +215,13 @@ def test_sharded_learner_matches_one_device_learner(trainable):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sgcd_jax import distributed, sharding
+    from sgcd_jax.parallel import distributed, sharding
     from sgcd_jax.config import OptimSpec
     from sgcd_jax.losses import PolicyLossConfig, VocabConfig
     from sgcd_jax.models import Decoder, ModelConfig
     from sgcd_jax.rollout.trajectory import Trajectory
-    from sgcd_jax.scoring import pack, to_device
-    from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+    from sgcd_jax.learner.scoring import pack, to_device
+    from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
     spec = StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=16), micro_batch_size=4)

@@ -1,4 +1,4 @@
-"""credit.async_annotation: iteration k's annotation runs while rollout k+1 (and update k-1) run.
+"""annotation.asynchronous: iteration k's annotation runs while rollout k+1 (and update k-1) run.
 
 With an annotator that takes 1 s per group and a rollout that takes ≥1 s, the synchronous loop waits
 ~1 s per iteration for annotation and the pipelined loop much less. The first update of a pipelined
@@ -14,10 +14,10 @@ import time
 import pytest
 from helpers.tiny_train import TINY_WORLD, VOLATILE, coin_flip_rollout
 
-from sgcd_jax import train_parts
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.trainer import phases as train_parts
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.metrics_log import read_metrics
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 from sgcd_jax.train import train
 
 TINY = {**TINY_WORLD, "run.num_iterations": 4, "run.eval_every": 0, "run.checkpoint_every": 2, "run.report": False,
@@ -73,7 +73,7 @@ def comparable(records):
 @pytest.mark.slow
 def test_pipelined_annotation_waits_less_and_first_update_matches_sync(tmp_path, slow_world):
     sync = train_records(run(tmp_path, "sync"))
-    pipelined_dir = run(tmp_path, "pipelined", **{"credit.async_annotation": True})
+    pipelined_dir = run(tmp_path, "pipelined", **{"annotation.asynchronous": True})
     pipelined = train_records(pipelined_dir)
     assert [r["step"] for r in sync] == [r["step"] for r in pipelined] == [1, 2, 3, 4]
     assert pipelined[-1]["count/updates"] == 4
@@ -98,7 +98,7 @@ def test_pipelined_stop_at_checkpoint_then_resume_matches_uninterrupted(tmp_path
     from sgcd_jax import integration
 
     monkeypatch.setattr(integration, "rollout", coin_flip_rollout(integration.rollout))
-    extra = {"credit.async_annotation": True}
+    extra = {"annotation.asynchronous": True}
     full = train_records(run(tmp_path, "full", **extra))
     stopped = run(tmp_path, "stopped", **extra, **{"run.stop_after_iterations": 2})
     assert [r["step"] for r in train_records(stopped)] == [1, 2]

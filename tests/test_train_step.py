@@ -16,8 +16,8 @@ from sgcd_jax.losses.policy import PolicyLossConfig
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.models import Decoder, ModelConfig
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.scoring import ScoreSpec, pack, score, to_device
-from sgcd_jax.train_step import Learner, StepInputs, StepSpec, _micro_loss, full_batch_denominators, \
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score, to_device
+from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, _micro_loss, full_batch_denominators, \
     loss_and_grads, make_optimizer
 
 VOCAB = 97
@@ -60,8 +60,10 @@ def step_inputs(model, trajs, prompts, token_advantages=None, micro=4):
 
 
 def spec(micro=4, distill=None):
+    if distill is None:
+        return StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=32), micro_batch_size=micro)
     return StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=32), micro_batch_size=micro,
-                    distill=distill)
+                    aux=("sdpo",), distill=distill)
 
 
 def params_after_update(model, inputs, step_spec):
@@ -137,7 +139,7 @@ def test_non_finite_update_is_skipped_and_counted():
 
 def test_trainable_regex_freezes_the_other_parameters():
     """optim.trainable='mlp': only MLP weights move, and they take AdamW's first step exactly."""
-    from sgcd_jax.sharding import path_to_str as param_path
+    from sgcd_jax.parallel.sharding import path_to_str as param_path
 
     model, trajs = tiny_model(), trajectories()
     inputs, _ = step_inputs(model, trajs, teacher_prompts())

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from helpers.tiny_train import TINY_WORLD, coin_flip_rollout
 
-from sgcd_jax.config import configs_dir, load_config_file
+from sgcd_jax.config_files import configs_dir, load_config_file
 from sgcd_jax.losses.credit import CreditConfig, lam_at
-from sgcd_jax.store import RolloutStore
+from sgcd_jax.data.store import RolloutStore
 from sgcd_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_tiny_run_store_is_readable_and_rescore_reproduces_weights_exactly(tmp_p
 
 
 def test_store_rollouts_knob_defaults_on_and_can_be_turned_off(tmp_path):
-    from sgcd_jax import train_parts
+    from sgcd_jax.trainer import phases as train_parts
 
     on = load_config_file(os.path.join(configs_dir(), "grpo.py"), {"run.workdir": str(tmp_path), "run.name": "a"})
     off = load_config_file(os.path.join(configs_dir(), "grpo.py"),

@@ -8,6 +8,10 @@ from sgcd_jax.bench import available
 
 def main(argv: list[str]) -> int:
     names = available()
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: python -m sgcd_jax.bench <name> [args]  (python -m sgcd_jax.bench <name> --help for its args)\n"
+              f"benchmarks: {', '.join(names)}")
+        return 0
     if not argv or argv[0] not in names:
         print(f"usage: python -m sgcd_jax.bench <name> [args]; available: {', '.join(names)}", file=sys.stderr)
         return 2

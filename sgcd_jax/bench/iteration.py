@@ -1,9 +1,9 @@
 """python -m sgcd_jax.bench iteration — SGCD vs GRPO wall time per RL iteration on the quickstart setting.
 
 Both methods start from the SAME post-SFT parameters (one SFT warm-up, copied into each method's
-learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven as
-``sgcd_jax.train`` drives them (``train_parts.rollout_phase`` / ``update_phase``; SGCD with
-``credit.async_annotation`` on, so iteration k's annotation runs while rollout k+1 does). The two
+learner), the same seed and task stream, and run ``--iterations`` RL iterations each, driven by
+the trainer's own ``sgcd_jax.trainer.Trainer`` (``roll`` / ``finish``, as ``sgcd_jax.train`` drives it; SGCD with
+``annotation.asynchronous`` on, so iteration k's annotation runs while rollout k+1 does). The two
 methods' iterations are interleaved (GRPO i, SGCD i, GRPO i+1, ...) so both see the same machine
 load on a shared CPU. The first ``--skip`` iterations of each (jit compiles, incl. SGCD's first
 teacher passes) are left out of the medians. ``--cache DIR`` keeps the tokenizer and the post-SFT
@@ -43,47 +43,40 @@ PHASES = {"rollout": "time/rollout_s", "annotation_wait": "time/annotation_wait_
 
 
 class MethodRun:
-    """One method's RL loop from given post-SFT params, one iteration per ``step()`` (train.py's order)."""
+    """One method's RL loop from given post-SFT params, one iteration per ``step()``: the trainer's own
+    ``Trainer.roll`` / ``Trainer.finish`` in train.py's order, timed from when this method resumes."""
 
     def __init__(self, config, model, env_factory, chat, train_tasks):
-        from sgcd_jax import train_parts as parts
-        from sgcd_jax.data import TaskStream
-        from sgcd_jax.train_step import Learner, make_optimizer
+        from sgcd_jax.trainer import phases as parts
+        from sgcd_jax.data.tasks import TaskStream
+        from sgcd_jax.learner.train_step import Learner, make_optimizer
+        from sgcd_jax.trainer.trainer import Trainer
 
-        self.parts, self.config, self.env_factory, self.chat = parts, config, env_factory, chat
         total_updates = config.run.num_iterations * config.optim.updates_per_iteration
-        self.learner = Learner(parts.frozen_copy(model), make_optimizer(config.optim, total_updates),
-                               parts.step_spec(config))
-        self.stream = TaskStream(train_tasks, seed=config.run.seed)
-        self.counters = parts.Counters()
-        self.rng = jax.random.key(config.run.seed)
-        self.annotator = (parts.build_annotation_queue(config.credit, config.run_dir)
-                          if config.loss.needs_teacher else None)
-        self.pipelined = config.credit.async_annotation and self.annotator is not None
+        learner = Learner(parts.frozen_copy(model), make_optimizer(config.optim, total_updates),
+                          parts.step_spec(config))
+        annotator = (parts.build_annotation_queue(config.annotation, config.run_dir)
+                     if config.loss.needs_teacher else None)
+        self.trainer = Trainer(config, learner, env_factory, chat, TaskStream(train_tasks, seed=config.run.seed),
+                               rng=jax.random.key(config.run.seed), annotator=annotator)
+        self.pipelined = config.annotation.asynchronous and annotator is not None
         self.pending = None
         self.index = 0
-
-    def _roll(self, index: int):
-        self.rng, key = jax.random.split(self.rng)
-        return self.parts.rollout_phase(index, self.learner, self.stream, self.env_factory, self.chat,
-                                        self.annotator, key, self.config, self.counters)
 
     def step(self) -> dict[str, float]:
         resumed = time.perf_counter()  # the other method ran since our last step: not our time
         rolls_s = 0.0
         if self.pending is None:
-            self.pending = self._roll(self.index)
+            self.pending = self.trainer.roll(self.index)
             rolls_s += time.perf_counter() - resumed
         ahead = None
         if self.pipelined:  # annotated while `pending` is scored and updated
             start = time.perf_counter()
-            ahead = self._roll(self.index + 1)
+            ahead = self.trainer.roll(self.index + 1)
             rolls_s += time.perf_counter() - start
         rolled = self.pending
         start = time.perf_counter()
-        metrics, _ = self.parts.update_phase(rolled, self.learner, None, self.env_factory, self.chat, self.annotator,
-                                             self.config, self.counters,
-                                             sampler_is_old=self.counters.updates != rolled.updates_at_rollout)
+        metrics, _ = self.trainer.finish(rolled)
         now = time.perf_counter()
         metrics["time/iteration_s"] = now - max(resumed, rolled.started)
         metrics["bench/rollout_phases_in_iteration_s"] = rolls_s  # rollout_phase calls inside this iteration
@@ -92,19 +85,18 @@ class MethodRun:
         return metrics
 
     def close(self) -> None:
-        if self.annotator is not None:
-            self.annotator.close(wait=False)
+        self.trainer.close()
 
 
 def load(method: str, workdir: str, args) -> "TrainConfig":  # noqa: F821
-    from sgcd_jax import config as config_lib
+    from sgcd_jax import config_files
 
     overrides = {"run.workdir": workdir, "run.name": "bench", "run.seed": args.seed,
                  "run.num_iterations": args.iterations, "sft.steps": args.sft_steps,
                  "run.store_rollouts": False}
     if method == "sgcd":
-        overrides["credit.async_annotation"] = True
-    return config_lib.load_config_file(os.path.join(config_lib.configs_dir(), f"{method}.py"), overrides)
+        overrides["annotation.asynchronous"] = True
+    return config_files.load_config_file(os.path.join(config_files.configs_dir(), f"{method}.py"), overrides)
 
 
 def summarize(history: list[dict[str, float]], skip: int) -> dict:
@@ -134,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations <= args.skip:
         parser.error(f"--iterations {args.iterations} must exceed --skip {args.skip}")
 
-    from sgcd_jax import train_parts as parts
+    from sgcd_jax.trainer import phases as parts
     from sgcd_jax.metrics_log import Progress
-    from sgcd_jax.train_step import Learner, make_optimizer
+    from sgcd_jax.learner.train_step import Learner, make_optimizer
 
     workdir = args.cache or tempfile.mkdtemp(prefix="bench_iteration_")
     configs = {m: load(m, workdir, args) for m in ("grpo", "sgcd")}
@@ -146,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     train_tasks = env_factory.tasks(base.env.train_split)
     model, tokenizer = parts.build_model(base.model, seed=base.run.seed, run_dir=base.run_dir,
                                          env_factory=env_factory, train_split=base.env.train_split)
-    chat = parts.ChatRenderer(tokenizer)
+    chat = parts.ChatAdapter(tokenizer)
     sft_learner = Learner(model, make_optimizer(base.optim, 1), parts.step_spec(base))
     cached = os.path.join(workdir, f"post_sft_steps{args.sft_steps}_seed{args.seed}.npz")
     sft: dict = {}
@@ -178,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               "sft_s": round(sft_s, 1), "sft_nll_last": sft.get("sft/nll_last"),
               "sft_params_loaded_from": sft.get("sft/loaded_from"),
               "jax_backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-              "sgcd_async_annotation": configs["sgcd"].credit.async_annotation}
+              "sgcd_async_annotation": configs["sgcd"].annotation.asynchronous}
     for method in runs:
         result[method] = summarize(history[method], args.skip)
     grpo, sgcd = result["grpo"], result["sgcd"]

@@ -99,7 +99,7 @@ def _measure(stats_fn, cfg, grad, args, run: bool) -> tuple[dict, jax.Array | No
 
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, run the benchmark, print and return the JSON-able result."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sgcd_jax.bench loss_memory", description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--hidden", type=int, default=1024)

@@ -28,7 +28,6 @@ STD_SCOPES = ("group", "batch")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdvantageConfig:
-    estimator: str = "grpo"  # registry name under "advantage/": grpo | rloo | loop
     eps: float = 1e-6  # added to the std before dividing
     norm_by_std: bool = True  # False = Dr.GRPO (mean-centred only)
     std_scope: str = "group"  # "group": per-group std; "batch": std of all valid rewards
@@ -38,7 +37,6 @@ class AdvantageConfig:
             raise ValueError(f"AdvantageConfig.eps must be >= 0, got {self.eps}")
         if self.std_scope not in STD_SCOPES:
             raise ValueError(f"AdvantageConfig.std_scope={self.std_scope!r}; use one of {STD_SCOPES}")
-        get(f"advantage/{self.estimator}")  # raises listing the registered estimators
 
 
 @flax.struct.dataclass
@@ -123,6 +121,6 @@ def rloo_advantages(batch: AdvantageBatch, cfg: AdvantageConfig) -> AdvantageOut
 register("advantage/loop")(rloo_advantages)
 
 
-def compute_advantages(batch: AdvantageBatch, cfg: AdvantageConfig) -> AdvantageOutput:
-    """Dispatch to the estimator named by ``cfg.estimator``."""
-    return get(f"advantage/{cfg.estimator}")(batch, cfg)
+def compute_advantages(batch: AdvantageBatch, cfg: AdvantageConfig, estimator: str = "grpo") -> AdvantageOutput:
+    """Dispatch to the estimator registered as ``advantage/<estimator>`` (config key ``loss.advantage``)."""
+    return get(f"advantage/{estimator}")(batch, cfg)

@@ -36,13 +36,20 @@ def register(qualified_name: str) -> Callable[[F], F]:
 
     def decorator(fn: F) -> F:
         existing = _REGISTRY[kind].get(name)
-        if existing is not None and existing is not fn:
+        if existing is not None and existing is not fn and _origin(existing) != _origin(fn):
             raise ValueError(f"{qualified_name!r} is already registered to {existing.__module__}."
                              f"{existing.__qualname__}; pick another name")
         _REGISTRY[kind][name] = fn
         return fn
 
     return decorator
+
+
+def _origin(fn: Callable) -> tuple:
+    """Where ``fn`` was defined: a config file loaded twice (flags, then a test) re-registers the same
+    function, which is not a clash."""
+    code = getattr(fn, "__code__", None)
+    return (getattr(fn, "__qualname__", None), getattr(code, "co_filename", None) or id(fn))
 
 
 def get(qualified_name: str) -> Callable:

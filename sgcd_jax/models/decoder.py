@@ -6,7 +6,7 @@
 Parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where used; attention scores, softmax,
 norms, RoPE and the LM-head logits run/accumulate in float32 (so a bf16 `dtype` keeps them accurate).
 Accelerator knobs (ModelConfig): `attention_impl` ("xla" einsum path, or jax.nn.dot_product_attention
-with "dot_product_attention" | "cudnn" | "auto") and `remat_policy` (memory_plan.remat_policy names,
+with "dot_product_attention" | "cudnn" | "auto") and `remat_policy` (models/accel.remat_policy names,
 applied with nnx.remat per block in the no-cache forward; attention output is named "attention_out"). Kernels are [in, out]. Another block kind (e.g. Gated DeltaNet) plugs in with
 `register_block("linear_attention")(factory)` and may keep its recurrent state in `KVCache.extra`.
 """
@@ -130,7 +130,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
         if blocks > 1:
             return causal_blocked_attention(q, k, v, ctx.attention_mask, blocks)
         return grouped_attention(q, k, v, ctx.attention_mask)
-    from sgcd_jax.memory_plan import attention_implementation  # memory_plan imports models.config
+    from sgcd_jax.models.accel import attention_implementation
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
     return jax.nn.dot_product_attention(q, k, v, mask=ctx.attention_mask[:, None],  # [B, 1, T, S]
                                         is_causal=ctx.write_slots is None, implementation=implementation)
@@ -274,7 +274,7 @@ class Decoder(nnx.Module):
             if policy_name == "none":
                 run = _run_block_no_cache
             else:
-                from sgcd_jax.memory_plan import remat_policy  # memory_plan imports models.config
+                from sgcd_jax.models.accel import remat_policy
                 run = nnx.remat(_run_block_no_cache, policy=remat_policy(policy_name))
             for block in self.layers:
                 x = run(block, x, ctx)

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from sgcd_jax.models.decoder import Decoder
 from sgcd_jax.models.hf_format import adapter_for, hf_tensor_name
-from sgcd_jax.sharding import path_to_str
+from sgcd_jax.parallel.sharding import path_to_str
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

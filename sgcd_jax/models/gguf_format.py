@@ -97,7 +97,7 @@ def tensor_reader(path: str, cfg: ModelConfig):
     permuted = _field(reader, "general.architecture") == "llama"
 
     def read(param_path: str, leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.Array:
-        from sgcd_jax.models.loading import place
+        from sgcd_jax.parallel.sharding import place
         name, transposed = gguf_tensor_name(param_path)
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} (for parameter {param_path}) is missing; the file is incomplete "

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from sgcd_jax.models.config import ModelConfig
 from sgcd_jax.models.decoder import Decoder
 from sgcd_jax.models.hf_format import adapter_for, hf_tensor_name
-from sgcd_jax.sharding import path_to_str, state_shardings
+from sgcd_jax.parallel.sharding import path_to_str, place, state_shardings  # noqa: F401  (place: re-exported)
 
 
 def _smollm2_gguf() -> str:
@@ -52,7 +52,7 @@ def load_model(name_or_path: str, *, dtype: Any = "float32", param_dtype: Any = 
     """(model, tokenizer) from a short name, an HF checkpoint dir or a .gguf file.
 
     dtype is the compute dtype, param_dtype the storage dtype; with a mesh every parameter is placed with the
-    NamedSharding from sgcd_jax.sharding rules. config_overrides (e.g. remat=True) go into the ModelConfig.
+    NamedSharding from sgcd_jax.parallel.sharding rules. config_overrides (e.g. remat=True) go into the ModelConfig.
     """
     path = resolve_model_path(name_or_path)
     if path.endswith(".gguf"):
@@ -149,12 +149,3 @@ def _safetensors_reader(model_dir: str, cfg: ModelConfig) -> TensorReader:
             return jax.make_array_from_callback(leaf.shape, sharding, shard)
 
     return read
-
-
-def place(array: np.ndarray, leaf: jax.ShapeDtypeStruct, sharding: NamedSharding | SingleDeviceSharding,
-          source: str) -> jax.Array:
-    """Host array → device array with `sharding`, checking shape against the model's parameter."""
-    if tuple(array.shape) != tuple(leaf.shape):
-        raise ValueError(f"{source}: shape {tuple(array.shape)} does not match the model's {tuple(leaf.shape)}")
-    array = array.astype(leaf.dtype)
-    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: array[index])

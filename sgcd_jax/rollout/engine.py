@@ -14,7 +14,6 @@ episode (termination "env_error" / "env_timeout"). Episodes end on env done, `ma
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Hashable, Sequence

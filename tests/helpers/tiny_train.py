@@ -11,7 +11,7 @@ TINY_WORLD = {
     "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 1, "model.head_dim": 16,
     "model.domain_vocab_size": 1024, "env.num_tasks": 8, "env.max_turns": 2, "rollout.tasks_per_iteration": 2,
     "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
-    "optim.micro_batch_size": 2, "credit.reference_tokens": 256,
+    "optim.micro_batch_size": 2, "annotation.reference_tokens": 256,
 }
 VOLATILE = ("time", "time/", "throughput/", "annotator/latency")  # wall-clock metrics: differ between equal runs
 

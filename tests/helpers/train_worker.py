@@ -44,8 +44,8 @@ def main() -> None:
 
     import jax
 
-    from sgcd_jax import distributed
-    from sgcd_jax.config import configs_dir, load_config_file
+    from sgcd_jax.parallel import distributed
+    from sgcd_jax.config_files import configs_dir, load_config_file
     from sgcd_jax.train import train
 
     if args.num_processes > 1:

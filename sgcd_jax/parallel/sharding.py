@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tp")
@@ -31,7 +31,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tp: int = 1
-    # Joining a multi-host job is sgcd_jax.distributed.initialize()'s job (timeouts, SLURM/TPU discovery).
+    # Joining a multi-host job is sgcd_jax.parallel.distributed.initialize()'s job (timeouts, SLURM/TPU discovery).
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tp)
@@ -106,7 +106,7 @@ def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[
                 axes.append(axis if size > 1 and dim % size == 0 else None)
             return P(*axes)
     raise ValueError(f"no partition rule matches parameter {path!r}; add (regex, PartitionSpec) to the rules "
-                     "passed to sgcd_jax.sharding (e.g. extra_rules=[(r'/my_param$', P())])")
+                     "passed to sgcd_jax.parallel.sharding (e.g. extra_rules=[(r'/my_param$', P())])")
 
 
 def state_shardings(state: Any, mesh: Mesh, extra_rules: Sequence[tuple[str, P]] = ()) -> Any:
@@ -143,3 +143,12 @@ def jit_sharded_forward(model: nnx.Module, mesh: Mesh, extra_rules: Sequence[tup
 
     jitted = jax.jit(forward, in_shardings=(shardings, batch2, batch2, batch2), out_shardings=batch_sharding(mesh, 3))
     return jitted, state
+
+
+def place(array: np.ndarray, leaf: jax.ShapeDtypeStruct, sharding: NamedSharding | SingleDeviceSharding,
+          source: str) -> jax.Array:
+    """Host array → device array with `sharding`, checking shape against the model's parameter."""
+    if tuple(array.shape) != tuple(leaf.shape):
+        raise ValueError(f"{source}: shape {tuple(array.shape)} does not match the model's {tuple(leaf.shape)}")
+    array = array.astype(leaf.dtype)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: array[index])

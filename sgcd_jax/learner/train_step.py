@@ -22,12 +22,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sgcd_jax.config import OptimSpec
-from sgcd_jax.losses.distill import DistillBatch, DistillConfig, sdpo_loss
-from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig, ppo_policy_loss
+from sgcd_jax.losses.distill import DistillBatch, DistillConfig
+from sgcd_jax.losses.policy import PolicyBatch, PolicyLossConfig
+from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.types import aggregate
 from sgcd_jax.losses.vocab import VocabConfig, pair_stats, token_stats
-from sgcd_jax.scoring import PackedBatch, forward_hidden, gather_rows
-from sgcd_jax.sharding import path_to_str, state_shardings
+from sgcd_jax.learner.scoring import PackedBatch, forward_hidden, gather_rows
+from sgcd_jax.parallel.sharding import path_to_str, state_shardings
 
 
 @flax.struct.dataclass
@@ -41,12 +42,15 @@ class StepInputs:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Static structure of the update (hashable)."""
+    """Static structure of the update (hashable). Loss functions are registry names
+    (``policy_loss/<policy_fn>``, ``aux_loss/<name>`` for each of ``aux``), looked up when traced."""
 
     policy: PolicyLossConfig
     vocab: VocabConfig
     micro_batch_size: int
-    distill: DistillConfig | None = None  # SDPO baseline: actor loss toward the teacher
+    policy_fn: str = "ppo"
+    aux: tuple[str, ...] = ()  # e.g. ("sdpo",): actor losses toward the teacher, with ``distill``
+    distill: DistillConfig = DistillConfig()
     sft: bool = False
 
 
@@ -108,25 +112,26 @@ def _micro_loss(params, graphdef, rest, inputs: StepInputs, denominators: dict, 
     if spec.sft:
         nll = -jnp.where(mask > 0, logprobs, 0.0).sum()
         return nll / denominators["policy"], {"sft/nll_sum": nll}
-    policy = ppo_policy_loss(PolicyBatch(logprobs=logprobs, old_logprobs=inputs.old_logprobs,
+    policy = get(f"policy_loss/{spec.policy_fn}")(PolicyBatch(logprobs=logprobs, old_logprobs=inputs.old_logprobs,
                                          advantages=inputs.token_advantages, loss_mask=mask,
                                          ref_logprobs=inputs.ref_logprobs,
                                          entropy=stats.get("student_entropy")), spec.policy)
     total = policy.sum / denominators["policy"]
     metrics = dict(policy.metrics)
-    if spec.distill is not None:
+    if spec.aux:
         divergence = None
         if spec.distill.mode == "full":  # full-vocabulary divergence to the detached teacher
             teacher_hidden = jax.lax.stop_gradient(gather_rows(
                 forward_hidden(model, batch.teacher_tokens, batch.teacher_mask), batch.teacher_index))
             divergence = pair_stats(hidden, teacher_hidden, model.lm_head_kernel(), batch.tokens[:, 1:],
                                     spec.vocab, mask, features=(spec.distill.divergence,))[spec.distill.divergence]
-        distill = sdpo_loss(DistillBatch(loss_mask=mask * batch.has_teacher[:, None], logprobs=logprobs,
-                                         old_logprobs=inputs.old_logprobs,
-                                         teacher_logprobs=inputs.teacher_logprobs, divergence=divergence),
-                            spec.distill)
-        total = total + distill.sum / denominators["distill"]  # distill.sum already carries coef
-        metrics.update(distill.metrics)
+        distill_batch = DistillBatch(loss_mask=mask * batch.has_teacher[:, None], logprobs=logprobs,
+                                     old_logprobs=inputs.old_logprobs,
+                                     teacher_logprobs=inputs.teacher_logprobs, divergence=divergence)
+        for name in spec.aux:
+            aux = get(f"aux_loss/{name}")(distill_batch, spec.distill)
+            total = total + aux.sum / denominators["distill"]  # aux.sum already carries distill.coef
+            metrics.update(aux.metrics)
     return total, metrics
 
 
@@ -137,7 +142,7 @@ def full_batch_denominators(inputs: StepInputs, spec: StepSpec) -> dict[str, jax
         return {"policy": jnp.maximum(mask.sum(), 1.0)}
     _, policy = aggregate(zeros, mask, spec.policy.agg_mode, spec.policy.norm_length)
     out = {"policy": jnp.maximum(policy, 1.0)}
-    if spec.distill is not None:
+    if spec.aux:
         _, distill = aggregate(zeros, mask * inputs.batch.has_teacher[:, None], spec.distill.agg_mode,
                                spec.distill.norm_length)
         out["distill"] = jnp.maximum(distill, 1.0)
@@ -211,7 +216,7 @@ class Learner:
             self.opt_state = tx.init(self.params)
             self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
             return
-        from sgcd_jax import distributed
+        from sgcd_jax.parallel import distributed
 
         self.param_shardings = state_shardings(self.params, mesh)
         self.params = distributed.place(self.params, self.param_shardings)
@@ -247,7 +252,7 @@ class Learner:
         rollouts sample with it). One process: ``model()``."""
         if self.mesh is None:
             return self.model()
-        from sgcd_jax import distributed
+        from sgcd_jax.parallel import distributed
 
         return nnx.merge(self.graphdef, distributed.process_local_view(self.params, self.mesh),
                          distributed.process_local_view(self.rest, self.mesh))

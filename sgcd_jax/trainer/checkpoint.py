@@ -5,7 +5,7 @@ Saved per step: ``state`` (params, optimizer state, PRNG key data, as one pytree
 state the host loop needs). ``latest`` keeps the newest ``keep`` steps; ``best`` keeps the single
 step with the highest eval success (best-by-eval), written only when eval improves.
 
-Integrity (``sgcd_jax.integrity``): every save stores a fingerprint of the state's contents in
+Integrity (``trainer/integrity.py``): every save stores a fingerprint of the state's contents in
 ``meta``; a state with a non-finite leaf is never written (so it can never rotate out a good
 checkpoint). ``restore`` re-computes the fingerprint of what it read and raises ``CorruptCheckpoint``
 naming the step dir on a mismatch, a non-finite value or an unreadable file; ``restore_latest``
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sgcd_jax import integrity
+from sgcd_jax.trainer import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class TrainCheckpointer:
             os.replace(source, target)
             logger.error("moved corrupt checkpoint %s to %s", source, target)
         if jax.process_count() > 1:
-            from sgcd_jax import distributed
+            from sgcd_jax.parallel import distributed
             distributed.barrier(f"checkpoint-quarantine-{step}", timeout_s=distributed.resolve_config().barrier_timeout_s)
         self._latest.reload()
 

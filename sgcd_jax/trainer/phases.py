@@ -1,13 +1,15 @@
-"""The pieces ``train.py`` strings together: building the world from the config, one RL iteration,
-the SFT warm-up, eval of the bare student, report samples. Host code only; the math is jitted in
-``scoring`` / ``train_step`` / ``losses``.
+"""The phases ``trainer.Trainer`` runs: one RL iteration as rollout_phase (rollouts → rewards → sibling
+selection → submit annotation) and update_phase (teacher contexts → score → advantages → credit →
+store → update), the SFT warm-up, eval of the bare student, the KL reference. Host code only; the math
+is jitted in ``scoring`` / ``train_step`` / ``losses``. Neighbours: ``teacher_context`` (annotation →
+teacher prompts), ``batch_layout`` (rows over processes and devices), ``episode_summary`` (metrics and
+report samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Sequence
 
@@ -16,25 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgcd_jax import distributed, integration, preemption, sft_cache
-from sgcd_jax.config import ConfigError, CreditSpec, EnvSpec, LossSpec, ModelSpec, TrainConfig
-from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, SelectionConfig, build_annotator,
-                             build_sdpo_teacher_batch, build_teacher_batch, select_groups)
-from sgcd_jax.credit.selection import fill_mixed_groups, group_siblings
-from sgcd_jax.credit.teacher import render_credit_text
-from sgcd_jax.data import TaskStream
-from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig, compute_advantages
-from sgcd_jax.losses.credit import CreditBatch, CreditConfig, no_credit, sgcd_credit
-from sgcd_jax.losses.distill import DistillConfig
-from sgcd_jax.losses.policy import PolicyLossConfig
+from sgcd_jax import integration
+from sgcd_jax.parallel import distributed
+from sgcd_jax.learner.batch_layout import (_check_same_shapes, any_process, local_mesh, process_task_count,  # noqa: F401
+                                   rows_multiple, to_mesh)
+from sgcd_jax.config import TrainConfig
+from sgcd_jax.credit import SelectionConfig, select_groups
+from sgcd_jax.credit.selection import fill_mixed_groups
+from sgcd_jax.data.tasks import TaskStream
+from sgcd_jax.trainer import preemption, sft_cache
+from sgcd_jax.trainer.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
+from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig
+from sgcd_jax.losses.credit import CreditBatch, CreditConfig
+from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.vocab import VocabConfig
-from sgcd_jax.report import write_samples as _write_samples
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.scoring import ScoreSpec, pack, score, to_device
-from sgcd_jax.store import RolloutStore
-from sgcd_jax.train_step import Learner, StepInputs, StepSpec, make_optimizer
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score
+from sgcd_jax.data.store import RolloutStore
+from sgcd_jax.trainer.teacher_context import (build_annotation_queue, sibling_teacher, submit_annotation,  # noqa: F401
+                                      teacher_prompts)
+from sgcd_jax.learner.train_step import Learner, StepInputs, StepSpec, make_optimizer
 
-ChatRenderer = integration.ChatAdapter
+ChatAdapter = integration.ChatAdapter
 build_env = integration.build_env
 build_model = integration.build_model
 export = integration.export_model
@@ -77,28 +82,7 @@ def frozen_copy(model: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
-# ----------------------------------------------------------------------------- configs → loss objects
-def policy_config(loss: LossSpec) -> PolicyLossConfig:
-    return PolicyLossConfig(clip_low=loss.clip_low, clip_high=loss.clip_high,
-                            dual_clip=loss.dual_clip if loss.dual_clip > 0 else None,
-                            kl_coef=loss.kl_coef, kl_estimator=loss.kl_estimator,
-                            entropy_coef=loss.entropy_coef, agg_mode=loss.aggregation)
-
-
-def credit_config(loss: LossSpec) -> CreditConfig:
-    low_pos, high_pos, low_neg, high_neg = (loss.eps_low_pos, loss.eps_high_pos, loss.eps_low_neg,
-                                            loss.eps_high_neg)
-    if not loss.bounded:  # the "no bounds" ablation: bounds so wide they never bind in practice
-        low_pos = low_neg = 0.99
-        high_pos = high_neg = 99.0
-    return CreditConfig(beta_pos=loss.beta_pos, beta_neg=loss.beta_neg, eps_low_pos=low_pos,
-                        eps_high_pos=high_pos, eps_low_neg=low_neg, eps_high_neg=high_neg, eta=loss.eta,
-                        entropy_gate=loss.entropy_gate, entropy_threshold=loss.entropy_threshold,
-                        granularity=loss.granularity, renormalize=loss.renormalize, lam=loss.credit_lambda,
-                        lam_schedule=loss.lambda_schedule, lam_final=loss.lambda_final,
-                        lam_decay_steps=loss.lambda_decay_steps)
-
-
+# ----------------------------------------------------------------------------- configs → the jitted update
 def vocab_config(config: TrainConfig) -> VocabConfig:
     """Logprobs as the sampler drew them: logits / rollout.temperature (greedy rollouts: 1), as verl's
     actor does, so the scoring pass's π_old equals the sampler's log-probs and the PPO ratio is 1 on
@@ -108,16 +92,13 @@ def vocab_config(config: TrainConfig) -> VocabConfig:
 
 
 def step_spec(config: TrainConfig) -> StepSpec:
-    loss = config.loss
-    distill = (DistillConfig(mode=loss.sdpo_mode, coef=loss.sdpo_coef, agg_mode=loss.aggregation)
-               if loss.sdpo_coef > 0 else None)
-    return StepSpec(policy=policy_config(loss), vocab=vocab_config(config),
-                    micro_batch_size=config.optim.micro_batch_size, distill=distill)
+    return StepSpec(policy=config.policy, vocab=vocab_config(config), micro_batch_size=config.optim.micro_batch_size,
+                    policy_fn=config.loss.policy, aux=config.loss.aux, distill=config.distill)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _advantages(rewards, group_ids, valid, cfg: AdvantageConfig):
-    return compute_advantages(AdvantageBatch(rewards=rewards, group_ids=group_ids, valid=valid), cfg)
+@functools.partial(jax.jit, static_argnames=("cfg", "name"))
+def _advantages(rewards, group_ids, valid, cfg: AdvantageConfig, name: str):
+    return get(f"advantage/{name}")(AdvantageBatch(rewards=rewards, group_ids=group_ids, valid=valid), cfg)
 
 
 @jax.jit
@@ -125,97 +106,9 @@ def _masked_mean(values, mask):
     return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def process_task_count(config: TrainConfig) -> int:
-    """Tasks this process rolls out per iteration: its equal share of ``rollout.tasks_per_iteration``."""
-    count = jax.process_count()
-    if config.rollout.tasks_per_iteration % count:
-        raise ConfigError(f"rollout.tasks_per_iteration={config.rollout.tasks_per_iteration} must be a multiple of "
-                          f"the {count} processes (every process rolls out the same number of tasks)")
-    return config.rollout.tasks_per_iteration // count
-
-
-def to_mesh(host_batch: Any, learner: Learner, *, same_on_every_process: bool = False) -> Any:
-    """Host (numpy) rows → device arrays for the jitted score/update: global arrays sharded over the
-    mesh's batch axes (each process supplies its own rows, or — ``same_on_every_process`` — every
-    process holds the whole batch), or plain device arrays without a mesh."""
-    if learner.mesh is None:
-        return to_device(host_batch)
-    if same_on_every_process:
-        return distributed.global_batch_from_host(host_batch, learner.mesh)
-    return distributed.global_batch(host_batch, learner.mesh)
-
-
-def rows_multiple(learner: Learner, micro: int) -> int:
-    """Per-process row multiple: global rows split into micro-batches and over the batch shards."""
-    if learner.mesh is None:
-        return micro
-    shards = int(np.prod([learner.mesh.shape[a] for a in distributed.BATCH_AXES if a in learner.mesh.shape]))
-    if shards % jax.process_count():
-        raise ConfigError(f"mesh batch axes (data x fsdp = {shards}) must be a multiple of the "
-                          f"{jax.process_count()} processes: set mesh.data to the number of hosts (or a multiple)")
-    return math.lcm(micro, shards // jax.process_count())
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "enabled"))
-def _credit(batch: CreditBatch, cfg: CreditConfig, step, enabled: bool):
-    return sgcd_credit(batch, cfg, step) if enabled else no_credit(batch, cfg, step)
-
-
-# ----------------------------------------------------------------------------- annotation
-def build_annotation_queue(credit: CreditSpec, run_dir: str) -> AsyncAnnotationQueue | None:
-    if credit.annotator == "none":
-        return None
-    cache_dir = credit.cache_dir or f"{run_dir}/annotation_cache"
-    gemini = None
-    if credit.annotator == "gemini":
-        from sgcd_jax.credit.gemini import GeminiConfig
-        gemini = GeminiConfig(model=credit.gemini_model, timeout_s=credit.timeout_s,
-                              base_url=credit.gemini_base_url or None)
-    annotator = build_annotator(AnnotatorConfig(kind=credit.annotator, cache_dir=cache_dir, gemini=gemini))
-    return AsyncAnnotationQueue(annotator, max_workers=4)
-
-
-def submit_annotation(groups, config: TrainConfig, annotator) -> list[str] | None:
-    """Start annotating the mixed groups (SGCD-style credit only); returns the submitted group ids."""
-    if annotator is None or not config.loss.needs_teacher or (config.loss.sdpo_coef > 0 and config.loss.credit == "none"):
-        return None
-    mixed = [g for g in groups if g.is_mixed]
-    return annotator.submit(mixed) if mixed else []
-
-
-def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
-                    chat: "integration.ChatAdapter", counters: Counters, tools_by_task: dict,
-                    submitted: list[str] | None = None) -> tuple[list, dict, dict]:
-    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references.
-    ``submitted``: group ids already handed to the queue (``submit_annotation``); None = submit now."""
-    metrics: dict[str, float] = {}
-    references: dict[str, Any] = {}
-    if config.loss.sdpo_coef > 0 and config.loss.credit == "none":  # SDPO: a successful sibling's demo
-        by_key = {}
-        for group in groups:
-            rows = build_sdpo_teacher_batch([group], chat.render_prompt_ids, tools_by_task[group.task_id])
-            for traj, row in zip(group.trajectories, rows):
-                by_key[(traj.group_id, traj.sample_index)] = row
-    else:
-        if submitted is None:
-            submitted = submit_annotation(groups, config, annotator)
-        start = time.perf_counter()
-        results = annotator.collect(submitted, timeout_s=config.credit.timeout_s) if submitted else {}
-        metrics["time/annotation_wait_s"] = time.perf_counter() - start
-        references = {gid: r.reference for gid, r in results.items()}
-        missing = sum(r.reference is None for r in results.values())
-        counters.groups_without_reference += missing
-        counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
-        metrics.update(annotator.stats.as_metrics())
-        by_key = {}
-        for traj in trajectories:
-            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id])
-            by_key[(traj.group_id, traj.sample_index)] = row
-    prompts = []
-    for traj in trajectories:
-        row = by_key.get((traj.group_id, traj.sample_index))
-        prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
-    return prompts, metrics, references
+@functools.partial(jax.jit, static_argnames=("cfg", "name"))
+def _credit(batch: CreditBatch, cfg: CreditConfig, step, name: str):
+    return get(f"credit/{name}")(batch, cfg, step)
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -248,8 +141,8 @@ def store_iteration(store: RolloutStore, iteration: int, trajectories: Sequence[
                  advantages=h(advantages.advantages),
                  prompt_lens=[t.prompt_len for t in trajectories],
                  sample_indices=[t.sample_index for t in trajectories],
-                 attrs={"credit_fn": "credit/sgcd" if config.loss.credit != "none" else "credit/none",
-                        "credit_config": dataclasses.asdict(credit_config(config.loss)), "step": iteration,
+                 attrs={"credit_fn": f"credit/{config.loss.credit}",
+                        "credit_config": dataclasses.asdict(config.credit), "step": iteration,
                         "padded_rows": rows})
 
 
@@ -266,7 +159,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     start = time.perf_counter()
     micro = config.optim.micro_batch_size
     length = config.rollout.max_total_tokens + config.rollout.max_new_tokens  # a turn may overshoot the cap
-    teacher_length = length + (config.credit.reference_tokens if config.loss.needs_teacher else 0)
+    teacher_length = length + (config.annotation.reference_tokens if config.loss.needs_teacher else 0)
     # Every process packs to the same shapes (its share of the rows; lengths fixed by the config).
     host_batch = pack(trajectories, prompts, rows_multiple=rows_multiple(learner, micro), pad_id=pad_id,
                       min_rows=process_task_count(config) * config.rollout.group_size,
@@ -276,7 +169,7 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     multi_device = learner.mesh is not None and learner.mesh.size > 1  # results resharded to the batch layout
     needs_teacher = config.loss.needs_teacher and any_process(any(p is not None for p in prompts))
     spec = ScoreSpec(vocab=vocab_config(config),
-                     with_teacher=needs_teacher, with_reference=config.loss.needs_reference)  # no reference: skip it
+                     with_teacher=needs_teacher, with_reference=config.needs_reference)  # no reference: skip it
     features = score(learner.model(), ref_model, batch, spec)
     if multi_device:  # the batch layout, whatever score returned
         features = distributed.shard_rows_on_mesh(features, learner.mesh)
@@ -295,9 +188,8 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     group_ids = np.arange(rows, dtype=np.int32)
     group_ids[:len(trajectories)] = [first_row[t.group_id] for t in trajectories]
     group_ids += jax.process_index() * rows
-    adv_cfg = AdvantageConfig(estimator=config.loss.advantage, eps=config.loss.adv_eps,
-                              norm_by_std=config.loss.norm_by_std)
-    advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0, adv_cfg)
+    advantages = _advantages(to_mesh(rewards, learner), to_mesh(group_ids, learner), batch.row_valid > 0,
+                             config.advantage, config.loss.advantage)
     if multi_device:
         advantages = advantages.replace(advantages=distributed.shard_rows_on_mesh(advantages.advantages, learner.mesh))
     teacher_logprobs = features.get("teacher_logprobs", features["student_logprobs"])
@@ -308,13 +200,13 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     if multi_device:
         # Credit on replicated inputs (cheap elementwise math): the one-device program, so rescore
         # reproduces the weights bitwise; then sliced back to the batch layout for the update.
-        credit = _credit(distributed.replicate_on_mesh(credit_batch, learner.mesh), credit_config(config.loss),
-                         iteration, config.loss.credit != "none")
+        credit = _credit(distributed.replicate_on_mesh(credit_batch, learner.mesh), config.credit,
+                         iteration, config.loss.credit)
         credit = credit.replace(weights=distributed.shard_rows_on_mesh(credit.weights, learner.mesh),
                                 token_advantages=distributed.shard_rows_on_mesh(credit.token_advantages,
                                                                                 learner.mesh))
     else:
-        credit = _credit(credit_batch, credit_config(config.loss), iteration, config.loss.credit != "none")
+        credit = _credit(credit_batch, config.credit, iteration, config.loss.credit)
     if store is not None and trajectories:
         start_store = time.perf_counter()
         store_iteration(store, iteration, trajectories, batch, features, teacher_logprobs, reverse_kl, credit,
@@ -367,12 +259,12 @@ def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory,
     rollout_s = time.perf_counter() - start
     counters.episodes += len(trajectories) * jax.process_count()  # every process rolls out as many
     counters.env_errors += sum(t.termination in ("error", "env_error", "env_timeout") for t in trajectories)
-    selection_config = SelectionConfig(success_threshold=config.credit.success_threshold,
-                                       non_mixed=config.credit.non_mixed_groups)
+    selection_config = SelectionConfig(success_threshold=config.annotation.success_threshold,
+                                       non_mixed=config.annotation.non_mixed_groups)
     selection = select_groups(trajectories, selection_config)
     groups = selection.mixed + selection.grpo
     oversampling: dict[str, float] = {}
-    if config.credit.max_oversample_rounds > 0:  # dynamic sampling: more rounds until `share` groups are mixed
+    if config.annotation.max_oversample_rounds > 0:  # dynamic sampling: more rounds until `share` groups are mixed
 
         def draw(round_index: int) -> list[Trajectory]:
             more_tasks = stream.next_tasks(share)
@@ -384,12 +276,12 @@ def rollout_phase(index: int, learner: Learner, stream: TaskStream, env_factory,
                 traj.group_id = f"{traj.group_id}/round{round_index}"
             return more
 
-        groups, trajectories, oversampling = fill_mixed_groups(selection, share, config.credit.max_oversample_rounds,
+        groups, trajectories, oversampling = fill_mixed_groups(selection, share, config.annotation.max_oversample_rounds,
                                                                draw, selection_config)
         rollout_s = time.perf_counter() - start
         counters.episodes += (len(trajectories) - share * config.rollout.group_size) * jax.process_count()
     kept = [t for g in groups for t in g.trajectories]
-    metrics = {**episode_metrics(trajectories, config.credit.success_threshold), **selection.stats.as_metrics(),
+    metrics = {**episode_metrics(trajectories, config.annotation.success_threshold), **selection.stats.as_metrics(),
                **oversampling, "time/rollout_s": rollout_s,
                "throughput/rollout_tokens_per_s": sum(int(t.loss_mask.sum()) for t in trajectories) / max(rollout_s, 1e-9)}
     submitted = submit_annotation(groups, config, annotator) if kept else None
@@ -424,60 +316,6 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
     return metrics, samples
 
 
-def iteration(index: int, learner: Learner, ref_model, stream: TaskStream, env_factory, chat, annotator,
-              rng: jax.Array, config: TrainConfig, counters: Counters,
-              store: RolloutStore | None = None) -> tuple[dict, list]:
-    """One synchronous RL iteration (rollout, then wait for annotation, then update); returns
-    (metrics, report samples)."""
-    rolled = rollout_phase(index, learner, stream, env_factory, chat, annotator, rng, config, counters)
-    metrics, samples = update_phase(rolled, learner, ref_model, env_factory, chat, annotator, config, counters, store)
-    metrics["time/iteration_s"] = time.perf_counter() - rolled.started
-    return metrics, samples
-
-
-def episode_metrics(trajectories: Sequence[Trajectory], threshold: float) -> dict[str, float]:
-    rewards = np.asarray([t.reward for t in trajectories], np.float32)
-    state_changes = [float(t.info.get("write_calls_ok", 0)) for t in trajectories]  # successful state-changing calls
-    return {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-            "success_rate": float((rewards >= threshold).mean()) if len(rewards) else 0.0,
-            "state_change_success_rate": float(np.mean(state_changes)) if state_changes else 0.0,
-            "turns_mean": float(np.mean([t.num_steps for t in trajectories])) if trajectories else 0.0,
-            "response_tokens_mean": float(np.mean([t.loss_mask.sum() for t in trajectories])) if trajectories else 0.0,
-            "parse_errors": float(sum(t.metrics.get("parse_errors", 0) for t in trajectories)),
-            "tool_errors": float(sum(t.metrics.get("tool_errors", 0) for t in trajectories))}
-
-
-def report_samples(trajectories: list[Trajectory], host: dict, references: dict, chat, limit: int = 2) -> list[dict]:
-    """A failed and a successful sibling of one annotated group, with per-token weights."""
-    picked = []
-    for group_id, reference in references.items():
-        if reference is None:
-            continue
-        rows = [i for i, t in enumerate(trajectories) if t.group_id == group_id]
-        picked = rows[:limit]
-        break
-    if not picked:
-        picked = list(range(min(limit, len(trajectories))))
-    samples = []
-    for row in picked:
-        traj = trajectories[row]
-        ids = traj.token_ids.tolist()
-        weights = np.ones(len(ids), np.float32)
-        weights[1:] = host["weights"][row, :len(ids) - 1]
-        reference = references.get(traj.group_id)
-        start = max(traj.prompt_len - 1, 0)
-        samples.append({"title": f"{traj.task_id} sibling {traj.sample_index}", "reward": float(traj.reward),
-                        "advantage": float(host["advantages"][row]),
-                        "tokens": chat.token_strings(ids[start:]), "loss_mask": traj.loss_mask[start:].tolist(),
-                        "weights": weights[start:].tolist(),
-                        "reference": render_credit_text(reference, traj) if reference is not None else ""})
-    return samples
-
-
-def write_samples(run_dir: str, samples: list[dict]) -> None:
-    _write_samples(run_dir, samples)
-
-
 # ----------------------------------------------------------------------------- SFT warm-up and eval
 def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) -> dict[str, float]:
     """Supervised warm-up on oracle demonstrations with its own AdamW; RL optimizer state untouched."""
@@ -486,7 +324,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         raise ValueError(f"no oracle demonstration fits rollout.max_total_tokens={config.rollout.max_total_tokens}: "
                          "raise it or sft.num_demos")
     sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate, trainable=""),
-                  dataclasses.replace(learner.spec, sft=True, distill=None,  # NLL of the untempered policy
+                  dataclasses.replace(learner.spec, sft=True, aux=(),  # NLL of the untempered policy
                                       vocab=dataclasses.replace(learner.spec.vocab, temperature=1.0),
                                       micro_batch_size=min(config.sft.batch_size, config.optim.micro_batch_size)),
                   mesh=learner.mesh)
@@ -526,35 +364,6 @@ def evaluate_student(learner: Learner, env_factory, tasks, chat, config: TrainCo
         result = distributed.weighted_mean_across_processes(result, weight=len(mine), name="eval")
     result["time/eval_s"] = time.perf_counter() - start
     return result
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` on any process (the same answer on all: choices that pick jitted programs or
-    collectives must agree, or processes would wait on each other)."""
-    if jax.process_count() == 1:
-        return flag
-    return distributed.reduce_metrics({"flag": float(flag)}, "max")["flag"] > 0
-
-
-def local_mesh(learner: Learner):
-    """The mesh a process samples on (its own devices); None when that is one device."""
-    if learner.mesh is None:
-        return None
-    mesh = distributed.local_mesh(learner.mesh)
-    return mesh if mesh.size > 1 else None
-
-
-def _check_same_shapes(batch) -> None:
-    """Every process must pack to one shape, or the global arrays would not line up."""
-    if jax.process_count() > 1:
-        shapes = dict(zip(("rows", "length", "teacher_length"), (*batch.tokens.shape, batch.teacher_tokens.shape[1])))
-        bounds = distributed.reduce_metrics({**shapes, **{f"-{k}": -v for k, v in shapes.items()}}, "max")
-        if any(bounds[k] != -bounds[f"-{k}"] for k in shapes):  # max != min: raised on every process
-            raise RuntimeError(f"processes packed different batch shapes (this one {shapes}, max/min over "
-                               f"processes {bounds}): a trajectory outgrew rollout.max_total_tokens + max_new_tokens")
-
-
-_ = (EnvSpec, ModelSpec, group_siblings)
 
 
 def reference_model(learner: Learner, checkpointer, config: TrainConfig) -> nnx.Module:

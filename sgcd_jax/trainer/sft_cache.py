@@ -6,7 +6,7 @@ run). The key is a hash of everything the warm-up's result depends on: the model
 the env spec, ``run.seed`` (init and demo order), ``rollout.max_total_tokens`` (which demos fit), the
 tokenizer's files and the optimizer settings SFT reuses. Entries are orbax checkpoints written to a
 temporary name and renamed, so a crash mid-write never leaves an entry that looks complete. Each
-entry's ``integrity.json`` stores its key and a fingerprint of the params (``sgcd_jax.integrity``);
+entry's ``integrity.json`` stores its key and a fingerprint of the params (``trainer/integrity.py``);
 a restored entry whose key, fingerprint or finiteness does not check out is reported, removed and
 recomputed (random bytes in a params file used to restore as a hit and train on NaNs).
 """
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sgcd_jax import integrity
+from sgcd_jax.trainer import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
              "max_total_tokens": config.rollout.max_total_tokens,
              "optim": {k: getattr(config.optim, k) for k in ("schedule", "end_lr_fraction", "weight_decay", "b1", "b2",
                                                              "grad_clip", "micro_batch_size", "warmup_steps")},
-             "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.loss.aggregation}}
+             "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.policy.agg_mode}}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in sorted(os.listdir(tokenizer_dir)):
@@ -119,7 +119,7 @@ def _verify(entry: str, key: str, params: Any) -> None:
         raise CorruptEntry("params do not match the fingerprint stored with them (files changed on disk)")
 
 
-# ---- a warm-up interrupted by a signal: its state saved and resumed (sgcd_jax/preemption.py) ----
+# ---- a warm-up interrupted by a signal: its state saved and resumed (trainer/preemption.py) ----
 PARTIAL_DIR = "sft_partial"
 
 

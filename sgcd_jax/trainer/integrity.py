@@ -62,12 +62,25 @@ def _array_leaves(tree: Any) -> list[jax.Array]:
     return leaves
 
 
+def _sums_by_device_set(leaves: list[jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """``_leaf_sums`` per group of leaves on one device set (one jit cannot mix them: e.g. mesh-sharded
+    params beside a single-device PRNG key), put back in leaf order."""
+    groups: dict[frozenset, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(i)
+    sums, finite = np.zeros((len(leaves), 2), np.uint32), np.zeros(len(leaves), bool)
+    for indices in groups.values():
+        group_sums, group_finite = jax.device_get(_leaf_sums([leaves[i] for i in indices]))
+        sums[indices], finite[indices] = group_sums, group_finite
+    return sums, finite
+
+
 def fingerprint(tree: Any) -> tuple[str, list[bool]]:
     """(hex digest of the tree's contents, finite flag per leaf in ``jax.tree.leaves`` order)."""
     leaves = _array_leaves(tree)
     if not leaves:
         return hashlib.sha256(b"empty").hexdigest()[:32], []
-    sums, finite = jax.device_get(_leaf_sums(leaves))
+    sums, finite = _sums_by_device_set(leaves)
     shapes = [[str(x.dtype), list(x.shape)] for x in leaves]
     blob = json.dumps({"sums": np.asarray(sums).tolist(), "shapes": shapes}, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:32], [bool(f) for f in np.asarray(finite)]

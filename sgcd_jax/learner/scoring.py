@@ -90,10 +90,6 @@ def pack(trajectories: Sequence[Trajectory], teacher_prompts: Sequence[np.ndarra
     return PackedBatch(**out)
 
 
-def slice_rows(batch: PackedBatch, start: int, stop: int) -> PackedBatch:
-    return jax.tree.map(lambda x: x[start:stop], batch)
-
-
 def _positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
 

@@ -62,9 +62,9 @@ def agreed() -> bool:
 
     if jax.process_count() == 1:
         return requested()
-    from sgcd_jax import distributed
+    from sgcd_jax.parallel.metrics import reduce_metrics
 
-    return distributed.reduce_metrics({"flag": float(requested())}, "max")["flag"] > 0
+    return reduce_metrics({"flag": float(requested())}, "max")["flag"] > 0
 
 
 def reset() -> None:

@@ -1,0 +1,73 @@
+"""Annotation → teacher contexts: the annotator queue from ``annotation.*``, submitting mixed groups,
+and the teacher prompt of every trajectory (the credit reference, or for SDPO a successful sibling)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sgcd_jax.config import AnnotationSpec, TrainConfig
+from sgcd_jax.credit import (AnnotatorConfig, AsyncAnnotationQueue, build_annotator, build_sdpo_teacher_batch,
+                             build_teacher_batch)
+from sgcd_jax.rollout.trajectory import Trajectory
+
+
+def build_annotation_queue(annotation: AnnotationSpec, run_dir: str) -> AsyncAnnotationQueue | None:
+    if annotation.name == "none":
+        return None
+    cache_dir = annotation.cache_dir or f"{run_dir}/annotation_cache"
+    gemini = None
+    if annotation.name == "gemini":
+        from sgcd_jax.credit.gemini import GeminiConfig
+        gemini = GeminiConfig(model=annotation.model, timeout_s=annotation.timeout_s,
+                              base_url=annotation.base_url or None)
+    annotator = build_annotator(AnnotatorConfig(kind=annotation.name, cache_dir=cache_dir, gemini=gemini))
+    return AsyncAnnotationQueue(annotator, max_workers=4)
+
+
+def submit_annotation(groups, config: TrainConfig, annotator) -> list[str] | None:
+    """Start annotating the mixed groups (SGCD-style credit only); returns the submitted group ids."""
+    if annotator is None or not config.loss.needs_teacher or sibling_teacher(config):
+        return None
+    mixed = [g for g in groups if g.is_mixed]
+    return annotator.submit(mixed) if mixed else []
+
+
+def sibling_teacher(config: TrainConfig) -> bool:
+    """An aux loss without credit (SDPO): the teacher sees a successful sibling, not a reference."""
+    return bool(config.loss.aux) and config.loss.credit == "none"
+
+
+def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig, annotator,
+                    chat, counters, tools_by_task: dict,
+                    submitted: list[str] | None = None) -> tuple[list, dict, dict]:
+    """Teacher prompt ids per trajectory (None = no context) + annotation metrics + references.
+    ``submitted``: group ids already handed to the queue (``submit_annotation``); None = submit now."""
+    metrics: dict[str, float] = {}
+    references: dict[str, Any] = {}
+    if sibling_teacher(config):  # SDPO: a successful sibling's demo
+        by_key = {}
+        for group in groups:
+            rows = build_sdpo_teacher_batch([group], chat.render_prompt_ids, tools_by_task[group.task_id])
+            for traj, row in zip(group.trajectories, rows):
+                by_key[(traj.group_id, traj.sample_index)] = row
+    else:
+        if submitted is None:
+            submitted = submit_annotation(groups, config, annotator)
+        start = time.perf_counter()
+        results = annotator.collect(submitted, timeout_s=config.annotation.timeout_s) if submitted else {}
+        metrics["time/annotation_wait_s"] = time.perf_counter() - start
+        references = {gid: r.reference for gid, r in results.items()}
+        missing = sum(r.reference is None for r in results.values())
+        counters.groups_without_reference += missing
+        counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
+        metrics.update(annotator.stats.as_metrics())
+        by_key = {}
+        for traj in trajectories:
+            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id])
+            by_key[(traj.group_id, traj.sample_index)] = row
+    prompts = []
+    for traj in trajectories:
+        row = by_key.get((traj.group_id, traj.sample_index))
+        prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
+    return prompts, metrics, references
