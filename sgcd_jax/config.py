@@ -5,16 +5,14 @@ unknown keys and bad values raise ``ConfigError`` naming the key, before any mod
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import re
 import typing
 from typing import Any
 
+from sgcd_jax.config_io import SECRET_KEY_MARKERS, save_resolved, scrub_secrets, to_dict  # noqa: F401
 from sgcd_jax.losses import AdvantageConfig, CreditConfig, DistillConfig, PolicyLossConfig
-
-SECRET_KEY_MARKERS = ("api_key", "apikey", "token_secret", "password", "secret")
-
 
 class ConfigError(ValueError):
     """A config key is unknown or a value is invalid."""
@@ -126,11 +124,14 @@ class RolloutSpec:
     top_k: int = 0
     prefill_chunk: int = 512  # prompts/observations appended in chunks of this many tokens (power of two >= 16)
     decode_slots: int = 0  # > 0: continuous batching over this many decode rows; 0: synchronous turns
+    env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
         _check(self.prefill_chunk >= 16 and self.prefill_chunk.bit_count() == 1, "rollout.prefill_chunk: a power of two >= 16")
         _check(self.decode_slots >= 0, "rollout.decode_slots must be >= 0 (0 = synchronous turns)")
-        _check(self.group_size >= 2, "rl.group_size (G) must be >= 2 for group advantages")
+        _check(self.group_size >= 2, "rollout.group_size (G) must be >= 2 for group advantages")
+        _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
+        _check(0 < self.env_timeout_s < math.inf, "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0, "rollout.temperature must be >= 0")
         _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
@@ -149,13 +150,17 @@ class AnnotationSpec:
     model: str = "gemini-2.5-flash"  # the Gemini annotator's model
     cache_dir: str = ""  # "" = run_dir/annotation_cache
     asynchronous: bool = False  # one-step-delayed credit: annotate iteration k during rollout k+1
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # bounds each Gemini HTTP request and the wait for a group's reference (then abandoned)
+    base_url: str = ""  # the Gemini annotator's endpoint: "" = Google's; else a Gemini-compatible proxy / server
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
 
     def __post_init__(self):
         _one_of("annotation.name", self.name, ("contrast", "gemini", "replay", "none"))
         _one_of("annotation.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
         _check(self.max_oversample_rounds >= 0, "annotation.max_oversample_rounds must be >= 0")
+        _check(0 < self.timeout_s < math.inf, "annotation.timeout_s must be a finite number > 0")
+        _check(not self.base_url or self.base_url.startswith(("http://", "https://")),
+               f"annotation.base_url={self.base_url!r} must start with http:// or https:// ('' = Google's endpoint)")
 
 
 def _registered_one(key: str, kind: str, name: str) -> None:
@@ -211,7 +216,8 @@ class OptimSpec:
     master_dtype: str = "float32"  # fp32 master + moments when params are bf16 | "param": bf16-only, stochastic rounding
 
     def __post_init__(self):
-        _check(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        _check(0 < self.learning_rate <= 1.0, f"optim.learning_rate={self.learning_rate!r} must be in (0, 1] "
+                                              "(AdamW moves each weight by about lr per update)")
         _one_of("optim.master_dtype", self.master_dtype, ("float32", "param"))
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
@@ -242,6 +248,7 @@ class SFTSpec:
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,
                "sft.steps >= 0, sft.batch_size >= 1 and sft.num_demos >= 1 required")
         _check(0.0 <= self.demo_shortcut_rate <= 1.0, "sft.demo_shortcut_rate must be in [0, 1]")
+        _check(0 < self.learning_rate <= 1.0, f"sft.learning_rate={self.learning_rate!r} must be in (0, 1]")
         from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS
 
         _check(self.demo_shortcut in ("",) + SHORTCUTS,
@@ -286,6 +293,11 @@ class TrainConfig:
     mesh: MeshSpec = MeshSpec()
 
     def __post_init__(self):
+        # Keys that would only fail deep inside a run (after SFT, eval, checkpoint 0) are checked here.
+        oracle = f"with env.name={self.env.name!r}: only airline_lite has the oracle demos it needs"
+        _check(not self.sft.enabled or self.env.name == "airline_lite", f"sft.enabled=True {oracle}; set it False")
+        _check(self.model.source != "tiny" or self.model.tokenizer != "domain-bpe" or self.env.name == "airline_lite",
+               f"model.tokenizer='domain-bpe' {oracle}; use a tokenizer name, e.g. 'smollm2-135m-instruct'")
         if self.loss.credit != "none" and not self.loss.aux:
             _check(self.annotation.name != "none",
                    f"loss.credit={self.loss.credit!r} needs a credit reference: set annotation.name "
@@ -318,8 +330,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         _check(isinstance(value, bool), f"{path}={value!r} must be a bool (True/False)")
     elif annotation is int:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{path}={value!r} must be an int")
-    elif annotation is float:
-        _check(isinstance(value, float), f"{path}={value!r} must be a number")
+    elif annotation is float:  # inf / nan never make a sensible knob; they would only fail mid-run
+        _check(isinstance(value, float) and math.isfinite(value), f"{path}={value!r} must be a finite number")
     elif annotation is str:
         _check(isinstance(value, str), f"{path}={value!r} must be a string")
     return value
@@ -383,22 +395,3 @@ def from_config_dict(config: Any) -> TrainConfig:
     """ConfigDict / nested dict → validated TrainConfig. Raises ConfigError naming the bad key."""
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return _build(TrainConfig, values, "")
-
-
-def to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def scrub_secrets(tree: dict) -> dict:
-    """``tree`` without keys that look like secrets (api keys, passwords), at any depth."""
-    return {k: (scrub_secrets(v) if isinstance(v, dict) else v) for k, v in tree.items()
-            if not any(m in k.lower() for m in SECRET_KEY_MARKERS)}
-
-
-def save_resolved(config: TrainConfig, run_dir: str) -> str:
-    """Write the resolved config as JSON; keys that look like secrets are dropped."""
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "config.json")
-    with open(path, "w") as f:
-        json.dump(scrub_secrets(to_dict(config)), f, indent=2, sort_keys=True)
-    return path

@@ -109,7 +109,7 @@ def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, te
                       max_cache_len=rollout_cache_len(r.max_total_tokens, block=model.cfg.attention_block))
     return RolloutEngine(sampler, chat.renderer, RolloutConfig(
         max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens,
-        decode_slots=r.decode_slots))
+        decode_slots=r.decode_slots, env_timeout_s=r.env_timeout_s))
 
 
 def rollout(model: nnx.Module, chat: ChatAdapter, env_factory: EnvFactory, tasks: Sequence[Task], group_size: int,

@@ -6,6 +6,7 @@ Named ``metrics_log`` so it does not shadow the standard library's ``logging``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -72,7 +73,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index + 1 < len(lines):  # only the last line can be cut short by a kill mid-write
+                raise ValueError(f"{path}: line {index + 1} is not JSON (the file is corrupt, not just "
+                                 "cut short)") from None
+            logging.getLogger(__name__).warning("%s: ignoring a partial last line (%d bytes), written by a "
+                                                "process killed mid-write", path, len(line))
+    return records
 
 
 class Progress:

@@ -10,8 +10,11 @@ the quickstart (configs/quickstart.py).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m sgcd_jax.train: SIGTERM/SIGINT are handled from the first line on
+    from sgcd_jax.trainer import preemption as _early_preemption
+    _early_preemption.install()
+
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -22,7 +25,7 @@ import numpy as np
 from sgcd_jax import config as config_lib
 from sgcd_jax import cli
 from sgcd_jax.parallel import distributed
-from sgcd_jax.trainer import sft_cache
+from sgcd_jax.trainer import preemption, sft_cache
 from sgcd_jax.trainer import phases as parts
 from sgcd_jax.trainer.checkpoint import TrainCheckpointer
 from sgcd_jax.config import TrainConfig
@@ -31,29 +34,9 @@ from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.parallel.sharding import MeshConfig, make_mesh
 from sgcd_jax.preflight import preflight
 from sgcd_jax.learner.train_step import Learner, make_optimizer
+from sgcd_jax.trainer.run_lock import RunDirLocked, locks_run_dir
+from sgcd_jax.trainer.startup_checks import check_environment
 from sgcd_jax.trainer.trainer import Trainer, due
-
-
-class _Preemption:
-    """SIGTERM → finish the current iteration, checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. train() called from a worker): no handler
-            self._previous = None
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (a collective when several processes run)."""
-        return parts.any_process(self.requested)
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _NullLogger:
@@ -66,8 +49,10 @@ class _NullLogger:
         pass
 
 
+@locks_run_dir  # a second run on the same run dir fails at once, naming the holder (trainer/run_lock.py)
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns a summary with the run dir, report path and final eval."""
+    check_environment(config)  # environment-dependent config errors before any compute
     run_dir = config.run_dir
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -89,6 +74,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if process_count > 1 and is_main:
         distributed.barrier("world-built", timeout_s=barrier_s)
     chat = parts.ChatAdapter(tokenizer)
+    if preemption.agreed():  # signalled while the world was built: nothing to save yet
+        raise preemption.Preempted("stopped before training started (nothing to save yet)")
 
     total_updates = config.run.num_iterations * config.optim.updates_per_iteration
     # Params and optimizer state sharded on the mesh.* mesh; one SPMD update over all processes.
@@ -111,7 +98,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # ---- resume exactly, or start fresh (with the optional SFT warm-up)
     latest = checkpointer.latest_step() if config.run.resume else None
     if latest is not None:
-        state, meta = checkpointer.restore(latest, trainer.state(mesh))
+        latest, state, meta = checkpointer.restore_latest(trainer.state(mesh))  # a corrupt newest → previous intact
         learner.load_state(state)
         trainer.rng = _local_key(state["rng"])
         stream.set_state(meta["data"])
@@ -131,8 +118,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         save(0)
 
     trainer.annotator = parts.build_annotation_queue(config.annotation, run_dir) if config.loss.needs_teacher else None
+    if trainer.annotator is not None:
+        trainer.counters.attach(trainer.annotator.stats)  # annotator/* totals continue across a resume
     trainer.store = parts.open_rollout_store(config)
-    preemption = _Preemption()
+    stop_signal = preemption.Preemption()  # SIGTERM/SIGINT → finish the iteration, checkpoint, stop
     progress.phase("iterations", config.run.num_iterations)
     run = config.run
     iteration = start_iteration
@@ -162,7 +151,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         while iteration < run.num_iterations:
             # ---- rollout (and, pipelined, the next iteration's rollout while this one's annotation runs)
             pending = pending or trainer.roll(iteration)
-            preempted = preemption.agreed()  # one SIGTERMed process stops them all, at the same point
+            preempted = stop_signal.agreed()  # one SIGTERMed process stops them all, at the same point
             ahead = (trainer.roll(iteration + 1)
                      if pipelined and not boundary(iteration + 1) and not preempted else None)
             # ---- annotation → teacher contexts → score → credit → update
@@ -176,7 +165,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     best_eval = eval_result["success_rate"]
                     save(iteration, best=best_eval)
             log(iteration, metrics, samples)
-            stop_now = preempted or preemption.agreed() or stop_requested(iteration)
+            stop_now = preempted or stop_signal.agreed() or stop_requested(iteration)
             if stop_now and pending is not None:  # preempted with a batch in flight: drain it first
                 metrics, _ = trainer.finish(pending)
                 iteration, pending = iteration + 1, None
@@ -200,7 +189,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 save(iteration, best=eval_result["success_rate"])
         checkpointer.close()
     finally:
-        preemption.restore()
+        stop_signal.restore()
         logger.close()
         progress.close()
         trainer.close()
@@ -263,6 +252,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    preemption.install()  # from process start: a signal during config, compile or SFT is a clean stop too
     argv = sys.argv if argv is None else argv
     config, dry_run = cli.parse_or_exit(argv)
     if dry_run:  # validated; nothing built
@@ -272,8 +262,17 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     try:
         summary = train(config)
-    except config_lib.ConfigError as err:  # preflight (model dir, API key, token budget): one line
+    except RunDirLocked as err:
+        sys.exit(f"error: {err}")
+    except config_lib.ConfigError as err:
         sys.exit(f"config error: {err}")
+    except preemption.Preempted as stop:  # e.g. during the SFT warm-up, its state saved
+        print(f"preempted ({preemption.signal_name()}): {stop}; rerun the same command to resume", flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    if summary.get("preempted") and preemption.requested():
+        print(f"preempted ({preemption.signal_name()}) at iteration {summary['iteration']}: checkpoint saved in "
+              f"{summary['run_dir']}; rerun the same command to resume", flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
     elapsed = time.time() - started
     print(f"done in {elapsed:.0f}s: run dir {summary['run_dir']}")
     if summary.get("report"):

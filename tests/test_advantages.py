@@ -80,3 +80,19 @@ def test_unknown_estimator_lists_registered_names():
         compute_advantages(_batch([1.0, 0.0], [0, 0]), AdvantageConfig(), "ppo_gae")
     with pytest.raises(KeyError, match="rloo"):
         get("advantage/nope")
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_exactly_equal_rewards_get_exactly_zero_advantage_and_count_as_zero_std(estimator):
+    # issue 17 row 16: 2.9 summed 7 times in float32, / 7, is one rounding step off 2.9; the old
+    # mean-then-deviation path turned that into same-sign advantages up to 0.19.
+    rewards = [2.9] * 7 + [0.3] * 5 + [1.0, 0.0, 0.25]
+    groups = [0] * 7 + [1] * 5 + [2] * 3
+    out = compute_advantages(_batch(rewards, groups), AdvantageConfig(eps=1e-6), estimator)
+    adv = np.asarray(out.advantages)
+    assert np.all(adv[:12] == 0.0), adv[:12]
+    assert float(out.metrics["advantage/zero_std_fraction"]) == pytest.approx(12 / 15)
+    # the mixed group against a float64 reference (GRPO: (r-μ)/(σ+eps); RLOO: n/(n-1)·(r-μ)/(σ+eps))
+    r = np.array([1.0, 0.0, 0.25], np.float64)
+    ref = (r - r.mean()) / (r.std(ddof=1) + 1e-6) * (1.5 if estimator == "rloo" else 1.0)
+    np.testing.assert_allclose(adv[12:], ref, rtol=1e-6)  # float32 spread measured ~1e-7

@@ -43,6 +43,9 @@ class AnnotationResult:
     usage: Usage = dataclasses.field(default_factory=Usage)
     latency_s: float = 0.0
     source: str = ""  # which annotator produced the reference
+    # identity() of the annotator that produced the reference when it is not the one asked (a
+    # fallback's): caches store the reference under that identity, never the asked annotator's.
+    identity: str = ""
 
     @property
     def ok(self) -> bool:
@@ -79,6 +82,21 @@ class AnnotatorStats:
             self.latency_s += result.latency_s
             self.results += 1
             self.with_reference += result.reference is not None
+
+    def state(self) -> dict:
+        """JSON-able totals (saved in checkpoint meta, so they continue across a resume)."""
+        with self._lock:
+            return {"reasons": dict(self.reasons), "usage": dataclasses.asdict(self.usage),
+                    "latency_s": self.latency_s, "results": self.results, "with_reference": self.with_reference}
+
+    def load(self, state: dict) -> None:
+        """Continue from ``state()`` of an earlier run ({}: from zero)."""
+        with self._lock:
+            self.reasons = collections.Counter({k: int(v) for k, v in state.get("reasons", {}).items()})
+            self.usage = Usage(**state.get("usage", {}))
+            self.latency_s = float(state.get("latency_s", 0.0))
+            self.results = int(state.get("results", 0))
+            self.with_reference = int(state.get("with_reference", 0))
 
     def as_metrics(self, prefix: str = "annotator/") -> dict[str, float]:
         with self._lock:
@@ -120,4 +138,5 @@ class FallbackAnnotator:
         usage.add(second.usage)
         reason = f"fallback:{first.reason}" if second.reference is not None else first.reason
         return AnnotationResult(group.group_id, second.reference, reason, usage,
-                                time.monotonic() - start, second.source or self.fallback.name)
+                                time.monotonic() - start, second.source or self.fallback.name,
+                                identity=second.identity or self.fallback.identity())

@@ -6,7 +6,9 @@
 
 A result not ready by the deadline is reported as ``reason='queue_timeout'`` (no reference: plain
 GRPO for that group) and its late answer is discarded; an annotator that raises is reported as
-``error:<type>``. Nothing here raises into the training loop.
+``error:<type>``. Nothing here raises into the training loop. Workers are daemon threads
+(``sgcd_jax.daemon_pool``): an annotator call that hangs past its deadline cannot hold the process
+open at exit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 
 from sgcd_jax.credit.annotator import AnnotationResult, Annotator, AnnotatorStats
 from sgcd_jax.credit.selection import SiblingGroup
+from sgcd_jax.daemon_pool import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +31,7 @@ class AsyncAnnotationQueue:
                  stats: AnnotatorStats | None = None):
         self.annotator = annotator
         self.stats = stats if stats is not None else AnnotatorStats()
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_workers,
-                                           thread_name_prefix="sgcd-annotator")
+        self._pool = DaemonThreadPool(max_workers, thread_name_prefix="sgcd-annotator")
         self._pending: dict[str, cf.Future[AnnotationResult]] = {}
         self._lock = threading.Lock()
 
@@ -72,6 +74,8 @@ class AsyncAnnotationQueue:
             except cf.TimeoutError:
                 fut.cancel()  # a running call finishes in its thread; its result is dropped
                 result = AnnotationResult(gid, None, "queue_timeout", source=self.annotator.name)
+                logger.warning("annotation of group %s not back within %.0f s: trained without a credit "
+                               "reference (counted as annotator/reason/queue_timeout)", gid, timeout_s)
             except Exception as err:  # an annotator bug must not stop training
                 logger.warning("annotator raised for group %s: %s", gid, type(err).__name__)
                 result = AnnotationResult(gid, None, f"error:{type(err).__name__}",

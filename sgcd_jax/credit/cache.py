@@ -55,30 +55,48 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _reference_digest(reference_json) -> str:
+    blob = json.dumps(reference_json, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 class ReferenceCache:
     """The store: ``get(key)`` / ``put(key, reference, meta)`` under ``root/<key[:2]>/<key>.json``."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.rejected = 0
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> CreditReference | None:
+        """The reference stored under ``key``, or None. An entry is used only if it names ``key``
+        (an entry moved or copied to another key's file is rejected) and its reference hashes to
+        the ``reference_sha256`` it stores; unreadable, mismatched or absurdly nested entries are
+        counted in ``rejected``, treated as misses and rewritten."""
         path = self.path(key)
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(entry, dict) or entry.get("key") != key:
+                raise KeyError("entry names another key")
+            if "reference_sha256" in entry and entry["reference_sha256"] != _reference_digest(entry["reference"]):
+                raise ValueError("reference does not match its stored hash")
             return CreditReference.model_validate(entry["reference"])
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, pydantic.ValidationError) as err:
-            logger.warning("ignoring unreadable cache entry %s (%s); it will be rewritten",
-                           path, type(err).__name__)
+        except (ValueError, KeyError, TypeError, RecursionError, pydantic.ValidationError) as err:
+            logger.warning("ignoring unreadable cache entry %s (%s: %s); it will be rewritten",
+                           path, type(err).__name__, str(err)[:80])
+            with self._lock:
+                self.rejected += 1
             return None
 
     def put(self, key: str, reference: CreditReference, meta: dict[str, str]) -> None:
-        entry = {"key": key, **meta, "reference": reference.model_dump(mode="json")}
+        dumped = reference.model_dump(mode="json")
+        entry = {"key": key, **meta, "reference": dumped, "reference_sha256": _reference_digest(dumped)}
         atomic_write_text(self.path(key),
                           json.dumps(entry, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
@@ -122,9 +140,14 @@ class CachingAnnotator:
                                     latency_s=time.monotonic() - start, source=self.name)
         result = self.inner.annotate(group)
         if result.reference is not None:
+            # A fallback's reference (e.g. contrast after a Gemini failure) is stored under the
+            # fallback's identity: the Gemini key stays a miss, so a later run asks Gemini again.
+            producer = result.identity or self._identity
+            if producer != self._identity:
+                key = cache_key(group, producer)
             try:
                 self.cache.put(key, result.reference, {"prompt_version": PROMPT_VERSION,
-                                                       "annotator": self._identity,
+                                                       "annotator": producer,
                                                        "task_id": group.task_id})
                 with self._lock:
                     self.writes += 1
@@ -135,7 +158,7 @@ class CachingAnnotator:
     def as_metrics(self, prefix: str = "credit_cache/") -> dict[str, float]:
         with self._lock:
             return {f"{prefix}hits": float(self.hits), f"{prefix}misses": float(self.misses),
-                    f"{prefix}writes": float(self.writes)}
+                    f"{prefix}writes": float(self.writes), f"{prefix}rejected": float(self.cache.rejected)}
 
 
 def ReplayAnnotator(cache_dir: str | os.PathLike, identity: str) -> CachingAnnotator:  # noqa: N802

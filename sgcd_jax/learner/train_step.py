@@ -9,6 +9,7 @@ aggregation mode.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -69,6 +70,9 @@ def trainable_labels(params, pattern: str):
     return labels
 
 
+MAX_LEARNING_RATE = 1.0  # AdamW steps each weight by ~lr: above this a single update destroys the policy
+
+
 def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | None = None, *,
                    trainable: str | None = None) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine (or constant) schedule, after global-norm clipping.
@@ -84,6 +88,9 @@ def make_optimizer(optim: OptimSpec, total_steps: int, learning_rate: float | No
 
 def _adamw(optim: OptimSpec, total_steps: int, learning_rate: float | None) -> optax.GradientTransformation:
     peak = optim.learning_rate if learning_rate is None else learning_rate
+    if not (math.isfinite(peak) and 0 < peak <= MAX_LEARNING_RATE):
+        raise ValueError(f"learning rate {peak!r} must be finite and in (0, {MAX_LEARNING_RATE}] "
+                         "(optim.learning_rate / sft.learning_rate): AdamW moves each weight by about lr per step")
     total_steps = max(total_steps, optim.warmup_steps + 1)
     if optim.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(
@@ -281,11 +288,11 @@ class Learner:
     def _update_impl(self, params, master, opt_state, rest, inputs: StepInputs, step):
         loss, grads, metrics = loss_and_grads(params, self.graphdef, rest, inputs, self.spec)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
         if jax.tree.leaves(master):  # fp32 master: AdamW on fp32, params = master cast to storage dtype
             updates, new_opt_state = self.tx.update(grads, opt_state, master)
-            new_master = jax.tree.map(keep, optax.apply_updates(master, updates), master)
+            new_master = optax.apply_updates(master, updates)
             new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), new_master, params)
+            finite = finite & _all_finite(new_master)  # e.g. an inf/huge learning rate: finite grads, NaN params
         else:
             updates, new_opt_state = self.tx.update(grads, opt_state, params)
             keys = jax.tree.unflatten(jax.tree.structure(params), list(jax.random.split(
@@ -293,7 +300,11 @@ class Learner:
             new_params = jax.tree.map(
                 lambda p, u, k: stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, k),
                 params, updates, keys)
-            new_params, new_master = jax.tree.map(keep, new_params, params), master
+            new_master = master
+        finite = finite & _all_finite(new_params)
+        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_master = jax.tree.map(keep, new_master, master)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        skipped=1.0 - finite.astype(jnp.float32))

@@ -53,7 +53,7 @@ class AdvantageOutput:
 
 
 def _group_stats(batch: AdvantageBatch):
-    """Per-row group count, mean and unbiased std over valid rows only."""
+    """Per-row group count, reward minus group mean (0 on invalid rows) and unbiased std over valid rows."""
     n = batch.rewards.shape[0]
     valid = batch.valid.astype(jnp.float32)
     rewards = jnp.where(batch.valid, batch.rewards.astype(jnp.float32), 0.0)
@@ -63,12 +63,18 @@ def _group_stats(batch: AdvantageBatch):
                             return_inverse=True)
     segment = segment.reshape(n)
     count = jax.ops.segment_sum(valid, segment, num_segments=n)[segment]  # [N]
-    total = jax.ops.segment_sum(rewards, segment, num_segments=n)[segment]
-    mean = total / jnp.maximum(count, 1.0)
-    sq_dev = jnp.where(batch.valid, (rewards - mean) ** 2, 0.0)
-    sum_sq = jax.ops.segment_sum(sq_dev, segment, num_segments=n)[segment]
+    # Sums run over r - min_g (each group's smallest valid reward), so a group whose rewards are all
+    # exactly equal has deviations of exactly 0: its mean and std carry no rounding step (summing
+    # 2.9 seven times in float32 and dividing by 7 is off by one ulp, which the std then amplifies
+    # into same-sign advantages up to ~0.2) and it is counted as zero-std.
+    low = jax.ops.segment_min(jnp.where(batch.valid, rewards, jnp.inf), segment, num_segments=n)[segment]
+    shifted = jnp.where(batch.valid, rewards - jnp.where(jnp.isfinite(low), low, 0.0), 0.0)
+    total = jax.ops.segment_sum(shifted, segment, num_segments=n)[segment]
+    offset = total / jnp.maximum(count, 1.0)
+    centred = jnp.where(batch.valid, shifted - offset, 0.0)
+    sum_sq = jax.ops.segment_sum(centred ** 2, segment, num_segments=n)[segment]
     std = jnp.sqrt(sum_sq / jnp.maximum(count - 1.0, 1.0))
-    return rewards, count, mean, std
+    return rewards, count, centred, std
 
 
 def _batch_std(batch: AdvantageBatch) -> jax.Array:
@@ -83,7 +89,7 @@ def _batch_std(batch: AdvantageBatch) -> jax.Array:
 def _finish(centred, batch, count, group_std, cfg: AdvantageConfig) -> AdvantageOutput:
     if cfg.norm_by_std:
         std = group_std if cfg.std_scope == "group" else _batch_std(batch)
-        centred = centred / (std + cfg.eps)
+        centred = jnp.where(centred == 0, 0.0, centred / (std + cfg.eps))  # eps=0 on a zero-std group: 0, not 0/0
     usable = batch.valid & (count > 1)
     advantages = jnp.where(usable, centred, 0.0)
     num_valid = jnp.maximum(batch.valid.sum(), 1)
@@ -100,15 +106,15 @@ def _finish(centred, batch, count, group_std, cfg: AdvantageConfig) -> Advantage
 @register("advantage/grpo")
 def grpo_advantages(batch: AdvantageBatch, cfg: AdvantageConfig) -> AdvantageOutput:
     """GRPO / Dr.GRPO group-normalised advantage (Shao et al. 2024; Liu et al. 2025)."""
-    rewards, count, mean, std = _group_stats(batch)
-    return _finish(rewards - mean, batch, count, std, cfg)
+    _, count, centred, std = _group_stats(batch)
+    return _finish(centred, batch, count, std, cfg)
 
 
 @register("advantage/rloo")
 def rloo_advantages(batch: AdvantageBatch, cfg: AdvantageConfig) -> AdvantageOutput:
     """Leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024; LOOP, Chen et al. 2025)."""
-    rewards, count, mean, std = _group_stats(batch)
-    centred = (rewards - mean) * count / jnp.maximum(count - 1.0, 1.0)
+    _, count, centred, std = _group_stats(batch)
+    centred = centred * count / jnp.maximum(count - 1.0, 1.0)
     return _finish(centred, batch, count, std, cfg)
 
 

@@ -20,7 +20,6 @@ the same tokens as the synchronous loop (tests/test_continuous_batching.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Hashable, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 
 from sgcd_jax.envs.base import AgentAction, EnvFactory, EnvReset, Task
 from sgcd_jax.rollout.episode import EnvCallError, Episode, checked_env_step, wait_result
+from sgcd_jax.daemon_pool import DaemonThreadPool
 from sgcd_jax.rollout.toolparse import parse_tool_calls
 from sgcd_jax.rollout.trajectory import Step, Trajectory
 from sgcd_jax.sampling.session import TurnOutput
@@ -114,7 +114,7 @@ class RolloutEngine:
         self._runs += 1
         started = time.monotonic()
         cfg = self.config
-        pool = concurrent.futures.ThreadPoolExecutor(cfg.env_workers, thread_name_prefix="env")
+        pool = DaemonThreadPool(cfg.env_workers, thread_name_prefix="env")  # a hung env call cannot pin exit
         try:
             episodes = [Episode(key=(t, g), task=task, group_id=f"{task.task_id}/run{self._runs}")
                         for t, task in enumerate(tasks) for g in range(group_size)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -102,6 +103,17 @@ class Episode:
         self.pending = []
 
     def to_trajectory(self, sample_index: int, reward: float, info: dict[str, Any]) -> Trajectory:
+        """``reward`` is validated here, at the env boundary: a reward that is not a finite number
+        (NaN / inf / not a number) becomes 0 and is counted in ``reward_errors``, so one env bug
+        never turns a whole update's advantages NaN."""
+        try:
+            reward = float(reward)
+        except (TypeError, ValueError):
+            reward = float("nan")
+        if not math.isfinite(reward):
+            self.metrics["reward_errors"] += 1
+            self.error = self.error or "env.reward returned a non-finite value; scored 0"
+            reward = 0.0
         self.timing["total_s"] = time.monotonic() - self.started
         return Trajectory(
             task_id=self.task.task_id, group_id=self.group_id, sample_index=sample_index,

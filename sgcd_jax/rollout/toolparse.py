@@ -8,7 +8,9 @@ Several calls may follow each other. Everything outside the blocks (minus `<thin
 message content for the user. A call is rejected — and an error observation is produced instead of
 calling the env — when its JSON is malformed, it has no name, names an unknown tool, or its arguments
 do not match the tool's JSON schema (missing required, wrong type, not in enum, unexpected key when
-the schema says additionalProperties: false).
+the schema says additionalProperties: false). Parsing is bounded: a block longer than
+``MAX_CALL_CHARS`` or nested deeper than ``MAX_CALL_DEPTH`` (a policy can emit 1,000 ``[`` in ~500
+tokens; Python's json recursion would raise) is rejected as ``oversized_call`` without being parsed.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from typing import Any
 
 from sgcd_jax.envs.base import AgentAction, ToolCall
 
+MAX_CALL_CHARS = 65_536  # one tool call's JSON text
+MAX_CALL_DEPTH = 64  # nested [ / { levels in one tool call (tool schemas use a handful)
+
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 THINK_RE = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 
 
-PARSE_ERROR_KINDS = ("malformed_json", "unknown_tool", "bad_arguments")  # engine metric keys
+PARSE_ERROR_KINDS = ("malformed_json", "oversized_call", "unknown_tool", "bad_arguments")  # engine metric keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +77,16 @@ def parse_tool_calls(text: str, tools: list[dict[str, Any]] | None) -> ParsedTur
 
 def _parse_block(block: str, schemas: dict[str, Any] | None,
                  call_id: str) -> tuple[ToolCall | None, CallError | None]:
+    depth = _nesting_depth(block) if len(block) <= MAX_CALL_CHARS else 0
+    if len(block) > MAX_CALL_CHARS or depth > MAX_CALL_DEPTH:
+        what = f"{len(block)} characters" if len(block) > MAX_CALL_CHARS else f"nested {depth} levels deep"
+        return None, CallError("oversized_call", f"Error: tool call rejected: its JSON is {what} (limits: "
+                                                 f"{MAX_CALL_CHARS} characters, {MAX_CALL_DEPTH} levels). Write "
+                                                 'one flat JSON object {"name": ..., "arguments": {...}}.')
     try:
         payload = json.loads(block)
+    except RecursionError:  # belt and braces: the depth scan bounds this already
+        return None, CallError("oversized_call", "Error: tool call rejected: its JSON is nested too deeply.")
     except json.JSONDecodeError as exc:
         return None, CallError("malformed_json", f"Error: could not parse tool call JSON ({exc.msg} at char "
                                                  f"{exc.pos}). Write exactly one JSON object "
@@ -100,6 +113,28 @@ def _parse_block(block: str, schemas: dict[str, Any] | None,
             return None, CallError("bad_arguments", f"Error: invalid arguments for {name!r}: "
                                                     + "; ".join(problems), name)
     return ToolCall(name=name, arguments=arguments, call_id=call_id), None
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest [ / { nesting outside JSON strings (a linear scan; no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 _JSON_TYPES = {

@@ -4,16 +4,42 @@ Saved per step: ``state`` (params, optimizer state, PRNG key data, as one pytree
 ``meta`` (JSON: iteration, grain iterator state, annotation-cache pointer, counters, RNG/numpy
 state the host loop needs). ``latest`` keeps the newest ``keep`` steps; ``best`` keeps the single
 step with the highest eval success (best-by-eval), written only when eval improves.
+
+Integrity (``trainer/integrity.py``): every save stores a fingerprint of the state's contents in
+``meta``; a state with a non-finite leaf is never written (so it can never rotate out a good
+checkpoint). ``restore`` re-computes the fingerprint of what it read and raises ``CorruptCheckpoint``
+naming the step dir on a mismatch, a non-finite value or an unreadable file; ``restore_latest``
+then moves that step aside (``checkpoints/corrupt-<step>``) and uses the previous intact one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sgcd_jax.trainer import integrity
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint step that cannot be read back intact (the message names its directory)."""
+
+
+def _checked_meta(state: Any, meta: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """``meta`` plus the state's fingerprint, or None (nothing is saved) when a leaf is non-finite."""
+    digest, finite = integrity.fingerprint(_to_host_tree(state))
+    if not all(finite):
+        bad = integrity.non_finite_paths(_to_host_tree(state), finite)
+        logger.error("not saving %s: non-finite values in %s%s; the previous checkpoints are kept", what,
+                     ", ".join(bad[:5]), " …" if len(bad) > 5 else "")
+        return None
+    return {**meta, "integrity": {"state_fingerprint": digest}}
 
 
 def _to_host_tree(tree: Any) -> Any:
@@ -46,15 +72,23 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> None:
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Whether a checkpoint was written (False: the step exists already, or the state is non-finite)."""
         if step in self._latest.all_steps():  # e.g. the final save on a checkpoint_every boundary
-            return
+            return False
+        meta = _checked_meta(state, meta, f"checkpoint {step}")
+        if meta is None:
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_host_tree(state)),
                                   meta=ocp.args.JsonSave(_jsonable(meta)))
         self._latest.save(step, args=args, force=force)
+        return True
 
     def save_best(self, step: int, state: Any, meta: dict[str, Any], eval_success: float) -> None:
         if step in self._best.all_steps():
+            return
+        meta = _checked_meta(state, meta, f"best checkpoint {step}")
+        if meta is None:
             return
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_host_tree(state)),
                                   meta=ocp.args.JsonSave(_jsonable(meta)))
@@ -66,11 +100,63 @@ class TrainCheckpointer:
     def restore(self, step: int, abstract_state: Any, *, best: bool = False) -> tuple[Any, dict]:
         """Restore into the structure/dtypes/shardings of ``abstract_state`` (typed keys restored)."""
         manager = self._best if best else self._latest
+        where = os.path.join(manager.directory, str(step))
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host_tree(abstract_state))
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            meta = dict(restored.meta)
+        except Exception as err:  # noqa: BLE001 — orbax / tensorstore / json errors alike
+            raise CorruptCheckpoint(f"checkpoint {where} is unreadable: {type(err).__name__}: "
+                                    f"{str(err)[:300]}") from err
+        digest, finite = integrity.fingerprint(restored.state)
+        if not all(finite):
+            raise CorruptCheckpoint(f"checkpoint {where} holds non-finite values in "
+                                    f"{integrity.non_finite_paths(restored.state, finite)[:5]}")
+        expected = (meta.get("integrity") or {}).get("state_fingerprint")
+        if expected is not None and expected != digest:
+            raise CorruptCheckpoint(f"checkpoint {where}: its arrays do not match the fingerprint saved with "
+                                    "them (data files changed on disk)")
         state = jax.tree.map(_rewrap_key, abstract_state, restored.state)
-        return state, dict(restored.meta)
+        return state, {k: v for k, v in meta.items() if k != "integrity"}
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | tuple[None, None, None]:
+        """(step, state, meta) of the newest intact checkpoint, or (None, None, None) if there is none.
+        A corrupt step is reported by path, moved to ``corrupt-<step>`` and the previous one tried;
+        raises ``CorruptCheckpoint`` when steps exist but none is intact."""
+        errors = []
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except CorruptCheckpoint as err:
+                logger.error("%s; falling back to the previous checkpoint", err)
+                errors.append(str(err))
+                self._quarantine(step)
+                continue
+            if errors:
+                logger.warning("resuming from intact checkpoint %d after %d corrupt one(s)", step, len(errors))
+            return step, state, meta
+        if errors:
+            raise CorruptCheckpoint("no intact checkpoint to resume from: " + " | ".join(errors)
+                                    + " — delete the run dir's checkpoints or set run.resume=False")
+        return None, None, None
+
+    def _quarantine(self, step: int) -> None:
+        """Move a corrupt step out of the manager's view (kept for inspection), so a new save of the
+        same step number is not skipped as 'already saved'."""
+        source = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0 and os.path.isdir(source):
+            target = os.path.join(self.directory, f"corrupt-{step}")
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(self.directory, f"corrupt-{step}.{suffix}")
+            os.replace(source, target)
+            logger.error("moved corrupt checkpoint %s to %s", source, target)
+        if jax.process_count() > 1:
+            from sgcd_jax.parallel import distributed
+            distributed.barrier(f"checkpoint-quarantine-{step}", timeout_s=distributed.resolve_config().barrier_timeout_s)
+        self._latest.reload()
 
     def has_reference(self) -> bool:
         return os.path.isdir(os.path.join(self.directory, "reference"))

@@ -27,6 +27,7 @@ from sgcd_jax.credit import SelectionConfig, select_groups
 from sgcd_jax.credit.localization import decisive_step_lists, trajectory_localization
 from sgcd_jax.credit.selection import fill_mixed_groups
 from sgcd_jax.data.tasks import TaskStream
+from sgcd_jax.trainer import preemption, sft_cache
 from sgcd_jax.trainer.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
 from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig
 from sgcd_jax.losses.credit import CreditBatch, CreditConfig
@@ -56,13 +57,24 @@ class Counters:
     annotation_fallbacks: int = 0
     groups_without_reference: int = 0
     sft_steps: int = 0
+    annotation: dict = dataclasses.field(default_factory=dict)  # AnnotatorStats.state() as of the last save
 
     def as_metrics(self) -> dict[str, float]:
-        return {f"count/{k}": float(v) for k, v in dataclasses.asdict(self).items()}
+        return {f"count/{k}": float(v) for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
+
+    def attach(self, stats) -> None:
+        """Resume ``stats`` (the annotation queue's AnnotatorStats) from these counters; saved with them."""
+        stats.load(self.annotation)
+        self._annotation_stats = stats
+
+    def snapshot(self) -> dict[str, Any]:
+        if getattr(self, "_annotation_stats", None) is not None:
+            self.annotation = self._annotation_stats.state()
+        return dataclasses.asdict(self)
 
 
 def meta(iteration: int, stream: TaskStream, counters: Counters, best_eval: float) -> dict[str, Any]:
-    return {"iteration": iteration, "data": stream.get_state(), "counters": dataclasses.asdict(counters),
+    return {"iteration": iteration, "data": stream.get_state(), "counters": counters.snapshot(),
             "best_eval": best_eval}
 
 
@@ -331,7 +343,11 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
     length = max(len(d.token_ids) for d in demos)  # one padded shape (one compile), no wider than the demos
     progress.phase("sft", config.sft.steps)
     nll = []
-    for step in range(config.sft.steps):
+    first_step = sft_cache.restore_partial(sft, config)  # a warm-up stopped by a signal resumes where it stopped
+    for step in range(first_step, config.sft.steps):
+        if preemption.agreed():  # SIGTERM/SIGINT: save the warm-up's state, stop (train.main exits 75)
+            sft_cache.save_partial(sft, step, config)
+            raise preemption.Preempted(f"SFT warm-up stopped before step {step}/{config.sft.steps}, its state saved")
         take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
         batch = to_mesh(pack(take, rows_multiple=sft_rows, pad_id=chat.pad_id,
                              min_length=length), sft, same_on_every_process=True)
@@ -339,6 +355,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         nll.append(sft.update(StepInputs(batch, zeros, zeros, zeros, zeros))["loss"])
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
     learner.params = sft.params
+    sft_cache.clear_partial(config)
     return {"sft/nll_first": nll[0] if nll else 0.0, "sft/nll_last": nll[-1] if nll else 0.0,
             "sft/demos": float(len(demos))}
 

@@ -19,7 +19,8 @@ def build_annotation_queue(annotation: AnnotationSpec, run_dir: str) -> AsyncAnn
     gemini = None
     if annotation.name == "gemini":
         from sgcd_jax.credit.gemini import GeminiConfig
-        gemini = GeminiConfig(model=annotation.model)
+        gemini = GeminiConfig(model=annotation.model, timeout_s=annotation.timeout_s,
+                              base_url=annotation.base_url or None)
     annotator = build_annotator(AnnotatorConfig(kind=annotation.name, cache_dir=cache_dir, gemini=gemini))
     return AsyncAnnotationQueue(annotator, max_workers=4)
 
