@@ -1,4 +1,4 @@
-"""SGCD with the real SmolLM2-135M-Instruct (GGUF, offline) on airline_lite, on CPU, within 8 GB.
+"""SGCD with the real SmolLM2-135M-Instruct (GGUF, offline) on airline_lite, on CPU.
 
 Slow on 2 cores (a 135M model: ~minutes per iteration); the tiny quickstart is the fast path.
     python -m sgcd_jax.train --config configs/smollm2_airline_lite.py
@@ -7,6 +7,9 @@ Memory: the learner pads rows to the batch's longest conversation (a power-of-tw
 tokens; airline_lite's longest first prompt is 497 SmolLM2 tokens), recomputes each block in the
 backward (remat 'full') and takes 2 rows per micro-batch: XLA attention keeps [rows, 9 heads, T, T]
 scores per layer, which without remat at 4 rows x 2,176 tokens asked for 60 GB.
+Not yet within 8 GB: peak RSS 10.4 GB in the SFT warm-up (fp32 params 0.5 GB + AdamW 1.0 GB, and
+4.9 GiB of XLA temp in the SFT update at 4 x 704 tokens; remat 'none' is 5.1 GiB, so the temp is
+parameter-sized gradient/optimizer buffers, not activations).
 Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and nothing trains; a
 short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """

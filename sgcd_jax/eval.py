@@ -43,7 +43,7 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
     if step is None:
         raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint under {checkpointer.directory}: "
                                 "train first, or pass --model to evaluate a model directly")
-    from sgcd_jax.learner.train_step import _upcast, make_optimizer, needs_master
+    from sgcd_jax.learner.train_step import _upcast, make_optimizer, needs_master, rounds_stochastically
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     master = needs_master(params, config.optim.master_dtype)  # the checkpoint's state layout
@@ -51,6 +51,8 @@ def load_run(run_dir: str, *, best: bool = False) -> tuple[TrainConfig, Any, Any
                 "opt_state": make_optimizer(config.optim, 1).init(_upcast(params) if master else params)}
     if master:
         abstract["master"] = _upcast(params)
+    if rounds_stochastically(params, config.optim.master_dtype):
+        abstract["rounding_step"] = jax.numpy.zeros((), jax.numpy.uint32)
     state, _ = checkpointer.restore(step, abstract, best=best)
     checkpointer.close()
     return config, nnx.merge(graphdef, state["params"], rest), tokenizer

@@ -55,14 +55,19 @@ def _init():
 
 
 @functools.lru_cache(maxsize=1)
-def _setup():
-    """(init params on host, inputs, fp32-trained flat params): shared by the tests (one fp32 run)."""
+def _inputs():
+    """(init params on host, a batch with random advantages)."""
     init = _init()
-    trajs = trajectories()
-    inputs, _ = step_inputs(_model("float32", init), trajs, teacher_prompts())
+    inputs, _ = step_inputs(_model("float32", init), trajectories(), teacher_prompts())
     rows = inputs.batch.tokens.shape[0]
     advantages = np.random.default_rng(3).normal(size=(rows, 1)).astype(np.float32)
-    inputs = inputs.replace(token_advantages=jnp.asarray(advantages) * inputs.batch.target_mask)
+    return init, inputs.replace(token_advantages=jnp.asarray(advantages) * inputs.batch.target_mask)
+
+
+@functools.lru_cache(maxsize=1)
+def _setup():
+    """(init params on host, inputs, fp32-trained flat params): shared by the tests (one fp32 run)."""
+    init, inputs = _inputs()
     fp32 = _flat(_train(_model("float32", init), "float32", inputs).params)
     return init, inputs, fp32
 
@@ -144,6 +149,35 @@ def test_master_weights_are_checkpointed_and_reseeded_when_params_are_replaced(t
     # Replacing params (SFT warm-up, cache) re-seeds the master from them.
     fresh.params = jax.tree.map(lambda p: (p.astype(jnp.float32) * 2).astype(p.dtype), fresh.params)
     np.testing.assert_array_equal(_flat(fresh.master), _flat(fresh.params))
+
+
+@pytest.mark.slow  # one update compile + 4 steps: 146 s while a 135M-model compile shared the 2 cores
+def test_stochastic_rounding_resumes_its_noise_stream_from_the_checkpoint(tmp_path):
+    """bf16-only mode: a learner restored from the step-1 checkpoint takes the same step 2 as the
+    uninterrupted run (the rounding step is checkpointed); restarting the stream at 0 would reuse
+    step 1's noise. One learner (one compile) plays both runs."""
+    from sgcd_jax.trainer.checkpoint import TrainCheckpointer
+
+    init, inputs = _inputs()
+    tx = make_optimizer(OptimSpec(learning_rate=LR, schedule="constant"), STEPS)
+    learner = Learner(_model("bfloat16", init), tx, _spec("param"))
+    learner.update(inputs)
+    assert int(learner.state()["rounding_step"]) == 1
+    checkpointer = TrainCheckpointer(str(tmp_path))
+    checkpointer.save(1, learner.state(), {"iteration": 1}, force=True)
+    checkpointer.wait()
+    learner.update(inputs)
+    straight = _flat(learner.params)
+    state, _ = checkpointer.restore(1, learner.state())
+    checkpointer.close()
+    learner.load_state(jax.tree.map(jnp.copy, state))
+    learner.update(inputs)
+    np.testing.assert_array_equal(_flat(learner.params), straight)
+    learner.load_state(jax.tree.map(jnp.copy, state))
+    learner._step = 0  # the control, the old behaviour: the stream restarts at 0 and reuses step 1's noise
+    learner.update(inputs)
+    assert np.any(_flat(learner.params) != straight)
+    assert "rounding_step" not in Learner(_model("bfloat16", init), tx, _spec("float32")).state()  # fp32 master: none
 
 
 def test_master_weights_and_moments_are_sharded_like_the_params_on_a_mesh():

@@ -16,6 +16,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -220,6 +221,12 @@ def needs_master(params: Any, master_dtype: str) -> bool:
         for leaf in jax.tree.leaves(params))
 
 
+def rounds_stochastically(params: Any, master_dtype: str) -> bool:
+    """bf16-only storage (``master_dtype='param'``) with a bf16 param: updates are stochastically
+    rounded, and the rounding stream's step is part of the checkpoint (``rounding_step``)."""
+    return master_dtype == "param" and any(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+
+
 def _upcast(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
@@ -250,7 +257,8 @@ class Learner:
         self.tx = tx
         self.spec = spec
         self.mesh = mesh
-        self._step = 0  # stochastic-rounding stream (master_dtype='param')
+        self._step = 0  # stochastic-rounding stream (master_dtype='param'): checkpointed, so resume draws new noise
+        self._rounds = rounds_stochastically(self._params, spec.master_dtype)
         use_master = needs_master(self._params, spec.master_dtype)
         if mesh is None:
             self.master = _upcast(self._params) if use_master else {}
@@ -316,6 +324,13 @@ class Learner:
         self._step += 1
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer state for the current params (the SFT warm-up frees the RL state, still
+        at its init values, while its own AdamW runs, and calls this after)."""
+        target = self.master if jax.tree.leaves(self.master) else self._params
+        self.opt_state = (self.tx.init(target) if self.mesh is None else
+                          jax.jit(self.tx.init, out_shardings=self.opt_shardings)(target))
+
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self._params, self.rest)
 
@@ -333,9 +348,19 @@ class Learner:
         state = {"params": self._params, "opt_state": self.opt_state}
         if jax.tree.leaves(self.master):
             state["master"] = self.master
+        if self._rounds:
+            step = np.asarray(self._step, np.uint32) if self.mesh is not None else jnp.asarray(self._step, jnp.uint32)
+            if self.mesh is not None:
+                from sgcd_jax.parallel import distributed
+
+                step = distributed.replicated(step, self.mesh)
+            state["rounding_step"] = step
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._params, self.opt_state = state["params"], state["opt_state"]
         if "master" in state:
             self.master = state["master"]
+        if "rounding_step" in state:  # a replicated scalar: this process's copy
+            step = state["rounding_step"]
+            self._step = int(np.asarray(step.addressable_shards[0].data if isinstance(step, jax.Array) else step))

@@ -327,11 +327,14 @@ def update_phase(rolled: Rolled, learner: Learner, ref_model, env_factory, chat,
 
 # ----------------------------------------------------------------------------- SFT warm-up and eval
 def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) -> dict[str, float]:
-    """Supervised warm-up on oracle demonstrations with its own AdamW; RL optimizer state untouched."""
+    """Supervised warm-up on oracle demonstrations with its own AdamW. It runs before RL, so the RL
+    optimizer state is still fresh: freed for the warm-up (one AdamW state alive, not two: SmolLM2's
+    moments are 1 GB) and re-initialised after."""
     demos = integration.demonstrations(env_factory, chat, config)
     if not demos:
         raise ValueError(f"no oracle demonstration fits rollout.max_total_tokens={config.rollout.max_total_tokens}: "
                          "raise it or sft.num_demos")
+    learner.opt_state = None
     sft = Learner(learner.model(), make_optimizer(config.optim, config.sft.steps, config.sft.learning_rate, trainable=""),
                   dataclasses.replace(learner.spec, sft=True, aux=(),  # NLL of the untempered policy
                                       vocab=dataclasses.replace(learner.spec.vocab, temperature=1.0),
@@ -356,6 +359,8 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         progress.advance("sft", step + 1, f"nll {nll[-1]:.3f}")
     learner.params = sft.params
     sft_cache.clear_partial(config)
+    sft.opt_state = sft.master = None  # released now, whatever still references the SFT learner
+    learner.reset_optimizer()
     return {"sft/nll_first": nll[0] if nll else 0.0, "sft/nll_last": nll[-1] if nll else 0.0,
             "sft/demos": float(len(demos))}
 
