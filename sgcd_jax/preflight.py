@@ -37,6 +37,17 @@ def preflight(config: TrainConfig, env_factory: Any, *, log=print) -> dict[str, 
     return measured
 
 
+def check_environment(config: TrainConfig) -> None:
+    """What the process environment must provide, checked first thing in ``train`` (before the env or model
+    is built): a missing model dir, or an annotator or user simulator that cannot work, fails now, naming its key."""
+    check_model_source(config)
+    check_secrets(config)
+    if config.loss.needs_teacher and config.annotation.name == "replay":
+        raise ConfigError("annotation.name='replay' is not available in the trainer (it needs the identity of the "
+                          "annotator that filled the cache); use sgcd_jax.credit.ReplayAnnotator offline, or "
+                          "annotation.name='contrast' / 'gemini' with annotation.cache_dir")
+
+
 def check_model_source(config: TrainConfig) -> None:
     from sgcd_jax.models.loading import MODEL_ALIASES
 

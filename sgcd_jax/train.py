@@ -32,10 +32,9 @@ from sgcd_jax.config import TrainConfig
 from sgcd_jax.data.tasks import TaskStream
 from sgcd_jax.metrics_log import MetricsLogger, Progress, read_metrics
 from sgcd_jax.parallel.sharding import MeshConfig, make_mesh
-from sgcd_jax.preflight import preflight
+from sgcd_jax.preflight import check_environment, preflight
 from sgcd_jax.learner.train_step import Learner, make_optimizer
 from sgcd_jax.trainer.run_lock import RunDirLocked, locks_run_dir
-from sgcd_jax.trainer.startup_checks import check_environment
 from sgcd_jax.trainer.trainer import Trainer, due
 
 

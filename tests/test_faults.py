@@ -642,7 +642,7 @@ def test_row_13_gemini_without_a_key_fails_within_seconds_from_the_cli(tmp_path)
     started = time.monotonic()
     out = _python(["-m", "sgcd_jax.train", f"--config.run.workdir={tmp_path}", "--config.annotation.name=gemini"])
     elapsed = time.monotonic() - started
-    assert out.returncode == 1 and "annotation.name='gemini' needs an API key" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 1 and "annotation.name='gemini' needs $GEMINI_API_KEY" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "quickstart" / "checkpoints").exists()
     assert elapsed < 60, elapsed  # imports only (was 151 s: after SFT, eval and checkpoint 0)
     started = time.monotonic()
