@@ -20,6 +20,7 @@ the same tokens as the synchronous loop (tests/test_continuous_batching.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Hashable, Sequence
