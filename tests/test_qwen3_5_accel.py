@@ -128,7 +128,7 @@ def test_dot_product_attention_prefill_and_decode_equal_einsum_path(reference):
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache_b.end), np.array(LENGTHS).clip(max=6) + 3)
-    np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cache_b.k), np.asarray(cache_a.k), atol=2e-5)  # measured 3.7e-6 on the 2-core CI CPU: the reference cache path is blockwise online softmax now
     # decode logits equal a fresh no-cache forward over prompt + decoded tokens (row 0: no padding)
     fresh = forward(model, TOKENS[:1, :9], POSITIONS[:1, :9], jnp.ones((1, 9), bool))[0]
     np.testing.assert_allclose(got[-1][0, 0], np.asarray(fresh)[0, 8], atol=1e-5)
