@@ -29,7 +29,9 @@ def tiny_config(workdir, name, **extra):
 def comparable(records):
     out = []
     for r in records:
-        out.append({k: v for k, v in r.items() if not k.startswith(VOLATILE) and k != "time"})
+        # NaN (a mean with no elements) must match NaN: compare it as a marker, since nan != nan
+        out.append({k: ("nan" if isinstance(v, float) and v != v else v) for k, v in r.items()
+                    if not k.startswith(VOLATILE) and k != "time"})
     return out
 
 
