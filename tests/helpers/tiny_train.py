@@ -13,7 +13,9 @@ TINY_WORLD = {
     "rollout.group_size": 2, "rollout.max_new_tokens": 12, "rollout.max_total_tokens": 768,
     "optim.micro_batch_size": 2, "annotation.reference_tokens": 256,
 }
-VOLATILE = ("time", "time/", "throughput/", "annotator/latency")  # wall-clock metrics: differ between equal runs
+# metrics that differ between equal runs: wall clock, and the jit-compile count (a resumed process compiles
+# the sampler again where an uninterrupted one reuses its cache)
+VOLATILE = ("time", "time/", "throughput/", "annotator/latency", "rollout/compiles")
 
 
 def coin_flip_rollout(rollout: Callable, on_trajectory: Callable | None = None) -> Callable:
