@@ -53,6 +53,10 @@ def get_config():
     cfg.rollout.max_total_tokens = 384  # demos are 180-260 tokens (84-token prompt)
     cfg.rollout.temperature = 0.7  # the learner scores at the same temperature (trainer/phases.vocab_config)
     cfg.annotation.name = "contrast"
+    # The teacher must be able to read the reference: a compact "step k verdict" format (one token per step in
+    # the domain tokenizer) and a quarter of every warm-up batch teaching it (trainer/reading_demos.py).
+    cfg.annotation.reference_format = "compact"
+    cfg.annotation.reference_tokens = 32  # header + one line per step (<= 6 turns) in ~14 tokens
     cfg.loss.credit = "sgcd"
     cfg.optim.learning_rate = 1e-4  # 3e-4 drifts the warm-up's priors (oracle-only warm-up: 0.40 -> 0.31)
     cfg.optim.warmup_steps = 0
@@ -63,6 +67,7 @@ def get_config():
     cfg.sft.demo_shortcut_rate = 0.7
     cfg.sft.steps = 1000  # ids are not copied at 400 steps; copying emerges between 400 and 800
     cfg.sft.batch_size = 8
+    cfg.sft.reference_rate = 0.25  # 2 of 8 rows: an oracle-vs-shortcut pair's reference, target the oracle
     cfg.sft.learning_rate = 3e-3
     cfg.eval.num_tasks = 64
     cfg.eval.at_start = True  # step-0 eval of the post-SFT policy: the baseline RL must beat

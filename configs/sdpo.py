@@ -12,4 +12,5 @@ def get_config():
     cfg.distill.coef = 1.0
     cfg.distill.mode = "sampled"
     cfg.annotation.name = "none"  # the SDPO teacher sees a successful sibling, not a credit reference
+    cfg.annotation.reference_tokens = 512  # room for that sibling's demonstration (the quickstart sizes a compact reference)
     return cfg

@@ -14,6 +14,7 @@ from typing import Any
 from sgcd_jax.config_io import SECRET_KEY_MARKERS, save_resolved, scrub_secrets, to_dict  # noqa: F401
 from sgcd_jax.losses import AdvantageConfig, CreditConfig, DistillConfig, PolicyLossConfig
 
+
 class ConfigError(ValueError):
     """A config key is unknown or a value is invalid."""
 
@@ -153,9 +154,11 @@ class AnnotationSpec:
     timeout_s: float = 60.0  # bounds each Gemini HTTP request and the wait for a group's reference (then abandoned)
     base_url: str = ""  # the Gemini annotator's endpoint: "" = Google's; else a Gemini-compatible proxy / server
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
+    reference_format: str = "full"  # full: summary + verdicts + reasons | compact: one "step k verdict" line per step
 
     def __post_init__(self):
         _one_of("annotation.name", self.name, ("contrast", "gemini", "replay", "none"))
+        _one_of("annotation.reference_format", self.reference_format, ("full", "compact"))
         _one_of("annotation.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
         _check(self.max_oversample_rounds >= 0, "annotation.max_oversample_rounds must be >= 0")
         _check(0 < self.timeout_s < math.inf, "annotation.timeout_s must be a finite number > 0")
@@ -243,11 +246,13 @@ class SFTSpec:
     # e.g. "silent") plays a seeded `demo_shortcut_rate` of the demos it applies to; "" = oracle only.
     demo_shortcut: str = ""
     demo_shortcut_rate: float = 0.0
+    reference_rate: float = 0.0  # rows per batch that teach the teacher to read a reference (trainer/reading_demos.py)
 
     def __post_init__(self):
         _check(self.steps >= 0 and self.batch_size >= 1 and self.num_demos >= 1,
                "sft.steps >= 0, sft.batch_size >= 1 and sft.num_demos >= 1 required")
-        _check(0.0 <= self.demo_shortcut_rate <= 1.0, "sft.demo_shortcut_rate must be in [0, 1]")
+        for key in ("demo_shortcut_rate", "reference_rate"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"sft.{key} must be in [0, 1]")
         _check(0 < self.learning_rate <= 1.0, f"sft.learning_rate={self.learning_rate!r} must be in (0, 1]")
         from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS
 
@@ -303,13 +308,8 @@ class TrainConfig:
                    f"loss.credit={self.loss.credit!r} needs a credit reference: set annotation.name "
                    "to 'contrast', 'gemini' or 'replay'")
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.policy.kl_coef > 0
-
-    @property
-    def run_dir(self) -> str:
-        return os.path.join(self.run.workdir, self.run.name)
+    needs_reference = property(lambda self: self.policy.kl_coef > 0)
+    run_dir = property(lambda self: os.path.join(self.run.workdir, self.run.name))
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:

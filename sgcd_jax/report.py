@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sgcd_jax import stats  # noqa: E402
 from sgcd_jax.metrics_log import read_metrics  # noqa: E402
 
 SAMPLES_FILE = "samples.json"
@@ -68,7 +69,8 @@ def _label(run_dir: str) -> str:
 
 
 def plot_curves(run_dirs: Sequence[str], out_dir: str, groups: dict[str, list[str]] | None = None) -> list[str]:
-    """One PNG per curve. ``groups`` (label → run dirs, e.g. seeds) plots mean ± min/max per label."""
+    """One PNG per curve. ``groups`` (label → run dirs, e.g. seeds) plots the mean per label, shaded ± its
+    95% t-interval."""
     groups = groups or {_label(d): [d] for d in run_dirs}
     records = {d: read_metrics(d) for ds in groups.values() for d in ds}
     paths = []
@@ -90,9 +92,11 @@ def plot_curves(run_dirs: Sequence[str], out_dir: str, groups: dict[str, list[st
             if not common:
                 continue
             stacked = np.stack([[dict(zip(s[0].tolist(), s[1]))[c] for c in common] for s in series])
-            ax.plot(common, stacked.mean(0), marker="o", ms=3, label=f"{label} (n={len(series)})")
-            if len(series) > 1:
-                ax.fill_between(common, stacked.min(0), stacked.max(0), alpha=0.2)
+            mean = stacked.mean(0)
+            ax.plot(common, mean, marker="o", ms=3, label=f"{label} (n={len(series)})")
+            if len(series) > 1:  # 95% t-interval of the mean over the runs (sgcd_jax/stats.py)
+                half = stats.t975(len(series) - 1) * stacked.std(0, ddof=1) / np.sqrt(len(series))
+                ax.fill_between(common, mean - half, mean + half, alpha=0.2)
             drawn = True
         plt.close(fig) if not drawn else None
         if not drawn:
@@ -196,10 +200,10 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;font-
 
 
 def _mean_spread(values: list[float]) -> str:
-    """"mean ± std (n runs)"; a single run is just its value (no "± 0.000")."""
+    """"mean ± 95% t-interval (n runs)"; a single run is just its value (no "± 0.000")."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
+    return f"{stats.fmt_ci(values)} (n={len(values)})"
 
 
 def _summary_table(groups: dict[str, list[str]]) -> str:

@@ -31,12 +31,34 @@ Placement = Literal["system", "user_prefix"]
 
 CREDIT_HEADER = "Credit reference (training only)"
 DEMO_HEADER = "Successful attempt at this task (training only)"
+VERDICT_CODES = {"fatal": -2, "harmful": -1, "neutral": 0, "helpful": 1, "decisive": 2}
+
+
+Style = Literal["full", "compact"]
+
+
+def compact_step_line(step: int, verdict: str) -> str:
+    """One step of a compact reference (a single added token of the domain tokenizer)."""
+    return f"step {step} {verdict}"
+
+
+def compact_reference_vocabulary(max_steps: int = 16) -> list[str]:
+    """Every line a compact reference can contain for ``max_steps`` steps: the domain tokenizer makes
+    each one token, so a reference costs one token per step plus the header."""
+    return [f"## {CREDIT_HEADER}"] + [compact_step_line(k, v) for k in range(max_steps) for v in VERDICT_CODES]
 
 
 def render_credit_text(reference: CreditReference, traj: Trajectory, *,
-                       scope: Literal["own", "all"] = "own") -> str:
+                       scope: Literal["own", "all"] = "own", style: Style = "full") -> str:
     """The reference as the policy reads it: the summary, then per-step verdicts of this
-    trajectory (``scope='own'``) or of every sibling (``'all'``)."""
+    trajectory (``scope='own'``) or of every sibling (``'all'``). ``style='compact'``: only this
+    trajectory's ``step k verdict`` lines, a format a small model can be taught to read in its SFT
+    warm-up (``sft.reference_rate``) — the full text is ~400 tokens of prose it has never seen."""
+    if style == "compact":
+        verdicts = reference.verdicts(traj.sample_index, traj.num_steps)
+        return "\n".join([f"## {CREDIT_HEADER}"] + [compact_step_line(k, v.value) for k, v in enumerate(verdicts)])
+    if style != "full":
+        raise ValueError(f"unknown reference style {style!r}: use 'full' or 'compact'")
     lines = [f"## {CREDIT_HEADER}", f"What separates success from failure: {reference.summary}"]
     siblings = reference.siblings if scope == "all" else [
         s for s in reference.siblings if s.sample_index == traj.sample_index]
@@ -45,9 +67,6 @@ def render_credit_text(reference: CreditReference, traj: Trajectory, *,
         lines.append(f"{title}, step by step:")
         lines.extend(f"- step {s.step}: {s.verdict.value} — {s.reason}" for s in sib.steps)
     return "\n".join(lines)
-
-
-VERDICT_CODES = {"fatal": -2, "harmful": -1, "neutral": 0, "helpful": 1, "decisive": 2}
 
 
 def verdict_token_codes(reference: CreditReference | None, traj: Trajectory) -> np.ndarray:
@@ -141,13 +160,13 @@ def build_teacher_batch(trajectories: Sequence[Trajectory],
                         references: Mapping[str, CreditReference | None],
                         render_prompt_ids: RenderPromptIds, tools: list[dict[str, Any]] | None = None,
                         *, placement: Placement = "system", scope: Literal["own", "all"] = "own",
-                        verify: bool = True) -> list[TeacherInputs]:
+                        style: Style = "full", verify: bool = True) -> list[TeacherInputs]:
     """SGCD teachers: one row per trajectory; groups without a reference (missing or None in
     ``references``, keyed by group_id) get the student's own ids and ``has_context=False``."""
     rows = []
     for traj in trajectories:
         ref = references.get(traj.group_id)
-        context = render_credit_text(ref, traj, scope=scope) if ref is not None else None
+        context = render_credit_text(ref, traj, scope=scope, style=style) if ref is not None else None
         rows.append(build_teacher_inputs(traj, context, render_prompt_ids, tools,
                                          placement=placement, verify=verify))
     return rows

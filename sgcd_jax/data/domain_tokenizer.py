@@ -79,6 +79,7 @@ def load_or_train(run_dir: str, env_factory: Any, split: str, vocab_size: int, t
     """The run's tokenizer: loaded from ``run_dir/tokenizer`` if saved, else trained and saved."""
     from transformers import PreTrainedTokenizerFast
 
+    from sgcd_jax.credit.teacher import compact_reference_vocabulary
     from sgcd_jax.models import load_tokenizer
     from sgcd_jax.models.chat import ChatRenderer
 
@@ -87,7 +88,9 @@ def load_or_train(run_dir: str, env_factory: Any, split: str, vocab_size: int, t
         return PreTrainedTokenizerFast.from_pretrained(path)
     template = load_tokenizer(template_name)
     texts, systems = domain_corpus(env_factory, split, lambda: ChatRenderer(template))
-    tokenizer = train_domain_tokenizer(texts, vocab_size, template, boilerplate_lines(systems))
+    # one token per compact credit-reference line (credit/teacher.py): a reference costs a token per step
+    tokenizer = train_domain_tokenizer(texts, vocab_size, template,
+                                       boilerplate_lines(systems) + compact_reference_vocabulary())
     os.makedirs(path, exist_ok=True)
     tokenizer.save_pretrained(path)
     return tokenizer

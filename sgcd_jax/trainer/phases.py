@@ -27,7 +27,7 @@ from sgcd_jax.credit import SelectionConfig, select_groups
 from sgcd_jax.credit.localization import decisive_step_lists, trajectory_localization
 from sgcd_jax.credit.selection import fill_mixed_groups
 from sgcd_jax.data.tasks import TaskStream
-from sgcd_jax.trainer import preemption, sft_cache
+from sgcd_jax.trainer import preemption, reading_demos, sft_cache
 from sgcd_jax.trainer.episode_summary import episode_metrics, report_samples, write_samples  # noqa: F401
 from sgcd_jax.losses.advantages import AdvantageBatch, AdvantageConfig
 from sgcd_jax.losses.credit import CreditBatch, CreditConfig
@@ -342,8 +342,10 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
                   mesh=learner.mesh)
     # Every process packs the same demonstrations; rows padded so they split over the batch shards.
     sft_rows = rows_multiple(learner, sft.spec.micro_batch_size) * jax.process_count()
-    order = np.random.default_rng(config.run.seed).permutation(len(demos))
-    length = max(len(d.token_ids) for d in demos)  # one padded shape (one compile), no wider than the demos
+    reading = reading_demos.reading_demonstrations(env_factory, chat, config)  # rows that teach reading a reference
+    orders = (np.random.default_rng(config.run.seed).permutation(len(demos)),
+              np.random.default_rng([config.run.seed, 1]).permutation(len(reading)))
+    length = max(len(d.token_ids) for d in demos + reading)  # one padded shape (one compile), no wider than the rows
     progress.phase("sft", config.sft.steps)
     nll = []
     first_step = sft_cache.restore_partial(sft, config)  # a warm-up stopped by a signal resumes where it stopped
@@ -351,7 +353,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
         if preemption.agreed():  # SIGTERM/SIGINT: save the warm-up's state, stop (train.main exits 75)
             sft_cache.save_partial(sft, step, config)
             raise preemption.Preempted(f"SFT warm-up stopped before step {step}/{config.sft.steps}, its state saved")
-        take = [demos[order[(step * config.sft.batch_size + j) % len(demos)]] for j in range(config.sft.batch_size)]
+        take = reading_demos.sft_batch(step, demos, reading, config, orders)
         batch = to_mesh(pack(take, rows_multiple=sft_rows, pad_id=chat.pad_id,
                              min_length=length), sft, same_on_every_process=True)
         zeros = jnp.zeros_like(batch.target_mask)
@@ -362,7 +364,7 @@ def run_sft(learner: Learner, env_factory, chat, config: TrainConfig, progress) 
     sft.opt_state = sft.master = None  # released now, whatever still references the SFT learner
     learner.reset_optimizer()
     return {"sft/nll_first": nll[0] if nll else 0.0, "sft/nll_last": nll[-1] if nll else 0.0,
-            "sft/demos": float(len(demos))}
+            "sft/demos": float(len(demos)), "sft/reading_rows": float(len(reading))}
 
 
 def evaluate_student(learner: Learner, env_factory, tasks, chat, config: TrainConfig) -> dict[str, float]:

@@ -43,6 +43,8 @@ def cache_key(config: Any, tokenizer_dir: str | None = None) -> str:
              "optim": {k: getattr(config.optim, k) for k in ("schedule", "end_lr_fraction", "weight_decay", "b1", "b2",
                                                              "grad_clip", "micro_batch_size", "warmup_steps")},
              "loss": {"vocab_chunk": config.loss.vocab_chunk, "aggregation": config.policy.agg_mode}}
+    if config.sft.reference_rate > 0:  # the reading rows' prompts (trainer/reading_demos.py)
+        parts["reading_format"] = config.annotation.reference_format
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in sorted(os.listdir(tokenizer_dir)):

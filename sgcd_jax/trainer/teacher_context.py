@@ -64,7 +64,8 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         metrics.update(annotator.stats.as_metrics())
         by_key = {}
         for traj in trajectories:
-            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id])
+            [row] = build_teacher_batch([traj], references, chat.render_prompt_ids, tools_by_task[traj.task_id],
+                                         style=config.annotation.reference_format)
             by_key[(traj.group_id, traj.sample_index)] = row
     prompts = []
     for traj in trajectories:

@@ -1,0 +1,63 @@
+"""Comparison statistics (sgcd_jax/stats.py): t intervals against hand-computed values and the t density
+integrated numerically, the eval-curve area, and the compare table over fake runs' metrics."""
+
+import math
+
+import pytest
+
+from sgcd_jax import stats
+from sgcd_jax.metrics_log import MetricsLogger, read_metrics
+
+
+def test_t_interval_matches_hand_values_and_the_t_distribution():
+    mean, half = stats.mean_ci([0.0, 1.0])  # s = 0.7071, t(0.975, 1) = 12.706: half = 12.706 * 0.7071 / 1.4142
+    assert mean == 0.5 and half == pytest.approx(6.353, abs=1e-3)
+    values = [0.2, 0.35, 0.3, 0.25, 0.4]
+    mean, half = stats.mean_ci(values)
+    s = math.sqrt(sum((v - 0.3) ** 2 for v in values) / 4)
+    assert mean == pytest.approx(0.3) and half == pytest.approx(stats.t975(4) * s / math.sqrt(5))
+    for df in (1, 2, 4, 10, 29):  # the table against the t density integrated numerically
+        assert _t_cdf(stats.t975(df), df) == pytest.approx(0.975, abs=2e-5), df
+    for df in (31, 40, 200):  # the expansion beyond the table (1.96 alone gave 0.9715 at df=40)
+        assert _t_cdf(stats.t975(df), df) == pytest.approx(0.975, abs=2e-5), df
+    assert math.isnan(stats.mean_ci([0.4])[1]) and stats.fmt_ci([0.4]) == "0.400"  # one run: no fake "± 0"
+    assert stats.fmt_ci([float("nan")]) == "–"
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        stats.t975(0)
+
+
+def _t_cdf(x: float, df: int, n: int = 20_000) -> float:
+    """Student t cdf by midpoint integration of its density from 0 (it is symmetric)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    h = x / n
+    return 0.5 + sum(c * (1 + ((i + 0.5) * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n)) * h
+
+
+def test_curve_auc_is_the_mean_height():
+    assert stats.curve_auc([0, 5, 10, 15, 20], [0.3] * 5) == pytest.approx(0.3)
+    assert stats.curve_auc([0, 20], [0.0, 1.0]) == pytest.approx(0.5)
+    # an early riser has more area than a late one with the same final value
+    assert stats.curve_auc([0, 5, 10], [0.0, 0.3, 0.3]) > stats.curve_auc([0, 5, 10], [0.0, 0.0, 0.3])
+    assert stats.curve_auc([5], [0.2]) == 0.2 and math.isnan(stats.curve_auc([], []))
+
+
+def test_comparison_table_over_runs(tmp_path):
+    summaries = {}
+    for method, rise in (("grpo", 0.1), ("sgcd", 0.2)):
+        runs = []
+        for seed in range(3):
+            logger = MetricsLogger(str(tmp_path / f"{method}_{seed}"), tensorboard=False)
+            for step in (0, 5, 10):
+                logger.log(step, {"success_rate": rise * step / 10 + 0.01 * seed}, phase="eval")
+            logger.log(1, {"credit/localization_auroc": 0.5 + rise + 0.01 * seed})
+            logger.log(2, {"credit/localization_auroc": float("nan")})  # no mixed group: ignored, not 0
+            logger.close()
+            runs.append(stats.run_summary(read_metrics(str(tmp_path / f"{method}_{seed}"))))
+        summaries[method] = runs
+    header, rows = stats.comparison_table(summaries)
+    assert header == ["method", "runs", "eval @0", "eval @5", "eval @10", "eval AUC", "localization AUROC"]
+    grpo = dict(zip(header, rows[0]))
+    # seeds add 0, 0.01, 0.02: mean +0.01, s = 0.01, half = t(0.975, 2) * 0.01 / sqrt(3) = 0.0248
+    assert grpo["eval @10"] == "0.110 ± 0.025" and grpo["localization AUROC"] == "0.610 ± 0.025"
+    assert grpo["eval AUC"] == "0.060 ± 0.025"  # mean height of 0 -> 0.05 -> 0.1, + 0.01
+    assert "| sgcd | 3 |" in stats.markdown(header, rows)
