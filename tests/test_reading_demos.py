@@ -85,3 +85,24 @@ def test_sft_batch_mixes_reading_rows_at_the_rate(world):
     assert reading_demos.sft_batch(1, demos, reading, config, orders)[-2:] == ["r2", "r0"]
     # rate 0 (or no rows): the plain warm-up's batches exactly
     assert reading_demos.sft_batch(1, demos, [], config, orders) == ["d3", "d4", "d0", "d1", "d2", "d3", "d4", "d0"]
+
+
+_TRAIN = """
+import sys, types
+from sgcd_jax.credit.teacher import compact_reference_vocabulary
+from sgcd_jax.data.domain_tokenizer import train_domain_tokenizer
+template = types.SimpleNamespace(chat_template="{{ messages }}")
+tok = train_domain_tokenizer(["flight HAT192 is on time"] * 20, 300, template, compact_reference_vocabulary(6))
+sys.stdout.write(str(sorted(tok.get_vocab().items())))
+"""
+
+
+def test_domain_vocabulary_does_not_depend_on_the_hash_seed():
+    """Added tokens of equal length were ordered by a set's iteration order: another vocabulary per process."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    vocabs = [subprocess.run([sys.executable, "-c", _TRAIN], capture_output=True, text=True, check=True, cwd=root,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")]
+    assert vocabs[0] and vocabs[0] == vocabs[1] == vocabs[2]

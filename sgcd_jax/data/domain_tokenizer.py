@@ -45,8 +45,10 @@ def train_domain_tokenizer(texts: Iterable[str], vocab_size: int, template_token
                                         unk_token="<|endoftext|>", pad_token="<|im_end|>")
     tokenizer.chat_template = template_tokenizer.chat_template
     if boilerplate:
+        # longest first, ties by text: a set's order changes with PYTHONHASHSEED, and equal-length lines
+        # ("step 0 helpful", "step 1 helpful") then got other ids in every process (another vocabulary)
         tokenizer.add_tokens([AddedToken(line, normalized=False, special=False)
-                              for line in sorted(set(boilerplate), key=len, reverse=True)])
+                              for line in sorted(set(boilerplate), key=lambda s: (-len(s), s))])
     return tokenizer
 
 
