@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each is a separate process)")
+    parser.add_argument("--table_only", action="store_true",
+                        help="run nothing: tabulate and report the run dirs already under --out")
     args, overrides = parser.parse_known_args(argv)
     if not any(o.startswith("--config.sft.cache_dir") for o in overrides):
         overrides.append(f"--config.sft.cache_dir={os.path.abspath(os.path.join(args.out, 'sft_cache'))}")
@@ -69,12 +71,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                               f"--config.run.seed={seed}", "--config.run.report=False", "--config.run.progress=False",
                               *overrides]
             groups.setdefault(method, []).append(os.path.join(args.out, name))
-    timings = _run_all(commands, {f"{args.methods[0]}_s{seed}" for seed in args.seeds}, max(1, args.jobs))
+    if args.table_only:
+        missing = [d for ds in groups.values() for d in ds if not read_metrics(d)]
+        if missing:
+            raise SystemExit(f"[compare] --table_only: no metrics in {missing}; run them first")
+        timings = {}
+    else:
+        timings = _run_all(commands, {f"{args.methods[0]}_s{seed}" for seed in args.seeds}, max(1, args.jobs))
     report = build_report([d for ds in groups.values() for d in ds], args.out, groups)
     summaries, rl_wall = {}, {}
     for method, dirs in groups.items():
         records = {d: read_metrics(d) for d in dirs}
-        summaries[method] = [stats.run_summary(recs) for recs in records.values()]
+        summaries[method] = [stats.run_summary(recs, d) for d, recs in records.items()]
         for d, recs in records.items():  # from the run's own records: a finished run started again is a no-op
             if recs:
                 rl_wall[os.path.basename(d)] = round(recs[-1]["time"] - recs[0]["time"], 1)

@@ -66,15 +66,47 @@ def series(records: Sequence[dict[str, Any]], key: str, phase: str) -> tuple[lis
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def run_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+LOCALIZATION_KEYS = ("credit/localization_auroc", "credit/localization_auroc_step", "credit/weight_decisive",
+                     "credit/weight_other", "teacher/log_ratio_decisive", "teacher/log_ratio_other")
+
+
+def stored_localization(run_dir: str) -> dict[str, float]:
+    """Run means of the localization metrics recomputed from the run's rollout store (the weights every
+    iteration trained with and the env's decisive steps), so every method is scored the same way —
+    GRPO's weights are all 1 and score exactly ½. {} without a store or ground truth."""
+    import os
+
+    from sgcd_jax.credit.localization import localization_metrics
+    from sgcd_jax.data.store import iter_segments
+
+    if not os.path.isdir(os.path.join(run_dir, "rollouts")):
+        return {}
+    per_iteration = []
+    fields = ("loss_mask", "step_ids", "credit_weights", "student_logprobs", "teacher_logprobs")
+    for seg in iter_segments(os.path.join(run_dir, "rollouts"), fields):
+        lists = seg.attrs.get("decisive_steps")
+        if lists is None:
+            continue
+        tokens = seg.tokens
+        weights = np.nan_to_num(tokens["credit_weights"], nan=1.0)  # no credit step (GRPO): weight 1
+        log_ratio = tokens["teacher_logprobs"] - tokens["student_logprobs"]
+        log_ratio = None if np.isnan(log_ratio[tokens["loss_mask"] > 0]).all() else log_ratio
+        per_iteration.append(localization_metrics(weights, tokens["loss_mask"], tokens["step_ids"],
+                                                  seg.trajectories["advantage"],
+                                                  [None if d is None else set(d) for d in lists], log_ratio))
+    return {key: float(np.mean(values)) for key in LOCALIZATION_KEYS
+            if (values := [m[key] for m in per_iteration if key in m])}
+
+
+def run_summary(records: Sequence[dict[str, Any]], run_dir: str | None = None) -> dict[str, Any]:
     """One run's numbers for a comparison: eval success per step, its AUC, and the run means of the credit
-    localization metrics (train records of iterations that had a mixed group)."""
+    localization metrics — from its rollout store when ``run_dir`` has one, else from the train records."""
     steps, success = series(records, "success_rate", "eval")
     out: dict[str, Any] = {"eval_success": dict(zip(steps, success)), "eval_auc": curve_auc(steps, success)}
-    for key in ("credit/localization_auroc", "credit/weight_decisive", "credit/weight_other",
-                "teacher/log_ratio_decisive", "teacher/log_ratio_other"):
+    stored = stored_localization(run_dir) if run_dir else {}
+    for key in LOCALIZATION_KEYS:
         _, values = series(records, key, "train")
-        out[key] = float(np.mean(values)) if values else float("nan")
+        out[key] = stored.get(key, float(np.mean(values)) if values else float("nan"))
     return out
 
 
@@ -82,12 +114,16 @@ def comparison_table(summaries: dict[str, list[dict[str, Any]]]) -> tuple[list[s
     """Markdown-ready (header, rows): per method, eval success at each eval step, the eval AUC and the
     localization AUROC, each as mean ± 95% CI over its runs."""
     steps = sorted({s for runs in summaries.values() for run in runs for s in run["eval_success"]})
-    header = ["method", "runs"] + [f"eval @{s}" for s in steps] + ["eval AUC", "localization AUROC"]
+    header = (["method", "runs"] + [f"eval @{s}" for s in steps]
+              + ["eval AUC", "localization AUROC (token)", "(step)", "teacher log-ratio decisive / other"])
     rows = []
     for method, runs in summaries.items():
+        ratio = [fmt_ci([r[f"teacher/log_ratio_{k}"] for r in runs], 2) for k in ("decisive", "other")]
         rows.append([method, str(len(runs))]
                     + [fmt_ci([r["eval_success"].get(s, float("nan")) for r in runs]) for s in steps]
-                    + [fmt_ci([r["eval_auc"] for r in runs]), fmt_ci([r["credit/localization_auroc"] for r in runs])])
+                    + [fmt_ci([r["eval_auc"] for r in runs]), fmt_ci([r["credit/localization_auroc"] for r in runs]),
+                       fmt_ci([r["credit/localization_auroc_step"] for r in runs]),
+                       "–" if ratio == ["–", "–"] else " / ".join(ratio)])
     return header, rows
 
 

@@ -62,6 +62,22 @@ def test_perfect_weights_score_one_and_inverted_score_zero():
         "credit/localization_auroc"] == 0.0
 
 
+def test_step_auroc_credits_a_decisive_step_moved_only_at_its_choice_token():
+    """A teacher that moves only the token where the attempt chose (the first of the decisive step): the
+    token AUROC is ½ + ½·(1 / decisive tokens); the step AUROC (steps scored by mean weight) is 1."""
+    loss_mask, step_ids, advantages, decisive = _batch()
+    weights = np.ones(loss_mask.shape)
+    for row, steps in enumerate(decisive):
+        first = np.flatnonzero(np.isin(step_ids[row], list(steps)))[0]
+        weights[row, first] = 1.9
+    out = localization_metrics(weights, loss_mask, step_ids, advantages, decisive)
+    per_row = [0.5 + 0.5 / np.isin(step_ids[r], list(d)).sum() for r, d in enumerate(decisive)]
+    assert abs(out["credit/localization_auroc"] - np.mean(per_row)) < 1e-12 and out["credit/localization_auroc"] < 0.6
+    assert out["credit/localization_auroc_step"] == 1.0
+    constant = localization_metrics(np.ones(loss_mask.shape), loss_mask, step_ids, advantages, decisive)
+    assert constant["credit/localization_auroc_step"] == 0.5
+
+
 def test_rows_without_truth_or_advantage_or_padding_are_skipped():
     loss_mask, step_ids, advantages, decisive = _batch(rows=4)
     weights = np.ones(loss_mask.shape)

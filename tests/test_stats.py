@@ -55,9 +55,35 @@ def test_comparison_table_over_runs(tmp_path):
             runs.append(stats.run_summary(read_metrics(str(tmp_path / f"{method}_{seed}"))))
         summaries[method] = runs
     header, rows = stats.comparison_table(summaries)
-    assert header == ["method", "runs", "eval @0", "eval @5", "eval @10", "eval AUC", "localization AUROC"]
+    assert header[:6] == ["method", "runs", "eval @0", "eval @5", "eval @10", "eval AUC"]
     grpo = dict(zip(header, rows[0]))
     # seeds add 0, 0.01, 0.02: mean +0.01, s = 0.01, half = t(0.975, 2) * 0.01 / sqrt(3) = 0.0248
-    assert grpo["eval @10"] == "0.110 ± 0.025" and grpo["localization AUROC"] == "0.610 ± 0.025"
+    assert grpo["eval @10"] == "0.110 ± 0.025" and grpo["localization AUROC (token)"] == "0.610 ± 0.025"
+    assert grpo["(step)"] == "–" and grpo["teacher log-ratio decisive / other"] == "–"  # not logged here
     assert grpo["eval AUC"] == "0.060 ± 0.025"  # mean height of 0 -> 0.05 -> 0.1, + 0.01
     assert "| sgcd | 3 |" in stats.markdown(header, rows)
+
+
+def test_stored_localization_scores_every_method_from_its_rollout_store(tmp_path):
+    """From the store: credit weights where the run had them, 1 (exactly ½) where it had none (GRPO)."""
+    import numpy as np
+
+    from sgcd_jax.data.store import RolloutStore
+
+    step_ids = np.array([[-1, 0, 0, -1, 1, 1, 1], [-1, 0, 0, -1, 1, 1, 1]])
+    mask = (step_ids >= 0).astype(np.int8)
+    for name, weights in (("sgcd", np.where(step_ids == 1, 1.5, 0.8)), ("grpo", None)):
+        store = RolloutStore(str(tmp_path / name / "rollouts"), 0)
+        tokens = {"token_ids": np.ones_like(step_ids), "loss_mask": mask, "step_ids": step_ids}
+        if weights is not None:
+            tokens["credit_weights"] = weights.astype(np.float32)
+        store.append(1, task_ids=["t", "t"], group_ids=["g", "g"], lengths=[7, 7], tokens=tokens,
+                     rewards=[1.0, 0.0], advantages=[1.0, -1.0], attrs={"decisive_steps": [[1], [1]]})
+        store.append(2, task_ids=["t"], group_ids=["h"], lengths=[7], tokens={k: v[:1] for k, v in tokens.items()},
+                     rewards=[1.0], advantages=[0.0], attrs={"decisive_steps": [[1]]})  # not mixed: no row
+    sgcd = stats.stored_localization(str(tmp_path / "sgcd"))
+    assert sgcd["credit/localization_auroc"] == 1.0 and sgcd["credit/localization_auroc_step"] == 1.0
+    assert sgcd["credit/weight_decisive"] == pytest.approx(1.5) and "teacher/log_ratio_decisive" not in sgcd
+    grpo = stats.stored_localization(str(tmp_path / "grpo"))
+    assert grpo["credit/localization_auroc"] == 0.5 and grpo["credit/weight_other"] == 1.0
+    assert stats.stored_localization(str(tmp_path / "none")) == {}

@@ -10,6 +10,10 @@ Per trajectory with a nonzero advantage (a mixed group) whose loss tokens includ
 ones: AUROC(w, token is decisive) = P(w_decisive > w_other) + ½ P(tie) (Mann–Whitney U / n₊n₋).
 Logged: its mean over those trajectories, and the mean weight over all their decisive / other tokens
 (optionally the teacher/student log-ratio likewise). A constant weighting scores exactly 0.5.
+``credit/localization_auroc_step`` scores each step by its mean weight instead: a token-level teacher
+moves the one token where the attempt chose (``###STOP###`` instead of the answer), not the end-of-turn
+token it implies, so the token AUROC of a perfectly read reference stays near ½ + ½·(choice tokens /
+decisive tokens), while the step AUROC asks whether the decisive step as a whole got the most weight.
 Host-side numpy on the credit step's outputs: nothing here is traced.
 """
 
@@ -65,7 +69,7 @@ def localization_metrics(weights: np.ndarray, loss_mask: np.ndarray, step_ids: n
     Arrays are [rows, T] aligned with each other (rows past ``len(decisive)`` are padding and
     ignored); ``advantages`` [rows]. Empty dict when no row qualifies, so iterations without a mixed
     group log nothing rather than a fake value."""
-    aurocs, on, off, ratio_on, ratio_off = [], [], [], [], []
+    aurocs, step_aurocs, on, off, ratio_on, ratio_off = [], [], [], [], [], []
     for row, steps in enumerate(decisive):
         if not steps or advantages[row] == 0:
             continue
@@ -74,6 +78,11 @@ def localization_metrics(weights: np.ndarray, loss_mask: np.ndarray, step_ids: n
         if not label.any() or not (mask & ~label).any():
             continue
         aurocs.append(auroc(weights[row][mask], label[mask]))
+        # step level: each step's mean weight as the score (a step's choice token and the tokens it
+        # determines count once, as the step), for steps with loss tokens
+        present = np.unique(step_ids[row][mask])
+        step_means = np.array([weights[row][mask & (step_ids[row] == s)].mean() for s in present])
+        step_aurocs.append(auroc(step_means, np.isin(present, list(steps))))
         on.append(weights[row][label])
         off.append(weights[row][mask & ~label])
         if log_ratio is not None:
@@ -82,6 +91,7 @@ def localization_metrics(weights: np.ndarray, loss_mask: np.ndarray, step_ids: n
     if not aurocs:
         return {}
     out = {"credit/localization_auroc": float(np.mean(aurocs)),
+           "credit/localization_auroc_step": float(np.mean(step_aurocs)),
            "credit/weight_decisive": float(np.concatenate(on).mean()),
            "credit/weight_other": float(np.concatenate(off).mean()),
            "credit/localization_rows": float(len(aurocs))}
