@@ -106,3 +106,18 @@ def test_domain_vocabulary_does_not_depend_on_the_hash_seed():
     vocabs = [subprocess.run([sys.executable, "-c", _TRAIN], capture_output=True, text=True, check=True, cwd=root,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")]
     assert vocabs[0] and vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_rotated_control_moves_each_verdict_to_the_previous_step():
+    from sgcd_jax.trainer.teacher_context import rotated
+
+    verdicts = [Verdict.HELPFUL, Verdict.NEUTRAL, Verdict.HARMFUL]
+    reference = CreditReference(summary="s", siblings=[SiblingCredit(sample_index=0, steps=[
+        StepCredit(step=k, verdict=v, reason=f"r{k}") for k, v in enumerate(verdicts)])])
+    control = rotated(reference)
+    assert [s.verdict for s in control.siblings[0].steps] == [Verdict.NEUTRAL, Verdict.HARMFUL, Verdict.HELPFUL]
+    assert [s.step for s in control.siblings[0].steps] == [0, 1, 2]
+    assert [s.verdict for s in reference.siblings[0].steps] == verdicts  # the annotator's reference is untouched
+    assert render_credit_text(control, _traj(0, 3), style="compact").splitlines()[1:] == [
+        "step 0 neutral", "step 1 harmful", "step 2 helpful"]
+    assert rotated(None) is None

@@ -58,6 +58,8 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         results = annotator.collect(submitted, timeout_s=config.annotation.timeout_s) if submitted else {}
         metrics["time/annotation_wait_s"] = time.perf_counter() - start
         references = {gid: r.reference for gid, r in results.items()}
+        if config.annotation.reference_control == "rotated":
+            references = {gid: rotated(ref) for gid, ref in references.items()}
         missing = sum(r.reference is None for r in results.values())
         counters.groups_without_reference += missing
         counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
@@ -72,3 +74,19 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         row = by_key.get((traj.group_id, traj.sample_index))
         prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
     return prompts, metrics, references
+
+
+def rotated(reference):
+    """The control reference: every sibling's step k carries the verdict (and reason) its step k+1 had (the
+    last step wraps to step 0). A teacher that reads moves its disagreement with the student to the steps
+    now flagged; one that only notices that a reference is present does not (``annotation.reference_control``)."""
+    if reference is None:
+        return None
+    siblings = []
+    for sib in reference.siblings:
+        steps = sorted(sib.steps, key=lambda s: s.step)
+        if len(steps) > 1:
+            shifted = steps[1:] + steps[:1]
+            steps = [s.model_copy(update={"step": own.step}) for own, s in zip(steps, shifted)]
+        siblings.append(sib.model_copy(update={"steps": steps}))
+    return reference.model_copy(update={"siblings": siblings})
