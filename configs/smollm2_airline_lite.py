@@ -41,5 +41,8 @@ def get_config():
     cfg.sft.cache_dir = "runs/sft_cache"
     cfg.sft.demo_shortcut = ""  # oracle demos only (the quickstart's imperfect demonstrator is not inherited)
     cfg.sft.demo_shortcut_rate = 0.0
+    # Inherited from the quickstart: compact references ("step k verdict") and a quarter of each warm-up batch
+    # teaching the teacher to read them (trainer/reading_demos.py); in SmolLM2's tokens a line is ~5 tokens.
+    cfg.annotation.reference_tokens = 64
     cfg.run.export_hf = True
     return cfg
