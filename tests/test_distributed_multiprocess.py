@@ -73,7 +73,7 @@ def _worker(args: argparse.Namespace) -> None:
     model = sharding.shard_model(Decoder(model_cfg, rngs=nnx.Rngs(0)), mesh)  # params FSDP-sharded
     learner = Learner(model, make_optimizer(OptimSpec(learning_rate=1e-2, schedule="constant"), 2),
                       StepSpec(policy=PolicyLossConfig(), vocab=VocabConfig(chunk_size=16),
-                               micro_batch_size=4))
+                               micro_batch_size=4), mesh=mesh)
     initial = distributed.fully_replicated_host_copy(learner.params)
     score_spec = ScoreSpec(vocab=VocabConfig(chunk_size=16), with_teacher=True, with_reference=False)
     credit_cfg = CreditConfig(granularity="step")
