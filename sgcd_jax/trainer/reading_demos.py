@@ -43,7 +43,10 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
     budget = config.rollout.max_total_tokens  # the oracle demos the plain warm-up keeps (integration.demonstrations)
     for task in env_factory.tasks(split)[:config.sft.num_demos]:
         oracle = demo_conversation(env_factory, task)
-        if oracle["reward"] < 1.0 or len(integration.demo_trajectory(oracle, chat).token_ids) > budget:
+        if oracle["reward"] < 1.0:
+            continue
+        oracle_ids = integration.demo_trajectory(oracle, chat, task.task_id)  # rendered once, shared by every pair
+        if len(oracle_ids.token_ids) > budget:
             continue
         for kind in SHORTCUTS:
             actions = shortcut_actions(task, kind)
@@ -53,8 +56,7 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
             if reward >= 1.0:  # the shortcut happened to succeed: no contrast to teach
                 continue
             group_id = f"read/{task.task_id}/{kind}"
-            good = dataclasses.replace(integration.demo_trajectory(oracle, chat, task.task_id),
-                                       group_id=group_id, sample_index=0)
+            good = dataclasses.replace(oracle_ids, group_id=group_id, sample_index=0)
             bad = dataclasses.replace(integration.demo_trajectory({**conversation, "reward": reward, "info": info},
                                                                   chat, task.task_id),
                                       group_id=group_id, sample_index=1)
