@@ -154,12 +154,12 @@ class AnnotationSpec:
     timeout_s: float = 60.0  # bounds each Gemini HTTP request and the wait for a group's reference (then abandoned)
     base_url: str = ""  # the Gemini annotator's endpoint: "" = Google's; else a Gemini-compatible proxy / server
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
-    reference_format: str = "full"  # full: summary + verdicts + reasons | compact: one "step k verdict" line per step
+    reference_format: str = "full"  # full: summary + verdicts + reasons | compact: one "step k verdict" line per step | compact_quotes: + "success: <a sibling's action>" lines
     reference_control: str = "none"  # rotated: each step gets its next step's verdict (does the teacher read?)
 
     def __post_init__(self):
         _one_of("annotation.name", self.name, ("contrast", "gemini", "replay", "none"))
-        _one_of("annotation.reference_format", self.reference_format, ("full", "compact"))
+        _one_of("annotation.reference_format", self.reference_format, ("full", "compact", "compact_quotes"))
         _one_of("annotation.reference_control", self.reference_control, ("none", "rotated"))
         _one_of("annotation.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
         _check(self.max_oversample_rounds >= 0, "annotation.max_oversample_rounds must be >= 0")

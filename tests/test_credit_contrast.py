@@ -113,3 +113,27 @@ def test_same_calls_but_a_failing_reply_marks_the_reply_step():
     # without a reply-level failure nothing changes: the last steps stay neutral
     only_calls = group_siblings([trajs[0], trajs[2]], 1.0)[0]
     assert verdicts(ContrastAnnotator().reference(only_calls), only_calls) == {0: [H, N], 2: [X, N]}
+
+
+def test_success_action_quotes_what_a_successful_sibling_did_instead():
+    """Each failing verdict carries the better action a success took there (compact_quotes renders it):
+    a substituted call gets the success's call, a failed reply the success's reply, an omission the omitted
+    call; a success's decisive write quotes itself; matched steps carry nothing."""
+    lookup = call("get_flight_status", flight_number="HAT185", date="2024-05-15")
+    wrong = call("get_flight_status", flight_number="HAT158", date="2024-05-15")
+    good_reply = "Flight HAT185 on 2024-05-15 is on time."
+    trajs = [make_trajectory("g", 0, 1.0, [[lookup], good_reply]),
+             make_trajectory("g", 1, 0.0, [[lookup], "###STOP###"]),
+             make_trajectory("g", 2, 0.0, [[wrong], "Flight HAT158 on 2024-05-15 is delayed."]),
+             make_trajectory("g", 3, 0.0, ["Flight HAT185 is on time."])]
+    group = group_siblings(trajs, 1.0)[0]
+    ref = ContrastAnnotator().reference(group)
+    actions = {t.sample_index: ref.actions(t.sample_index, t.num_steps) for t in group.trajectories}
+    assert actions[1] == ["", good_reply]  # same call, the reply failed: the success's reply
+    assert actions[2][0].startswith("get_flight_status(") and "HAT185" in actions[2][0]  # the success's call
+    assert "HAT185" in actions[3][0] and actions[3][0].startswith("get_flight_status(")  # omitted lookup
+    assert actions[0] == ["", good_reply]  # the success's deciding reply quotes itself
+    cancel = cancel_group()
+    cref = ContrastAnnotator().reference(cancel)
+    assert "ABC123" in cref.actions(0, 3)[1] and cref.actions(0, 3)[0] == ""  # decisive write; shared read
+    assert "ABC123" in cref.actions(1, 2)[1]  # the wrong cancel: the success's cancel instead

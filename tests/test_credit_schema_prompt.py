@@ -76,3 +76,15 @@ def test_budget_truncates_observations_first_and_never_calls():
     impossible = render_annotation_prompt(group, PromptConfig(max_prompt_tokens=50))
     assert impossible.over_budget and all(f'"D{k}"' in impossible.text for k in range(6))
     assert estimate_tokens("abcd" * 10) == 10
+
+
+def test_success_action_is_optional_normalised_and_cut():
+    group = cancel_group()
+    raw = json.loads(valid_reference_json(group))
+    raw["siblings"][1]["steps"][1]["success_action"] = "cancel_reservation(\n  ABC123 )" + " x" * 200
+    out = validate_reply(json.dumps(raw), group)
+    steps = out.reference.for_sibling(1).steps
+    assert steps[1].success_action.startswith("cancel_reservation( ABC123 ) x") and len(steps[1].success_action) == 200
+    assert "truncated a success_action" in out.repairs
+    assert steps[0].success_action == "" and out.reference.actions(1, 3)[1] == steps[1].success_action
+    assert "success_action" in render_annotation_prompt(group, PromptConfig()).text  # the annotator is asked for it

@@ -121,3 +121,41 @@ def test_rotated_control_moves_each_verdict_to_the_previous_step():
     assert render_credit_text(control, _traj(0, 3), style="compact").splitlines()[1:] == [
         "step 0 neutral", "step 1 harmful", "step 2 helpful"]
     assert rotated(None) is None
+
+
+def test_compact_quotes_renders_the_success_action_under_its_step():
+    reference = CreditReference(summary="s", siblings=[SiblingCredit(sample_index=1, steps=[
+        StepCredit(step=0, verdict=Verdict.HELPFUL, reason="r"),
+        StepCredit(step=1, verdict=Verdict.HARMFUL, reason="r", success_action="Flight HAT185 is on time.")])])
+    text = render_credit_text(reference, _traj(1, 2), style="compact_quotes")
+    assert text.splitlines() == [f"## {CREDIT_HEADER}", "step 0 helpful", "step 1 harmful",
+                                 "success: Flight HAT185 is on time."]
+    assert "success:" not in render_credit_text(reference, _traj(1, 2), style="compact")  # compact never quotes
+
+
+def test_quote_drills_withhold_the_tool_result_so_the_reply_is_only_in_the_quote(world):
+    config, env_factory, tokenizer, chat = world
+    plain = reading_demos.reading_demonstrations(env_factory, chat, config)
+    assert not any(r.group_id.endswith("/drill") for r in plain)  # compact: no quotes, no drills
+    quotes = config_files.load_config_file(CONFIG, {"run.workdir": config.run.workdir, "sft.num_demos": 12,
+                                                    "env.num_tasks": 16,
+                                                    "annotation.reference_format": "compact_quotes"})
+    rows = reading_demos.reading_demonstrations(env_factory, chat, quotes)
+    drills = [r for r in rows if r.group_id.endswith("/drill")]
+    readers = {r.group_id: r for r in rows if not r.group_id.endswith("/drill")}
+    assert drills and len(readers) == len(plain)  # the plain rows stay, the drills come on top
+    for drill in drills:
+        twin = readers[drill.group_id[: -len("/drill")]]
+        np.testing.assert_array_equal(drill.token_ids[:drill.prompt_len], twin.token_ids[:twin.prompt_len])
+        prompt = tokenizer.decode(drill.token_ids[:drill.prompt_len])
+        reply = drill.steps[-1].text.strip()
+        assert f"success: {' '.join(reply.split())}" in prompt  # the reply to produce is quoted
+        response = tokenizer.decode(drill.token_ids[drill.prompt_len:])
+        assert reading_demos.WITHHELD in response and reading_demos.WITHHELD not in tokenizer.decode(
+            twin.token_ids[twin.prompt_len:])
+        observation = twin.steps[0].observations[0]["content"]
+        shown = tokenizer.decode(drill.token_ids[drill.prompt_len:][drill.loss_mask[drill.prompt_len:] == 0])
+        assert observation not in shown and observation in tokenizer.decode(  # the tool result is gone ...
+            twin.token_ids[twin.prompt_len:][twin.loss_mask[twin.prompt_len:] == 0])
+        target = tokenizer.decode(drill.token_ids[np.flatnonzero(drill.loss_mask)])
+        assert target == tokenizer.decode(twin.token_ids[np.flatnonzero(twin.loss_mask)])  # ... the targets stay

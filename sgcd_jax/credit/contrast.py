@@ -13,6 +13,11 @@ what it said: its last step is ``harmful`` with its reply beside the success's a
 reasons (``info["fail_reasons"]``, e.g. "missing info: landed"), and the successes' last steps are
 ``helpful`` ("the reply gave what the user asked"). Without this the step that decided such a group
 (e.g. a reply that ends the chat without the answer) read "neutral".
+
+Each verdict that points at a sibling's better action carries it as ``success_action``: a substituted
+call gets the success's call, an omission the omitted call, a reply that failed the success's reply,
+and a success's own decisive write or deciding reply itself (``reference_format="compact_quotes"``
+renders it under the step line).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import Any
 
 from sgcd_jax.credit.annotator import AnnotationResult, not_mixed_result
 from sgcd_jax.credit.prompt import format_call
-from sgcd_jax.credit.schema import (VERDICT_PRIORITY, CreditReference, SiblingCredit, StepCredit,
-                                    Verdict)
+from sgcd_jax.credit.schema import (MAX_ACTION_CHARS, MAX_REASON_CHARS, VERDICT_PRIORITY, CreditReference,
+                                    SiblingCredit, StepCredit, Verdict)
 from sgcd_jax.credit.selection import SiblingGroup
 from sgcd_jax.envs.base import ToolCall
 from sgcd_jax.rollout.trajectory import Trajectory
@@ -112,7 +117,7 @@ class ContrastAnnotator:
 
     def identity(self) -> str:
         writes = sorted(self.config.write_tools) if self.config.write_tools is not None else None
-        return f"contrast-v2:{json.dumps([writes, list(self.config.write_prefixes)])}"
+        return f"contrast-v3:{json.dumps([writes, list(self.config.write_prefixes)])}"
 
     def is_write(self, tool_name: str) -> bool:
         if self.config.write_tools is not None:
@@ -150,20 +155,22 @@ class ContrastAnnotator:
                 if traj.steps:
                     marks[traj.sample_index].setdefault(traj.steps[-1].index, []).append(
                         (Verdict.HELPFUL, f"the reply {_said(traj)} gave what the user asked; failed "
-                                          f"siblings {failed} made the same calls and did not"))
+                                          f"siblings {failed} made the same calls and did not", _reply(traj)))
         siblings = [SiblingCredit(sample_index=t.sample_index, steps=_steps_from_marks(t, marks[t.sample_index]))
                     for t in group.trajectories]
         return CreditReference(summary=notes.render(group), siblings=siblings)
 
     def _mark_success(self, traj, own_calls, success_keys, failure_keys, notes) -> dict:
-        marks: dict[int, list[tuple[Verdict, str]]] = {}
+        marks: dict[int, list[tuple[Verdict, str, str]]] = {}
         others = [keys for idx, keys in success_keys.items() if idx != traj.sample_index]
         for call in own_calls:
             in_all_successes = all(call.key in keys for keys in success_keys.values())
             missed_by = [idx for idx, keys in failure_keys.items() if call.key not in keys]
+            action = ""
             if call.is_write and in_all_successes and missed_by:
                 verdict, why = Verdict.DECISIVE, (f"state change {call.text} made by every successful "
                                                   f"sibling and missed by failed siblings {missed_by}")
+                action = call.text
                 notes.decisive.setdefault(call.text, None)
             elif not missed_by:
                 verdict, why = Verdict.HELPFUL, f"{call.text} is groundwork every sibling did"
@@ -171,7 +178,7 @@ class ContrastAnnotator:
                 verdict, why = Verdict.HELPFUL, f"{call.text} is shared with the successful siblings"
             else:
                 verdict, why = Verdict.NEUTRAL, f"{call.text} is not needed by other successes"
-            marks.setdefault(call.step, []).append((verdict, why))
+            marks.setdefault(call.step, []).append((verdict, why, action))
         return marks
 
     def _mark_failure(self, traj, calls, successes, any_success_key, notes) -> dict:
@@ -182,7 +189,7 @@ class ContrastAnnotator:
             if best_cost is None or cost < best_cost:
                 best_cost, best_pairs, best_ref = cost, pairs, success
         ref_calls = calls[best_ref.sample_index]
-        marks: dict[int, list[tuple[Verdict, str]]] = {}
+        marks: dict[int, list[tuple[Verdict, str, str]]] = {}
         pending_omissions: list[_Call] = []
         for i, j in best_pairs:
             if i is None:
@@ -192,6 +199,7 @@ class ContrastAnnotator:
             if pending_omissions:  # the step that went on without the missing call
                 self._omitted(marks, call.step, pending_omissions, best_ref, notes, traj)
                 pending_omissions = []
+            action = ""
             if j is not None and ref_calls[j].key == call.key:
                 verdict, why = Verdict.HELPFUL, (f"{call.text} matches successful sibling "
                                                  f"{best_ref.sample_index}")
@@ -202,17 +210,18 @@ class ContrastAnnotator:
                 verdict = Verdict.FATAL if call.is_write else Verdict.HARMFUL
                 kind = "state change" if call.is_write else "call"
                 why = f"{kind} {call.text}{instead} was made by no successful sibling"
+                action = ref_calls[j].text if j is not None else ""
                 notes.divergences.append((traj.sample_index, call.step, call.text, verdict))
-            marks.setdefault(call.step, []).append((verdict, why))
+            marks.setdefault(call.step, []).append((verdict, why, action))
         if pending_omissions and traj.steps:  # ended without the missing calls
             self._omitted(marks, traj.steps[-1].index, pending_omissions, best_ref, notes, traj)
-        bad = any(v in (Verdict.HARMFUL, Verdict.FATAL) for step in marks.values() for v, _ in step)
+        bad = any(v in (Verdict.HARMFUL, Verdict.FATAL) for step in marks.values() for v, _, _ in step)
         if not bad and traj.steps and not any(s.parse_error for s in traj.steps):
             verifier = "; ".join(str(r) for r in traj.info.get("fail_reasons", [])[:2])
             why = (f"made the same calls as successful sibling {best_ref.sample_index}, but the reply "
                    f"{_said(traj)} did not give what its reply {_said(best_ref)} did"
                    + (f" (verifier: {verifier})" if verifier else ""))
-            marks.setdefault(traj.steps[-1].index, []).append((Verdict.HARMFUL, why))
+            marks.setdefault(traj.steps[-1].index, []).append((Verdict.HARMFUL, why, _reply(best_ref)))
             notes.replies.append((traj.sample_index, traj.steps[-1].index, verifier))
         return marks
 
@@ -221,7 +230,7 @@ class ContrastAnnotator:
         verdict = Verdict.FATAL if any(c.is_write for c in omitted) and step == traj.steps[-1].index \
             else Verdict.HARMFUL
         why = f"went on without {shown} that successful sibling {ref.sample_index} made"
-        marks.setdefault(step, []).append((verdict, why))
+        marks.setdefault(step, []).append((verdict, why, omitted[0].text))
         notes.omissions.append((traj.sample_index, step, shown))
 
 
@@ -234,16 +243,23 @@ def _said(traj: Trajectory, limit: int = 80) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
 
 
-def _steps_from_marks(traj: Trajectory, marks: dict[int, list[tuple[Verdict, str]]]) -> list[StepCredit]:
+def _reply(traj: Trajectory) -> str:
+    """The last step's reply text in full ("" when that step called tools or said nothing)."""
+    last = traj.steps[-1] if traj.steps else None
+    return " ".join((last.text or "").split()) if last is not None and not last.tool_calls else ""
+
+
+def _steps_from_marks(traj: Trajectory, marks: dict[int, list[tuple[Verdict, str, str]]]) -> list[StepCredit]:
     steps = []
     for step in traj.steps:
         candidates = list(marks.get(step.index, []))
         if step.parse_error:
-            candidates.append((Verdict.HARMFUL, "the tool call could not be parsed"))
+            candidates.append((Verdict.HARMFUL, "the tool call could not be parsed", ""))
         if not candidates:
-            candidates = [(Verdict.NEUTRAL, "no tool call the verifier depends on")]
-        verdict, why = max(candidates, key=lambda vw: VERDICT_PRIORITY[vw[0]])  # first of the top
-        steps.append(StepCredit(step=step.index, verdict=verdict, reason=why[:300]))
+            candidates = [(Verdict.NEUTRAL, "no tool call the verifier depends on", "")]
+        verdict, why, action = max(candidates, key=lambda c: VERDICT_PRIORITY[c[0]])  # first of the top
+        steps.append(StepCredit(step=step.index, verdict=verdict, reason=why[:MAX_REASON_CHARS],
+                                success_action=action[:MAX_ACTION_CHARS]))
     return steps
 
 

@@ -17,7 +17,7 @@ from sgcd_jax.credit.selection import SiblingGroup
 from sgcd_jax.envs.base import ToolCall
 from sgcd_jax.rollout.trajectory import Trajectory
 
-PROMPT_VERSION = "sgcd-credit-v1"
+PROMPT_VERSION = "sgcd-credit-v2"  # v2: success_action per step
 
 _INSTRUCTIONS = """You are grading an AI agent's attempts at one customer-service task. Several \
 independent attempts ("siblings") were made; the verifier marked some SUCCESS and some FAILURE. \
@@ -30,11 +30,14 @@ For EVERY sibling and EVERY step (assistant turn), give a verdict:
 - neutral: no effect on what the verifier checks
 - harmful: a wrong lookup, argument or claim that moved the attempt toward failure
 - fatal: the step that sealed the failure (e.g. a wrong irreversible write, or stopping early)
-and a one-sentence reason tied to what the verifier checks. Then write a short summary of what \
-separates the successful siblings from the failed ones.
+and a one-sentence reason tied to what the verifier checks. Where a harmful or fatal step of a \
+failed sibling did something a successful sibling did differently, give that successful sibling's \
+action at that point as success_action (its tool call or reply, verbatim, at most 200 characters); \
+for a successful sibling's decisive step, its own action; otherwise an empty string. Then write a \
+short summary of what separates the successful siblings from the failed ones.
 
 Reply with JSON only: {"summary": str, "siblings": [{"sample_index": int, "steps": \
-[{"step": int, "verdict": str, "reason": str}]}]}"""
+[{"step": int, "verdict": str, "reason": str, "success_action": str}]}]}"""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

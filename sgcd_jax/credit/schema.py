@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from sgcd_jax.credit.selection import SiblingGroup
 
 MAX_REASON_CHARS = 300
+MAX_ACTION_CHARS = 200
 MAX_SUMMARY_CHARS = 1200
 
 
@@ -45,6 +46,9 @@ class StepCredit(BaseModel):
     step: int = Field(ge=0, description="assistant turn index, starting at 0")
     verdict: Verdict
     reason: str = Field(description="one sentence tied to what the verifier checks")
+    success_action: str = Field(default="", description=(
+        "what a successful sibling did at this point (its tool call or reply, verbatim and short); "
+        "empty when it did nothing different"))
 
 
 class SiblingCredit(BaseModel):
@@ -68,6 +72,15 @@ class CreditReference(BaseModel):
         for step in sib.steps if sib else []:
             if step.step < num_steps:
                 out[step.step] = step.verdict
+        return out
+
+    def actions(self, sample_index: int, num_steps: int) -> list[str]:
+        """Per-step ``success_action`` of one sibling ("" where unannotated or empty)."""
+        out = [""] * num_steps
+        sib = self.for_sibling(sample_index)
+        for step in sib.steps if sib else []:
+            if step.step < num_steps:
+                out[step.step] = step.success_action
         return out
 
     def canonical_json(self) -> str:
@@ -135,7 +148,12 @@ def _conform_to_group(ref: CreditReference, group: SiblingGroup, repairs: list[s
             if len(reason) > MAX_REASON_CHARS:
                 reason = reason[: MAX_REASON_CHARS - 1] + "…"
                 repairs.append("truncated a reason")
-            steps[step.step] = StepCredit(step=step.step, verdict=step.verdict, reason=reason)
+            action = " ".join(step.success_action.split())
+            if len(action) > MAX_ACTION_CHARS:
+                action = action[: MAX_ACTION_CHARS - 1] + "…"
+                repairs.append("truncated a success_action")
+            steps[step.step] = StepCredit(step=step.step, verdict=step.verdict, reason=reason,
+                                          success_action=action)
     annotated = sum(len(s) for s in by_index.values())
     if annotated == 0:
         return "no step of any sibling in the group was annotated"

@@ -34,7 +34,8 @@ DEMO_HEADER = "Successful attempt at this task (training only)"
 VERDICT_CODES = {"fatal": -2, "harmful": -1, "neutral": 0, "helpful": 1, "decisive": 2}
 
 
-Style = Literal["full", "compact"]
+Style = Literal["full", "compact", "compact_quotes"]
+QUOTE_PREFIX = "success:"
 
 
 def compact_step_line(step: int, verdict: str) -> str:
@@ -53,12 +54,21 @@ def render_credit_text(reference: CreditReference, traj: Trajectory, *,
     """The reference as the policy reads it: the summary, then per-step verdicts of this
     trajectory (``scope='own'``) or of every sibling (``'all'``). ``style='compact'``: only this
     trajectory's ``step k verdict`` lines, a format a small model can be taught to read in its SFT
-    warm-up (``sft.reference_rate``) — the full text is ~400 tokens of prose it has never seen."""
-    if style == "compact":
+    warm-up (``sft.reference_rate``) — the full text is ~400 tokens of prose it has never seen.
+    ``style='compact_quotes'``: the same lines, each followed by ``success: <action>`` where the step
+    carries a successful sibling's action (``StepCredit.success_action``): content a sibling knew and this
+    trajectory may not, which the teacher can only use if it reads the reference."""
+    if style in ("compact", "compact_quotes"):
         verdicts = reference.verdicts(traj.sample_index, traj.num_steps)
-        return "\n".join([f"## {CREDIT_HEADER}"] + [compact_step_line(k, v.value) for k, v in enumerate(verdicts)])
+        quotes = reference.actions(traj.sample_index, traj.num_steps) if style == "compact_quotes" else None
+        lines = [f"## {CREDIT_HEADER}"]
+        for k, v in enumerate(verdicts):
+            lines.append(compact_step_line(k, v.value))
+            if quotes and quotes[k]:
+                lines.append(f"{QUOTE_PREFIX} {quotes[k]}")
+        return "\n".join(lines)
     if style != "full":
-        raise ValueError(f"unknown reference style {style!r}: use 'full' or 'compact'")
+        raise ValueError(f"unknown reference style {style!r}: use 'full', 'compact' or 'compact_quotes'")
     lines = [f"## {CREDIT_HEADER}", f"What separates success from failure: {reference.summary}"]
     siblings = reference.siblings if scope == "all" else [
         s for s in reference.siblings if s.sample_index == traj.sample_index]

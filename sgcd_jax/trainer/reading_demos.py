@@ -11,7 +11,15 @@ reference, and two rows follow, both with the oracle's conversation as the targe
 * the failure's own reference (the step where it went wrong marked harmful/fatal),
 
 so "step k harmful" in the prompt comes to mean "at step k, not what the failed attempt did". The
-targets are successful demonstrations only: the rows never teach the shortcut. The student never sees a
+targets are successful demonstrations only: the rows never teach the shortcut.
+
+Those rows can be learned without reading *which* step is flagged (the target is the oracle whatever the
+reference says: the rotated-reference control localizes as well). With ``annotation.reference_format=
+"compact_quotes"`` the reference also quotes a successful sibling's action under a step line, and each
+reading row of a one-lookup task whose reference quotes the oracle's reply gets a *drill* twin: the same
+row with the tool results withheld (``WITHHELD``), so the reply it must produce is only in the quote.
+A teacher that learned the drills copies a sibling's answer where it has one, which is what moves its
+disagreement with a failed student onto the wrong content tokens. The student never sees a
 reference (rollouts and eval render the bare prompt); it shares the weights, so its own behaviour can
 shift too: the step-0 eval every method starts from is measured with the same warm-up.
 """
@@ -28,6 +36,15 @@ from sgcd_jax.config import TrainConfig
 from sgcd_jax.rollout.trajectory import Trajectory
 
 
+WITHHELD = "(result withheld)"
+
+
+def _withheld(conversation: dict[str, Any]) -> dict[str, Any]:
+    """The conversation with every tool result replaced by ``WITHHELD``."""
+    return {**conversation, "messages": [{**m, "content": WITHHELD} if m.get("role") == "tool" else dict(m)
+                                         for m in conversation["messages"]]}
+
+
 def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> list[Trajectory]:
     """SFT rows whose prompt carries a credit reference (``annotation.reference_format``), built from
     the demo split's first ``sft.num_demos`` tasks; [] when ``sft.reference_rate`` is 0."""
@@ -39,6 +56,7 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
     from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS, demo_conversation, play, shortcut_actions
 
     split = integration.demo_split(config.env.train_split)
+    style = config.annotation.reference_format
     annotator, rows = ContrastAnnotator(), []
     budget = config.rollout.max_total_tokens  # the oracle demos the plain warm-up keeps (integration.demonstrations)
     for task in env_factory.tasks(split)[:config.sft.num_demos]:
@@ -48,6 +66,10 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
         oracle_ids = integration.demo_trajectory(oracle, chat, task.task_id)  # rendered once, shared by every pair
         if len(oracle_ids.token_ids) > budget:
             continue
+        drill_ids = None  # the oracle with its tool result withheld: one-lookup tasks, compact_quotes only
+        if style == "compact_quotes" and len(task.payload["actions"]) == 1:
+            drill_ids = integration.demo_trajectory(_withheld(oracle), chat, task.task_id)
+        oracle_reply = oracle_ids.steps[-1].text.strip() if oracle_ids.steps else ""
         for kind in SHORTCUTS:
             actions = shortcut_actions(task, kind)
             if actions is None:
@@ -62,13 +84,19 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
                                       group_id=group_id, sample_index=1)
             reference = annotator.reference(SiblingGroup(group_id, task.task_id, [good, bad], [True, False]))
             for reader in (good, bad):
-                context = render_credit_text(reference, reader, style=config.annotation.reference_format)
-                row = build_teacher_inputs(good, context, chat.render_prompt_ids, oracle["tools"])
-                rows.append(Trajectory(
-                    task_id=task.task_id, group_id=f"{group_id}/{reader.sample_index}", sample_index=0,
-                    token_ids=row.token_ids, loss_mask=row.loss_mask, step_ids=row.step_ids,
-                    sampler_logprobs=np.zeros(len(row.token_ids), np.float32),
-                    prompt_len=row.teacher_prompt_len, messages=good.messages, steps=good.steps, reward=1.0))
+                context = render_credit_text(reference, reader, style=style)
+                targets = [("", good)]
+                quotes = reference.actions(reader.sample_index, reader.num_steps)
+                if drill_ids is not None and oracle_reply and " ".join(oracle_reply.split()) in quotes:
+                    targets.append(("/drill", dataclasses.replace(drill_ids, group_id=group_id, sample_index=0)))
+                for suffix, target in targets:
+                    row = build_teacher_inputs(target, context, chat.render_prompt_ids, oracle["tools"])
+                    rows.append(Trajectory(
+                        task_id=task.task_id, group_id=f"{group_id}/{reader.sample_index}{suffix}", sample_index=0,
+                        token_ids=row.token_ids, loss_mask=row.loss_mask, step_ids=row.step_ids,
+                        sampler_logprobs=np.zeros(len(row.token_ids), np.float32),
+                        prompt_len=row.teacher_prompt_len, messages=target.messages, steps=target.steps,
+                        reward=1.0))
     if not rows:
         raise ValueError("sft.reference_rate > 0 but no oracle demo that fits rollout.max_total_tokens has a failing "
                          "shortcut to contrast with: raise rollout.max_total_tokens or set sft.reference_rate=0")
