@@ -5,6 +5,11 @@ the area under the eval curve and the credit localization AUROC as mean ± 95% t
 (``sgcd_jax/stats.py``), and a report whose curves shade the same intervals. Every method of a seed
 starts RL from the same post-SFT policy: the warm-up runs once per seed and is restored from
 ``<out>/sft_cache`` (``sft.cache_dir``) by the other methods.
+
+``--merge earlier/compare.json …`` adds the run summaries of an earlier comparison (e.g. seeds 0-3 measured
+before, seed 4 run now) to the table, the JSON and ``compare_eval_success.png`` (mean ± 95% interval per
+eval step, drawn from the summaries, so merged runs need no run dir); a run measured now replaces a merged
+one of the same name.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each is a separate process)")
     parser.add_argument("--table_only", action="store_true",
                         help="run nothing: tabulate and report the run dirs already under --out")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="COMPARE_JSON",
+                        help="compare.json files of earlier comparisons whose runs join the table")
     args, overrides = parser.parse_known_args(argv)
     if not any(o.startswith("--config.sft.cache_dir") for o in overrides):
         overrides.append(f"--config.sft.cache_dir={os.path.abspath(os.path.join(args.out, 'sft_cache'))}")
@@ -79,22 +86,65 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         timings = _run_all(commands, {f"{args.methods[0]}_s{seed}" for seed in args.seeds}, max(1, args.jobs))
     report = build_report([d for ds in groups.values() for d in ds], args.out, groups)
-    summaries, rl_wall = {}, {}
+    runs, rl_wall = merged_runs(args.merge, args.methods), {}
     for method, dirs in groups.items():
-        records = {d: read_metrics(d) for d in dirs}
-        summaries[method] = [stats.run_summary(recs, d) for d, recs in records.items()]
-        for d, recs in records.items():  # from the run's own records: a finished run started again is a no-op
-            if recs:
+        for d in dirs:
+            recs = read_metrics(d)
+            runs.setdefault(method, {})[os.path.basename(d)] = stats.run_summary(recs, d)
+            if recs:  # from the run's own records: a finished run started again is a no-op
                 rl_wall[os.path.basename(d)] = round(recs[-1]["time"] - recs[0]["time"], 1)
+    summaries = {m: [by_name[n] for n in sorted(by_name)] for m, by_name in runs.items()}
     header, rows = stats.comparison_table(summaries)
     table = stats.markdown(header, rows)
+    seeds = sorted({int(n.rsplit("_s", 1)[1]) for by_name in runs.values() for n in by_name
+                    if n.rsplit("_s", 1)[-1].isdigit()})
     with open(os.path.join(args.out, "compare.md"), "w") as f:
-        f.write(f"Held-out success (greedy), mean ± 95% t-interval over seeds {args.seeds}\n\n{table}\n")
+        f.write(f"Held-out success (greedy), mean ± 95% t-interval over seeds {seeds}\n\n{table}\n")
     with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump({"runs": {m: dict(zip([os.path.basename(d) for d in groups[m]], s)) for m, s in summaries.items()},
-                   "rl_wall_s": rl_wall, "process_wall_s": timings}, f, indent=2)
+        json.dump({"runs": runs, "rl_wall_s": rl_wall, "process_wall_s": timings,
+                   "merged_from": [os.path.abspath(m) for m in args.merge]}, f, indent=2)
+    plot_summaries(summaries, os.path.join(args.out, "compare_eval_success.png"))
     print(table)
     print(f"report: {os.path.abspath(report)}")
+
+
+def merged_runs(paths: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """method → run name → summary, from earlier ``compare.json`` files (the methods asked for only)."""
+    runs: dict[str, dict[str, dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            earlier = json.load(f).get("runs")
+        if not isinstance(earlier, dict):
+            raise SystemExit(f"[compare] --merge {path}: not a compare.json (no 'runs')")
+        for method in methods:
+            for name, summary in earlier.get(method, {}).items():  # JSON keys are strings: eval steps back to int
+                summary = {**summary, "eval_success": {int(k): v for k, v in summary["eval_success"].items()}}
+                runs.setdefault(method, {})[name] = summary
+    return runs
+
+
+def plot_summaries(summaries: dict[str, list[dict]], path: str) -> None:
+    """Held-out success per eval step: each method's mean over its runs, shaded by the 95% t-interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, runs in summaries.items():
+        steps = sorted({s for r in runs for s in r["eval_success"]})
+        cis = [stats.mean_ci([r["eval_success"][s] for r in runs if s in r["eval_success"]]) for s in steps]
+        mean = [m for m, _ in cis]
+        half = [0.0 if h != h else h for _, h in cis]  # one run: no interval
+        line, = ax.plot(steps, mean, marker="o", label=f"{method} (n={len(runs)})")
+        ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                        color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("RL iteration")
+    ax.set_ylabel("held-out success (greedy)")
+    ax.set_title("mean ± 95% t-interval over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

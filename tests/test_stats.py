@@ -87,3 +87,32 @@ def test_stored_localization_scores_every_method_from_its_rollout_store(tmp_path
     grpo = stats.stored_localization(str(tmp_path / "grpo"))
     assert grpo["credit/localization_auroc"] == 0.5 and grpo["credit/weight_other"] == 1.0
     assert stats.stored_localization(str(tmp_path / "none")) == {}
+
+
+def test_compare_merges_an_earlier_comparisons_runs(tmp_path):
+    """Seeds measured earlier (their compare.json) and a seed run now form one table and one plot; a run
+    measured now replaces a merged one of the same name."""
+    import json
+
+    from sgcd_jax import compare
+
+    out = tmp_path / "now"
+    logger = MetricsLogger(str(out / "grpo_s2"), tensorboard=False)
+    for step, value in ((0, 0.0), (5, 0.3)):
+        logger.log(step, {"success_rate": value}, phase="eval")
+    logger.close()
+    earlier = {"runs": {"grpo": {f"grpo_s{s}": {"eval_success": {"0": 0.0, "5": 0.1 * s}, "eval_auc": 0.05 * s,
+                                                "credit/localization_auroc": 0.5, "credit/localization_auroc_step": 0.5,
+                                                "teacher/log_ratio_decisive": 0.0, "teacher/log_ratio_other": 0.0}
+                                 for s in (0, 1, 2)},
+                        "sgcd": {"sgcd_s0": {"eval_success": {"0": 1.0}}}}}  # a method not asked for: left out
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    compare.main(["--methods", "grpo", "--seeds", "2", "--out", str(out), "--table_only",
+                  "--merge", str(tmp_path / "earlier.json")])
+    result = json.loads((out / "compare.json").read_text())
+    assert sorted(result["runs"]) == ["grpo"] and sorted(result["runs"]["grpo"]) == ["grpo_s0", "grpo_s1", "grpo_s2"]
+    assert result["runs"]["grpo"]["grpo_s2"]["eval_success"] == {"0": 0.0, "5": 0.3}  # measured now, not merged
+    table = (out / "compare.md").read_text()
+    # eval @5 over 0.0, 0.1, 0.3: mean 0.133, s = 0.153, half = 4.303 * 0.153 / sqrt(3) = 0.379
+    assert "seeds [0, 1, 2]" in table and "| grpo | 3 | 0.000 ± 0.000 | 0.133 ± 0.379 |" in table
+    assert (out / "compare_eval_success.png").stat().st_size > 1000
