@@ -155,12 +155,12 @@ class AnnotationSpec:
     base_url: str = ""  # the Gemini annotator's endpoint: "" = Google's; else a Gemini-compatible proxy / server
     reference_tokens: int = 512  # room for the rendered reference in the teacher prompt (static shapes)
     reference_format: str = "full"  # full: summary + verdicts + reasons | compact: one "step k verdict" line per step | compact_quotes: + "success: <a sibling's action>" lines
-    reference_control: str = "none"  # rotated: each step gets its next step's verdict (does the teacher read?)
+    reference_control: str = "none"  # rotated: each step gets its next step's verdict | foreign_quotes: quotes from another group (does the teacher read?)
 
     def __post_init__(self):
         _one_of("annotation.name", self.name, ("contrast", "gemini", "replay", "none"))
         _one_of("annotation.reference_format", self.reference_format, ("full", "compact", "compact_quotes"))
-        _one_of("annotation.reference_control", self.reference_control, ("none", "rotated"))
+        _one_of("annotation.reference_control", self.reference_control, ("none", "rotated", "foreign_quotes"))
         _one_of("annotation.non_mixed_groups", self.non_mixed_groups, ("drop", "grpo"))
         _check(self.max_oversample_rounds >= 0, "annotation.max_oversample_rounds must be >= 0")
         _check(0 < self.timeout_s < math.inf, "annotation.timeout_s must be a finite number > 0")

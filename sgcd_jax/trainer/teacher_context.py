@@ -60,6 +60,8 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         references = {gid: r.reference for gid, r in results.items()}
         if config.annotation.reference_control == "rotated":
             references = {gid: rotated(ref) for gid, ref in references.items()}
+        elif config.annotation.reference_control == "foreign_quotes":
+            references = foreign_quotes(references)
         missing = sum(r.reference is None for r in results.values())
         counters.groups_without_reference += missing
         counters.annotation_fallbacks += sum(r.reason.startswith("fallback") for r in results.values())
@@ -74,6 +76,30 @@ def teacher_prompts(trajectories: list[Trajectory], groups, config: TrainConfig,
         row = by_key.get((traj.group_id, traj.sample_index))
         prompts.append(None if row is None or not row.has_context else row.token_ids[:row.teacher_prompt_len])
     return prompts, metrics, references
+
+
+def foreign_quotes(references: dict) -> dict:
+    """The quote control: each reference keeps its verdicts and the places of its quotes, but the quoted text
+    (``success_action``) comes from the next group's reference (in group order, cyclically; a lone group keeps
+    its own). A teacher that reads a sibling's answer from the quote now reads another task's answer."""
+    gids = [gid for gid, ref in references.items() if ref is not None]
+    out = dict(references)
+    for i, gid in enumerate(gids):
+        donor = references[gids[(i + 1) % len(gids)]]
+        texts = [s.success_action for sib in donor.siblings for s in sib.steps if s.success_action]
+        if not texts or len(gids) < 2:
+            continue
+        k, siblings = 0, []
+        for sib in references[gid].siblings:
+            steps = []
+            for step in sib.steps:
+                if step.success_action:
+                    step = step.model_copy(update={"success_action": texts[k % len(texts)]})
+                    k += 1
+                steps.append(step)
+            siblings.append(sib.model_copy(update={"steps": steps}))
+        out[gid] = references[gid].model_copy(update={"siblings": siblings})
+    return out
 
 
 def rotated(reference):
