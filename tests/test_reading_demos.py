@@ -159,3 +159,21 @@ def test_quote_drills_withhold_the_tool_result_so_the_reply_is_only_in_the_quote
             twin.token_ids[twin.prompt_len:][twin.loss_mask[twin.prompt_len:] == 0])
         target = tokenizer.decode(drill.token_ids[np.flatnonzero(drill.loss_mask)])
         assert target == tokenizer.decode(twin.token_ids[np.flatnonzero(twin.loss_mask)])  # ... the targets stay
+
+
+def test_foreign_quotes_control_swaps_quoted_text_between_groups_only():
+    from sgcd_jax.trainer.teacher_context import foreign_quotes
+
+    def ref(*quotes):
+        return CreditReference(summary="s", siblings=[SiblingCredit(sample_index=0, steps=[
+            StepCredit(step=k, verdict=Verdict.HARMFUL if q else Verdict.HELPFUL, reason="r", success_action=q)
+            for k, q in enumerate(quotes)])])
+
+    references = {"a": ref("", "Flight HAT185 is on time."), "b": ref("get_flight_status(HAT001)", ""),
+                  "c": None}
+    control = foreign_quotes(references)
+    assert control["a"].actions(0, 2) == ["", "get_flight_status(HAT001)"]  # b's text, a's place
+    assert control["b"].actions(0, 2) == ["Flight HAT185 is on time.", ""]
+    assert [s.verdict for s in control["a"].siblings[0].steps] == [s.verdict for s in references["a"].siblings[0].steps]
+    assert control["c"] is None and references["a"].actions(0, 2)[1] == "Flight HAT185 is on time."  # untouched
+    assert foreign_quotes({"a": references["a"]})["a"] == references["a"]  # a lone group keeps its own
