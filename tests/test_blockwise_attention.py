@@ -135,3 +135,31 @@ def test_splash_kernel_interpret_mode_equals_einsum():
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=ATOL)
     with pytest.raises(ValueError, match="multiples of 128"):
         splash_attention(q[:, :100], k[:, :100], v[:, :100], token_mask[:, :100], interpret=True)
+
+
+@pytest.mark.parametrize("steps,block", [(37, 8), (40, 8), (9, 4)])
+def test_causal_blockwise_equals_einsum_with_padding_values_and_grads(steps, block):
+    """The no-cache path beyond attention_block: query blocks visit only key blocks up to the diagonal;
+    uneven last block, a right-padded row and a left-padded one (whose leading queries see no key: 0)."""
+    from sgcd_jax.models.attention import causal_blockwise_attention
+    rng = np.random.default_rng(steps)
+    q, k, v = _qkv(rng, 3, steps, steps)
+    index = np.arange(steps)
+    valid = jnp.asarray(np.stack([index < steps, index < steps - 5, index >= 3]))
+    query_slots = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), (3, steps))
+    mask = _mask(valid, query_slots)
+    seen = np.asarray(mask.any(-1))
+    ref = grouped_attention(q, k, v, mask)
+    out = jax.jit(causal_blockwise_attention, static_argnums=4)(q, k, v, valid, block)
+    np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(ref)[seen], atol=ATOL)
+    np.testing.assert_array_equal(np.asarray(out)[~seen], 0.0)
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v) * jnp.asarray(seen)[..., None, None] * jnp.cos(q)).sum()
+
+    g_ref = jax.jit(jax.grad(lambda *a: loss(lambda q, k, v: grouped_attention(q, k, v, mask), *a),
+                             argnums=(0, 1, 2)))(q, k, v)
+    g_out = jax.jit(jax.grad(lambda *a: loss(lambda q, k, v: causal_blockwise_attention(q, k, v, valid, block), *a),
+                             argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL)

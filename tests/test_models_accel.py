@@ -201,3 +201,29 @@ def test_all_attention_impls_are_known_to_memory_plan():
         if impl == "splash":  # the Pallas splash kernel, not jax.nn.dot_product_attention (test_blockwise_attention)
             continue
         attention_implementation("xla" if impl == "dot_product_attention" else impl)
+
+
+def test_remat_full_lowers_compiled_temp_memory_with_the_same_gradients():
+    """XLA's CPU scheduler ran plain remat's recomputed forward of every layer before the backward (temp
+    memory equal to no remat); accel.recompute_after_cotangent ties each recomputation to its cotangent.
+    Measured at these shapes (6 layers, 2 x 256 tokens): no remat 61.2 MiB, plain remat 56.2 MiB, tied 14.4 MiB."""
+    cfg = tiny_config(vocab_size=256, hidden_size=128, intermediate_size=512, num_layers=6, qk_norm=False,
+                      attention_bias=False)
+    reference = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 256), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(256), (2, 256))
+    mask = jnp.arange(256)[None, :] < jnp.array([[256], [200]])  # row 1 right-padded
+    temps, results = {}, {}
+    for policy in ("none", "full"):
+        graphdef, params = nnx.split(same_weights(cfg.replace(remat_policy=policy), reference), nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            hidden = nnx.merge(graphdef, p)(tokens, positions, mask)[0]
+            return jnp.sum(jnp.where(mask[..., None], hidden, 0.0) ** 2) / mask.sum()
+
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+        temps[policy] = compiled.memory_analysis().temp_size_in_bytes
+        results[policy] = compiled(params)
+    assert temps["full"] < 0.35 * temps["none"], temps
+    np.testing.assert_allclose(results["full"][0], results["none"][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6), results["none"][1], results["full"][1])

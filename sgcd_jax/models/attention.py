@@ -2,7 +2,8 @@
 
     AttentionContext (per forward) ─► attention(q, k, v, ctx, impl, block)
       "xla":    cache → blockwise_attention (online softmax over key blocks, never [T, S]);
-                no cache → causal_blocked_attention / grouped_attention up to T = block, blockwise beyond
+                no cache → causal_blocked_attention / grouped_attention up to T = block,
+                causal_blockwise_attention beyond
       "splash": JAX's Pallas TPU splash kernel without a cache, blockwise with one
       others:   jax.nn.dot_product_attention with full_attention_mask (cuDNN on GPU)
 
@@ -157,6 +158,44 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
     return outs.swapaxes(0, 1).reshape(batch, q_blocks * block, num_heads, head_dim)[:, :steps]
 
 
+def causal_blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
+                               block: int) -> jax.Array:
+    """Causal self-attention without a cache (S == T, query t at slot t) as an online softmax over
+    query × key blocks of `block` tokens, unrolled in Python: query block i visits key blocks 0..i only
+    (the ones above the diagonal are never built, no `lax.cond`), and only the diagonal block is
+    partly masked by causality. Peak scratch per head O(block²); each (i, j) body is rematerialised in
+    the backward, so the residuals are the running (m, l, acc), never scores. Equal to
+    grouped_attention on rows that see a valid key (fp32 summation order aside); rows that see none
+    (left padding) return 0. Costs (n+1)/(2n) of the full square's matmuls for n blocks; compiles
+    n(n+1)/2 bodies per layer. q [B,T,H,Dh], k/v [B,T,Hkv,Dh], key_valid [B,T] bool → [B,T,H,Dh].
+    """
+    batch, steps, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    groups = num_heads // num_kv
+    scale = 1.0 / math.sqrt(head_dim)
+    body_math = jax.checkpoint(_online_softmax_block)
+    slots = jnp.arange(steps, dtype=jnp.int32)
+    bounds = list(range(0, steps, block)) + [steps]
+    outs = []
+    for q_lo, q_hi in zip(bounds[:-1], bounds[1:]):
+        rows = q_hi - q_lo
+        qg = (q[:, q_lo:q_hi].astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, rows, num_kv, groups,
+                                                                                     head_dim)
+        query_slots = jnp.broadcast_to(slots[q_lo:q_hi], (batch, rows))
+        carry = (jnp.full((batch, num_kv, groups, rows), -jnp.inf, jnp.float32),
+                 jnp.zeros((batch, num_kv, groups, rows), jnp.float32),
+                 jnp.zeros((batch, num_kv, groups, rows, head_dim), jnp.float32))
+        for k_lo, k_hi in zip(bounds[:-1], bounds[1:]):
+            if k_lo >= q_hi:  # every key after every query of the block: fully masked, skipped
+                break
+            carry = body_math(qg, k[:, k_lo:k_hi], v[:, k_lo:k_hi], key_valid[:, k_lo:k_hi], slots[k_lo:k_hi],
+                              query_slots, carry)
+        _, l, acc = carry
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, Hkv, G, Tq, Dh]
+        outs.append(out.transpose(0, 3, 1, 2, 4).reshape(batch, rows, num_heads, head_dim).astype(q.dtype))
+    return jnp.concatenate(outs, axis=1)
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, *,
                      interpret: bool = False) -> jax.Array:
     """Causal self-attention (no cache) through JAX's Pallas TPU splash-attention kernel
@@ -192,8 +231,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
 
     "xla": with a cache (prefill, continuation, decode) always `blockwise_attention` (online softmax over
     key blocks of `block` slots: no [T, S] scores, unused cache blocks skipped); without a cache
-    `causal_blocked_attention` up to T = `block` (same values on real tokens) and `blockwise_attention`
-    beyond. "splash": JAX's Pallas TPU splash-attention kernel without a cache (TPU; T a multiple of 128),
+    `causal_blocked_attention` up to T = `block` (same values on real tokens) and
+    `causal_blockwise_attention` beyond. "splash": JAX's Pallas TPU splash-attention kernel without a cache (TPU; T a multiple of 128),
     blockwise with one. The others call `jax.nn.dot_product_attention` with the same mask (causal +
     padding, or the cache's valid slots); without a cache `is_causal=True` is passed too: redundant for
     XLA, lets cuDNN skip the upper triangle.
@@ -207,6 +246,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
             if blocks > 1:
                 return causal_blocked_attention(q, k, v, full_attention_mask(ctx), blocks)
             return grouped_attention(q, k, v, full_attention_mask(ctx))
+        if no_cache:
+            return causal_blockwise_attention(q, k, v, ctx.key_valid, block)
         return blockwise_attention(q, k, v, ctx.key_valid, ctx.query_slots, block)
     from sgcd_jax.models.accel import attention_implementation
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)

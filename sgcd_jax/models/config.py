@@ -19,7 +19,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # "xla": with a cache (prefill / continuation / decode) attention.blockwise_attention (online softmax over key
 # blocks of `attention_block` slots: never [T, S] scores); without a cache up to T = attention_block the
 # explicit einsum + masked softmax (attention.causal_blocked_attention: query blocks skip the all-masked upper
-# key blocks), blockwise beyond; "splash": JAX's Pallas TPU splash-attention kernel for the no-cache forward
+# key blocks), attention.causal_blockwise_attention beyond; "splash": JAX's Pallas TPU splash-attention kernel for the no-cache forward
 # (T a multiple of 128; Pallas interpreter off TPU), blockwise with a cache;
 # the others route full attention through jax.nn.dot_product_attention with implementation=
 # "xla" ("dot_product_attention"), "cudnn" (cuDNN flash attention: GPU, bf16/fp16) or None ("auto": JAX's

@@ -6,8 +6,8 @@
 Parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where used; attention scores, softmax,
 norms, RoPE and the LM-head logits run/accumulate in float32 (so a bf16 `dtype` keeps them accurate).
 Accelerator knobs (ModelConfig): `attention_impl` / `attention_block` (the kernels in models/attention.py)
-and `remat_policy` (models/accel.remat_policy names, applied with nnx.remat per block in the no-cache
-forward; attention output is named "attention_out"). Kernels are [in, out]. Another block kind (e.g.
+and `remat_policy` (models/accel.remat_policy names, applied per block in the no-cache forward by
+accel.recompute_after_cotangent; attention output is named "attention_out"). Kernels are [in, out]. Another block kind (e.g.
 Gated DeltaNet) plugs in with `register_block("linear_attention")(factory)` and may keep its recurrent
 state in `KVCache.extra`.
 """
@@ -173,8 +173,16 @@ def register_block(layer_type: str) -> Callable[[BlockFactory], BlockFactory]:
     return decorator
 
 
-def _run_block_no_cache(block: nnx.Module, x: jax.Array, ctx: AttentionContext) -> jax.Array:
-    return block(x, ctx, None)[0]
+def _run_block_no_cache(block: nnx.Module, x: jax.Array, ctx: AttentionContext, policy_name: str) -> jax.Array:
+    """One block without a cache; under a remat policy its backward recomputes it after its cotangent."""
+    if policy_name == "none":
+        return block(x, ctx, None)[0]
+    from sgcd_jax.models.accel import recompute_after_cotangent, remat_policy
+
+    graphdef, state = nnx.split(block)
+    run = recompute_after_cotangent(lambda state, x, ctx: nnx.merge(graphdef, state)(x, ctx, None)[0],
+                                    remat_policy(policy_name))
+    return run(state, x, ctx)
 
 
 # ----------------------------------------------------------------------------- model
@@ -203,14 +211,8 @@ class Decoder(nnx.Module):
         if cache is None:
             query_slots = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32)[None], token_mask.shape)
             ctx = AttentionContext(positions, token_mask, token_mask, query_slots, cos, sin, None)
-            policy_name = cfg.effective_remat_policy
-            if policy_name == "none":
-                run = _run_block_no_cache
-            else:
-                from sgcd_jax.models.accel import remat_policy
-                run = nnx.remat(_run_block_no_cache, policy=remat_policy(policy_name))
             for block in self.layers:
-                x = run(block, x, ctx)
+                x = _run_block_no_cache(block, x, ctx, cfg.effective_remat_policy)
             return self.final_norm(x), None
         rows = jnp.arange(tokens.shape[0])[:, None]
         write_slots = cache.end[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]  # [B, T]
