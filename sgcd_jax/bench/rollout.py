@@ -133,7 +133,7 @@ def _env_call(latency: float) -> None:
 def run_sync(sampler, work, keys, pool) -> tuple[dict, dict]:
     import jax
 
-    from sgcd_jax.rollout.engine import _turn_keys_impl
+    from sgcd_jax.rollout.engine import turn_keys
 
     session = sampler.session()
     turn = {e: 0 for e in range(len(work))}
@@ -141,10 +141,10 @@ def run_sync(sampler, work, keys, pool) -> tuple[dict, dict]:
     tokens: dict[int, list[list[int]]] = {e: [] for e in range(len(work))}
     while pending:
         live = sorted(pending)
-        turn_keys = _turn_keys_impl(keys[np.asarray(live)], np.asarray([turn[e] for e in live], np.int32))
+        live_keys = turn_keys(keys[np.asarray(live)], [turn[e] for e in live])
         outs = session.step({e: pending[e] for e in live},
                             max_new_tokens={e: work[e]["steps"][turn[e]]["budget"] for e in live},
-                            rng={e: turn_keys[i] for i, e in enumerate(live)})
+                            rng={e: live_keys[i] for i, e in enumerate(live)})
         futures = [pool.submit(_env_call, work[e]["steps"][turn[e]]["latency_s"]) for e in live]
         concurrent.futures.wait(futures)
         pending = {}
@@ -160,14 +160,14 @@ def run_sync(sampler, work, keys, pool) -> tuple[dict, dict]:
 
 
 def run_continuous(sampler, work, keys, pool, slots_n: int, decode_steps: int) -> tuple[dict, dict]:
-    from sgcd_jax.rollout.engine import _turn_keys_impl
+    from sgcd_jax.rollout.engine import turn_keys
 
     slots = sampler.continuous(slots_n, decode_steps)
     turn = {e: 0 for e in range(len(work))}
     tokens: dict[int, list[list[int]]] = {e: [] for e in range(len(work))}
 
     def submit(e, ids):
-        key = _turn_keys_impl(keys[e][None], np.asarray([turn[e]], np.int32))[0]
+        key = turn_keys(keys[e][None], [turn[e]])[0]
         slots.submit(e, ids, max_new_tokens=work[e]["steps"][turn[e]]["budget"], rng=key)
 
     for e in range(len(work)):

@@ -99,7 +99,7 @@ def _online_softmax_block(q, k, v, key_valid, key_slots, query_slots, carry):
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, query_slots: jax.Array,
-                        block: int) -> jax.Array:
+                        block: int, layer: int | None = None) -> jax.Array:
     """Softmax attention with GQA that never materialises T × S: an online softmax (running max m, running
     sum l, running output acc; the flash-attention recurrence) over key blocks of `block` slots, and query
     blocks of `block` rows when T > block. Peak scratch per head is O(block²) instead of O(T·S).
@@ -110,34 +110,44 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
     (padding) return 0. Differentiable: the per-block body is rematerialised in the backward pass, so the
     saved residuals are O(T · D) per block, not the scores.
     q [B,T,H,Dh], k/v [B,S,Hkv,Dh], key_valid [B,S] bool, query_slots [B,T] int32 → [B,T,H,Dh].
+    With `layer`, k/v are the stacked cache [L,B,S,Hkv,Dh] (any dtype; cast per block to q's) and each key
+    block is read from k[layer] in place, only when the block is not skipped: slicing k[layer] first would
+    copy the layer's whole cache every call (2 × 41 MB per layer per decode step at τ³ size).
     """
     batch, steps, num_heads, head_dim = q.shape
-    num_kv, kv_len = k.shape[2], k.shape[1]
+    slot_axis = 1 if layer is None else 2
+    num_kv, kv_len = k.shape[slot_axis + 1], k.shape[slot_axis]
     groups = num_heads // num_kv
     key_block = min(block, kv_len)
     kv_blocks = -(-kv_len // key_block)
-    pad_kv = kv_blocks * key_block - kv_len
-    if pad_kv:  # copies k/v: keep cache lengths multiples of the block (sampling buckets are)
-        k = jnp.pad(k, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
-        v = jnp.pad(v, [(0, 0), (0, pad_kv), (0, 0), (0, 0)])
-        key_valid = jnp.pad(key_valid, [(0, 0), (0, pad_kv)])
     scale = 1.0 / math.sqrt(head_dim)
     body_math = jax.checkpoint(_online_softmax_block)
+
+    def key_block_at(kv, start):  # [B, key_block, Hkv, Dh] in q's dtype
+        if layer is None:
+            return jax.lax.dynamic_slice_in_dim(kv, start, key_block, axis=1).astype(q.dtype)
+        return jax.lax.dynamic_slice(kv, (layer, 0, start, 0, 0),
+                                     (1, batch, key_block, num_kv, head_dim))[0].astype(q.dtype)
 
     def one_query_block(q_block, slots):  # q_block [B,Tq,H,Dh], slots [B,Tq]
         q_rows = q_block.shape[1]
         qg = (q_block.astype(jnp.float32) * scale).astype(q.dtype).reshape(batch, q_rows, num_kv, groups, head_dim)
 
         def body(carry, index):
-            start = index * key_block  # key blocks are sliced in place: no blocked copy of the cache
-            k_b = jax.lax.dynamic_slice_in_dim(k, start, key_block, axis=1)
-            v_b = jax.lax.dynamic_slice_in_dim(v, start, key_block, axis=1)
-            valid_b = jax.lax.dynamic_slice_in_dim(key_valid, start, key_block, axis=1)
-            key_slots = start + jnp.arange(key_block, dtype=jnp.int32)
+            # key blocks are sliced in place (no blocked or padded copy of k/v); a last partial block is read
+            # ending at kv_len and its slots the block before already covered are masked out
+            start = index * key_block
+            read = jnp.minimum(start, kv_len - key_block)
+            key_slots = read + jnp.arange(key_block, dtype=jnp.int32)
+            valid_b = jax.lax.dynamic_slice_in_dim(key_valid, read, key_block, axis=1) & (key_slots >= start)[None]
             seen = jnp.any(valid_b[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None]))
-            carry = jax.lax.cond(seen, lambda c: body_math(qg, k_b, v_b, valid_b, key_slots, slots, c),
-                                 lambda c: c, carry)
-            return carry, None
+            outside = None if layer is not None else (key_block_at(k, read), key_block_at(v, read))
+
+            def attend(c):  # the cache path reads its block here, so a skipped block is never read
+                k_b, v_b = outside if outside is not None else (key_block_at(k, read), key_block_at(v, read))
+                return body_math(qg, k_b, v_b, valid_b, key_slots, slots, c)
+
+            return jax.lax.cond(seen, attend, lambda c: c, carry), None
 
         init = (jnp.full((batch, num_kv, groups, q_rows), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, num_kv, groups, q_rows), jnp.float32),
@@ -226,8 +236,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, impl: str,
-              block: int = 512) -> jax.Array:
+              block: int = 512, layer: int | None = None) -> jax.Array:
     """Full attention by `ModelConfig.attention_impl`; q [B,T,H,Dh], k/v [B,S,Hkv,Dh] → [B,T,H,Dh].
+    With a cache, pass the stacked cache k/v [L,B,S,Hkv,Dh] and this block's `layer`: blockwise attention
+    reads the layer's key blocks in place; only the dot_product_attention paths slice out the layer.
 
     "xla": with a cache (prefill, continuation, decode) always `blockwise_attention` (online softmax over
     key blocks of `block` slots: no [T, S] scores, unused cache blocks skipped); without a cache
@@ -248,7 +260,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
             return grouped_attention(q, k, v, full_attention_mask(ctx))
         if no_cache:
             return causal_blockwise_attention(q, k, v, ctx.key_valid, block)
-        return blockwise_attention(q, k, v, ctx.key_valid, ctx.query_slots, block)
+        return blockwise_attention(q, k, v, ctx.key_valid, ctx.query_slots, block, layer)
+    if layer is not None:
+        k, v = k[layer].astype(q.dtype), v[layer].astype(q.dtype)
     from sgcd_jax.models.accel import attention_implementation
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
     return jax.nn.dot_product_attention(q, k, v, mask=full_attention_mask(ctx)[:, None],  # [B, 1, T, S]

@@ -123,15 +123,16 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, ctx.rope_cos, ctx.rope_sin)
         k = apply_rope(k, ctx.rope_cos, ctx.rope_sin)
+        layer = None  # with a cache: this layer's index in the stacked cache k/v
         if cache is not None:
             rows = jnp.arange(batch)[:, None]
             layer = self.layer_index
             cache = cache.replace(
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
-            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block),
-                              "attention_out")  # [B,T,H,Dh]
+            k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block,
+                                        layer), "attention_out")  # [B,T,H,Dh]
         return self.o_proj(out.reshape(batch, steps, num_heads * head_dim)), cache
 
 

@@ -83,14 +83,15 @@ class GatedAttention(nnx.Module):
         q = apply_rope(self.q_norm(q), ctx.rope_cos, ctx.rope_sin)
         k = apply_rope(self.k_norm(self.k_proj(x).reshape(batch, steps, num_kv, head_dim)), ctx.rope_cos, ctx.rope_sin)
         v = self.v_proj(x).reshape(batch, steps, num_kv, head_dim)
+        layer = None  # with a cache: this layer's index in the stacked cache k/v
         if cache is not None:
             rows, layer = jnp.arange(batch)[:, None], self.kv_index
             cache = cache.replace(
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
-            k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block),
-                              "attention_out")  # [B,T,H,Dh]
+            k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block,
+                                        layer), "attention_out")  # [B,T,H,Dh]
         gated = out.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))
         return self.o_proj(gated.astype(x.dtype).reshape(batch, steps, num_heads * head_dim)), cache
 

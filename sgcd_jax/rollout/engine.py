@@ -128,8 +128,8 @@ class RolloutEngine:
                 session = self.generator.session()
                 turn = 0
                 while live := [e for e in episodes if not e.done]:
-                    turn_keys = _turn_keys(episode_keys, [len(e.steps) for e in episodes])  # [tasks * G]
-                    self._generate_turn(session, live, {e.key: turn_keys[e.key[0] * group_size + e.key[1]]
+                    keys = list(turn_keys(episode_keys, [len(e.steps) for e in episodes]))  # [tasks * G]
+                    self._generate_turn(session, live, {e.key: keys[e.key[0] * group_size + e.key[1]]
                                                         for e in live})
                     self._step_envs([e for e in live if not e.done], pool)
                     turn += 1
@@ -293,7 +293,7 @@ class RolloutEngine:
 
         def queue_turn(episode: Episode) -> None:
             budget = min(cfg.max_tokens_per_turn, cfg.max_total_tokens - len(episode.token_ids))
-            key = _turn_keys(episode_keys[index[episode.key]][None], [len(episode.steps)])[0]
+            key = turn_keys(episode_keys[index[episode.key]][None], [len(episode.steps)])[0]
             slots.submit(episode.key, episode.pending, max_new_tokens=budget, rng=key)
             turn_started[episode.key] = time.monotonic()
 
@@ -385,7 +385,7 @@ def _episode_keys(rng: jax.Array, slots: Sequence[int], group_size: int) -> jax.
 
 
 @jax.jit
-def _turn_keys_impl(episode_keys: jax.Array, turns: jax.Array) -> jax.Array:
+def _fold_in_turns(episode_keys: jax.Array, turns: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in)(episode_keys, turns)
 
 
@@ -394,6 +394,6 @@ def _compiles(generator: Any) -> int:
     return int(compiles()) if callable(compiles) else 0
 
 
-def _turn_keys(episode_keys: jax.Array, turns: list[int]) -> list[jax.Array]:
-    """One key per episode for this turn: fold_in(episode key, the episode's own turn index)."""
-    return list(_turn_keys_impl(episode_keys, np.asarray(turns, np.int32)))
+def turn_keys(episode_keys: jax.Array, turns: Sequence[int] | np.ndarray) -> jax.Array:
+    """[N] keys, one per episode for this turn: fold_in(episode key [N], the episode's own turn index [N])."""
+    return _fold_in_turns(episode_keys, np.asarray(turns, np.int32))
