@@ -155,7 +155,7 @@ class ContrastAnnotator:
                 if traj.steps:
                     marks[traj.sample_index].setdefault(traj.steps[-1].index, []).append(
                         (Verdict.HELPFUL, f"the reply {_said(traj)} gave what the user asked; failed "
-                                          f"siblings {failed} made the same calls and did not", _reply(traj)))
+                                          f"siblings {failed} made the same calls and did not", reply_text(traj)))
         siblings = [SiblingCredit(sample_index=t.sample_index, steps=_steps_from_marks(t, marks[t.sample_index]))
                     for t in group.trajectories]
         return CreditReference(summary=notes.render(group), siblings=siblings)
@@ -221,7 +221,7 @@ class ContrastAnnotator:
             why = (f"made the same calls as successful sibling {best_ref.sample_index}, but the reply "
                    f"{_said(traj)} did not give what its reply {_said(best_ref)} did"
                    + (f" (verifier: {verifier})" if verifier else ""))
-            marks.setdefault(traj.steps[-1].index, []).append((Verdict.HARMFUL, why, _reply(best_ref)))
+            marks.setdefault(traj.steps[-1].index, []).append((Verdict.HARMFUL, why, reply_text(best_ref)))
             notes.replies.append((traj.sample_index, traj.steps[-1].index, verifier))
         return marks
 
@@ -243,7 +243,7 @@ def _said(traj: Trajectory, limit: int = 80) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
 
 
-def _reply(traj: Trajectory) -> str:
+def reply_text(traj: Trajectory) -> str:
     """The last step's reply text in full ("" when that step called tools or said nothing)."""
     last = traj.steps[-1] if traj.steps else None
     return " ".join((last.text or "").split()) if last is not None and not last.tool_calls else ""

@@ -65,23 +65,21 @@ class CreditReference(BaseModel):
     def for_sibling(self, sample_index: int) -> SiblingCredit | None:
         return next((s for s in self.siblings if s.sample_index == sample_index), None)
 
-    def verdicts(self, sample_index: int, num_steps: int) -> list[Verdict]:
-        """Per-step verdicts of one sibling (neutral where unannotated)."""
-        out = [Verdict.NEUTRAL] * num_steps
+    def _per_step(self, sample_index: int, num_steps: int, field: str, default: Any) -> list[Any]:
+        out = [default] * num_steps
         sib = self.for_sibling(sample_index)
         for step in sib.steps if sib else []:
             if step.step < num_steps:
-                out[step.step] = step.verdict
+                out[step.step] = getattr(step, field)
         return out
+
+    def verdicts(self, sample_index: int, num_steps: int) -> list[Verdict]:
+        """Per-step verdicts of one sibling (neutral where unannotated)."""
+        return self._per_step(sample_index, num_steps, "verdict", Verdict.NEUTRAL)
 
     def actions(self, sample_index: int, num_steps: int) -> list[str]:
         """Per-step ``success_action`` of one sibling ("" where unannotated or empty)."""
-        out = [""] * num_steps
-        sib = self.for_sibling(sample_index)
-        for step in sib.steps if sib else []:
-            if step.step < num_steps:
-                out[step.step] = step.success_action
-        return out
+        return self._per_step(sample_index, num_steps, "success_action", "")
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -127,6 +125,15 @@ def _repair_raw(raw: Any, repairs: list[str]) -> Any:
     return raw
 
 
+def _one_line(text: str, limit: int, repair: str, repairs: list[str]) -> str:
+    """``text`` with its whitespace collapsed, cut to ``limit`` characters ending in "…" (noting ``repair``)."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        repairs.append(repair)
+        return text[: limit - 1] + "…"
+    return text
+
+
 def _conform_to_group(ref: CreditReference, group: SiblingGroup, repairs: list[str]) -> CreditReference | str:
     """Keep only real siblings/steps, one verdict per step, neutral for unannotated steps.
     Returns an error string when nothing usable is left."""
@@ -144,16 +151,10 @@ def _conform_to_group(ref: CreditReference, group: SiblingGroup, repairs: list[s
             if step.step >= num_steps[sib.sample_index] or step.step in steps:
                 repairs.append(f"dropped step {step.step} of sibling {sib.sample_index}")
                 continue
-            reason = " ".join(step.reason.split())
-            if len(reason) > MAX_REASON_CHARS:
-                reason = reason[: MAX_REASON_CHARS - 1] + "…"
-                repairs.append("truncated a reason")
-            action = " ".join(step.success_action.split())
-            if len(action) > MAX_ACTION_CHARS:
-                action = action[: MAX_ACTION_CHARS - 1] + "…"
-                repairs.append("truncated a success_action")
-            steps[step.step] = StepCredit(step=step.step, verdict=step.verdict, reason=reason,
-                                          success_action=action)
+            steps[step.step] = StepCredit(
+                step=step.step, verdict=step.verdict,
+                reason=_one_line(step.reason, MAX_REASON_CHARS, "truncated a reason", repairs),
+                success_action=_one_line(step.success_action, MAX_ACTION_CHARS, "truncated a success_action", repairs))
     annotated = sum(len(s) for s in by_index.values())
     if annotated == 0:
         return "no step of any sibling in the group was annotated"
@@ -165,12 +166,9 @@ def _conform_to_group(ref: CreditReference, group: SiblingGroup, repairs: list[s
         if index not in by_index:
             repairs.append(f"filled missing sibling {index} with neutral steps")
         siblings.append(SiblingCredit(sample_index=index, steps=[steps[k] for k in sorted(steps)]))
-    summary = " ".join(ref.summary.split())
+    summary = _one_line(ref.summary, MAX_SUMMARY_CHARS, "truncated the summary", repairs)
     if not summary:
         return "empty summary"
-    if len(summary) > MAX_SUMMARY_CHARS:
-        summary = summary[: MAX_SUMMARY_CHARS - 1] + "…"
-        repairs.append("truncated the summary")
     return CreditReference(summary=summary, siblings=siblings)
 
 

@@ -50,7 +50,7 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
     the demo split's first ``sft.num_demos`` tasks; [] when ``sft.reference_rate`` is 0."""
     if config.sft.reference_rate == 0.0:
         return []
-    from sgcd_jax.credit.contrast import ContrastAnnotator
+    from sgcd_jax.credit.contrast import ContrastAnnotator, reply_text
     from sgcd_jax.credit.selection import SiblingGroup
     from sgcd_jax.credit.teacher import build_teacher_inputs, render_credit_text
     from sgcd_jax.envs.airline_lite.oracle import SHORTCUTS, demo_conversation, play, shortcut_actions
@@ -69,7 +69,7 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
         drill_ids = None  # the oracle with its tool result withheld: one-lookup tasks, compact_quotes only
         if style == "compact_quotes" and len(task.payload["actions"]) == 1:
             drill_ids = integration.demo_trajectory(_withheld(oracle), chat, task.task_id)
-        oracle_reply = oracle_ids.steps[-1].text.strip() if oracle_ids.steps else ""
+        oracle_reply = reply_text(oracle_ids)  # as the annotator quotes it
         for kind in SHORTCUTS:
             actions = shortcut_actions(task, kind)
             if actions is None:
@@ -87,7 +87,7 @@ def reading_demonstrations(env_factory: Any, chat: Any, config: TrainConfig) -> 
                 context = render_credit_text(reference, reader, style=style)
                 targets = [("", good)]
                 quotes = reference.actions(reader.sample_index, reader.num_steps)
-                if drill_ids is not None and oracle_reply and " ".join(oracle_reply.split()) in quotes:
+                if drill_ids is not None and oracle_reply and oracle_reply in quotes:
                     targets.append(("/drill", dataclasses.replace(drill_ids, group_id=group_id, sample_index=0)))
                 for suffix, target in targets:
                     row = build_teacher_inputs(target, context, chat.render_prompt_ids, oracle["tools"])
