@@ -1,7 +1,7 @@
 """Time one jitted decode step at τ³ rollout size: SmolLM2-135M shape (random init), B=8 rows, a
 6,656-slot cache (rollout_cache_len(6144)) filled to ~4.5k tokens (the τ³ system prompt + a few turns).
 
-    python scripts/time_decode_step.py [--steps 16] [--repeats 3] [--fill 4500] [--cache 6656]
+    python scripts/time_decode_step.py [--steps 16] [--repeats 3] [--fill 4500] [--cache 6656] [--shared 4400]
 
 Prints wall and process CPU seconds per decode step (the CPU is shared: CPU time is the steadier number)
 and the compiled decode chunk's XLA temp allocation.
@@ -20,7 +20,7 @@ from flax import nnx
 
 from sgcd_jax.models import Decoder, KVCache, ModelConfig
 from sgcd_jax.sampling import SamplingParams
-from sgcd_jax.sampling.kernels import decode_chunk
+from sgcd_jax.sampling.kernels import decode_chunk, split_store
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                     num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -33,40 +33,50 @@ def main() -> None:
     parser.add_argument("--fill", type=int, default=4500)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shared", type=int, default=0,
+                        help="the first SHARED filled slots come from a one-entry prefix store (siblings' prompt)")
     args = parser.parse_args()
 
     cfg = ModelConfig(**SMOLLM2_135M)
     graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
 
     def filled_cache() -> KVCache:  # random k/v in the first `fill` slots of every row
         cache = KVCache.init(cfg, args.batch, args.cache)
         shape = cache.k.shape[:2] + (args.fill,) + cache.k.shape[3:]
-        k = jnp.asarray(rng.normal(size=shape), cache.k.dtype)
-        return cache.replace(k=cache.k.at[:, :, :args.fill].set(k), v=cache.v.at[:, :, :args.fill].set(k),
-                             valid=cache.valid.at[:, :args.fill].set(True),
-                             end=jnp.full((args.batch,), args.fill, jnp.int32))
+        k = jax.random.normal(jax.random.key(0), shape, cache.k.dtype)  # (numpy's normal took 5-7 min here)
+        cache = cache.replace(k=cache.k.at[:, :, :args.fill].set(k), v=cache.v.at[:, :, :args.fill].set(k),
+                              valid=cache.valid.at[:, :args.fill].set(True),
+                              end=jnp.full((args.batch,), args.fill, jnp.int32))
+        if args.shared:  # rows refer to one store entry for [0, shared) and hold [shared, fill) themselves
+            slots = jnp.arange(args.cache)
+            cache = cache.replace(prefix_k=cache.k[:, :1], prefix_v=cache.v[:, :1],
+                                  prefix_valid=(slots < args.shared)[None], valid=cache.valid & (slots >= args.shared),
+                                  prefix_id=jnp.zeros((args.batch,), jnp.int32))
+        return cache
 
     logits = jnp.zeros((args.batch, cfg.vocab_size), jnp.float32)
     active = jnp.ones((args.batch,), bool)
     remaining = jnp.full((args.batch,), args.steps, jnp.int32)
     kwargs = dict(params=SamplingParams(temperature=1.0), num_steps=args.steps, stop_ids=())
     cache = filled_cache()
-    compiled = decode_chunk.lower(graphdef, state, cache, logits, active, remaining, jax.random.key(0),
+    rows, store = split_store(cache)
+    kwargs["store"] = store
+    compiled = decode_chunk.lower(graphdef, state, rows, logits, active, remaining, jax.random.key(0),
                                   **kwargs).compile()
     memory = compiled.memory_analysis()
     walls, cpus = [], []
     for repeat in range(args.repeats + 1):  # the first call warms up
-        cache = filled_cache()
-        jax.block_until_ready(cache)
+        rows, kwargs["store"] = split_store(filled_cache())
+        jax.block_until_ready(rows)
         wall, cpu = time.perf_counter(), time.process_time()
-        out = decode_chunk(graphdef, state, cache, logits, active, remaining, jax.random.key(repeat), **kwargs)
+        out = decode_chunk(graphdef, state, rows, logits, active, remaining, jax.random.key(repeat), **kwargs)
         jax.block_until_ready(out)
         if repeat:
             walls.append((time.perf_counter() - wall) / args.steps)
             cpus.append((time.process_time() - cpu) / args.steps)
         del out
-    print(json.dumps({"batch": args.batch, "cache": args.cache, "fill": args.fill, "steps": args.steps,
+    print(json.dumps({"batch": args.batch, "cache": args.cache, "fill": args.fill, "shared": args.shared,
+                      "steps": args.steps,
                       "wall_s_per_step": [round(x, 3) for x in walls],
                       "cpu_s_per_step": [round(x, 3) for x in cpus],
                       "median_wall_s": round(float(np.median(walls)), 3),

@@ -249,3 +249,82 @@ def test_per_row_keys_sample_the_model_distribution():
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1], atol=0.03)  # ~4 sigma
     np.testing.assert_allclose(np.asarray(logprobs), np.log(np.asarray([0.6, 0.3, 0.1]))[np.asarray(tokens)],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("continuous,impl", [(False, "xla"), (True, "xla"), (False, "dot_product_attention")])
+def test_shared_prefix_store_samples_bitwise_what_copied_prefixes_do(continuous, impl):
+    """Siblings read their prompt from the cache's prefix store (read once per prefix while decoding) instead
+    of a copy in their own row: the same keys in the same blocks, so tokens and logprobs are bitwise equal.
+    attention_block 16 puts the 37- and 23-token prompts across several key blocks, one of them shared
+    by prompt and generated tokens; turns 2-3 append observations, release rows (store compaction) and, in
+    the continuous session with 3 slots for 6 episodes, park rows and hand slots over. The
+    dot_product_attention path (GPU) merges the store into the rows' keys before attending."""
+    cfg = ModelConfig(**{**CFG.__dict__, "attention_block": 16, "attention_impl": impl})
+    model = Decoder(cfg, rngs=nnx.Rngs(3))
+    prompts = {"a": list(range(3, 40)), "b": [9, 8, 7] + list(range(20, 40))}
+    keys = {(task, g): jax.random.key(10 * i + g) for i, task in enumerate(prompts) for g in range(3)}
+
+    def run(share: bool) -> dict:
+        sampler = Sampler(model, params=SAMPLE, decode_steps_per_chunk=4, min_cache_len=64, share_prefixes=share)
+        outs = {}
+        if continuous:
+            slots = sampler.continuous(num_slots=3, decode_steps=4)
+            turns = {key: 0 for key in keys}
+            for key in keys:
+                slots.submit(key, prompts[key[0]], max_new_tokens=6, rng=keys[key])
+            waiting = []  # an episode's next turn is submitted a step after its turn ended (its env answers)
+            while slots.has_work() or waiting:
+                finished = slots.step()
+                for key in waiting:
+                    slots.submit(key, [5, 6, turns[key]], max_new_tokens=6, rng=keys[key])
+                waiting = []
+                for key, out in finished.items():
+                    outs[key, turns[key]] = (out.token_ids.tolist(), out.logprobs.tolist())
+                    turns[key] += 1
+                    if turns[key] < 1 + key[1]:  # sibling g runs 1 + g turns: rows released at different times
+                        waiting.append(key)
+                    else:
+                        slots.release(key)
+            assert slots.stats.parked > 0
+            return outs
+        session = sampler.session()
+        chunks = {key: prompts[key[0]] for key in keys}
+        for turn in range(3):
+            step = session.step(chunks, max_new_tokens=6, rng=dict(keys))
+            outs.update({(key, turn): (o.token_ids.tolist(), o.logprobs.tolist()) for key, o in step.items()})
+            chunks = {key: [5, 6, turn] for key in chunks if key[1] > turn}  # rows released turn by turn
+            if share and turn == 0:
+                # the rows hold only their own tokens: the prompt's last token and 6 generated ones
+                assert session.cache.num_prefixes == 2 and int(session.cache.valid.sum()) == 6 * 7
+        assert session.cache.num_prefixes == (2 if share else 0)  # "a" and "b" g=2 rows remain: both entries kept
+        return outs
+
+    shared, copied = run(True), run(False)
+    assert shared.keys() == copied.keys() and len(shared) == 12
+    assert shared == copied  # bitwise: token ids and float logprobs
+
+
+def test_prefix_store_concat_and_compaction_remap_ids():
+    from sgcd_jax.sampling.prefill import compact_prefix_store, concat_caches
+
+    def store_cache(entries: int, ids: list[int], tag: float) -> KVCache:
+        cache = KVCache.init(CFG, len(ids), 8)
+        k = jnp.full((CFG.num_layers, entries, 8, CFG.num_kv_heads, CFG.head_dim), tag) + \
+            jnp.arange(entries, dtype=jnp.float32)[None, :, None, None, None]
+        return cache.replace(prefix_k=k, prefix_v=-k, prefix_valid=jnp.ones((entries, 8), bool),
+                             prefix_id=jnp.asarray(ids, jnp.int32))
+
+    a, b = store_cache(2, [1, 1, -1], 10.0), store_cache(4, [0, 3], 20.0)
+    both = concat_caches([a, KVCache.init(CFG, 1, 8), b])
+    assert both.prefix_id.tolist() == [1, 1, -1, -1, 2, 5] and both.num_prefixes == 6
+    assert float(both.prefix_k[0, 5, 0, 0, 0]) == 23.0  # b's entry 3
+    compact, table = compact_prefix_store(both)
+    assert table.tolist() == [-1, 0, 1, -1, -1, 2] and compact.prefix_id.tolist() == [0, 0, -1, -1, 1, 2]
+    assert compact.num_prefixes == 4  # 3 entries kept, padded to a power of two with an empty one
+    assert [float(compact.prefix_k[0, e, 0, 0, 0]) for e in range(3)] == [11.0, 20.0, 23.0]
+    assert compact.prefix_valid.tolist() == [[True] * 8] * 3 + [[False] * 8]
+    assert compact.row_prefix_valid()[2].tolist() == [False] * 8  # a row without a prefix reads nothing from it
+    released = compact.replace(prefix_id=jnp.full((6,), -1, jnp.int32))
+    assert not compact_prefix_store(released)[0].has_prefix_store  # no entry referenced: the store is dropped
+    with pytest.raises(ValueError, match="parked"):
+        concat_caches([a, b.without_prefix_store()])

@@ -4,7 +4,8 @@
     turns, ≤ `--max-new-tokens` per turn, `--max-total-tokens` per conversation. "old" = the synchronous
     RolloutEngine (every live episode decodes a turn, then every env steps; the prompt appended in one
     chunk; cache buckets uncapped); "new" = continuous batching over `--slots` decode slots, prefill in
-    chunks of `--prefill-chunk`, cache capped at the conversation budget. Both use the blockwise attention
+    chunks of `--prefill-chunk`, cache capped at the conversation budget, the siblings' prompt kept once in
+    the cache's prefix store (`--no-share-prefixes`: copied per row, as "old" does). Both use the blockwise attention
     (the [T, S] einsum cache path is gone). Per engine: wall, peak RSS (sampled every 20 ms), compiles.
 (b) Synthetic heavy-tailed multi-turn workload on the sampler directly: `--episodes` episodes, 1–12 turns
     (heavy-tailed), heavy-tailed turn lengths (exact budgets, no stop token) and env latencies (a thread
@@ -76,11 +77,11 @@ def bench_tau3(args) -> dict:
                 max_total_tokens=args.max_total_tokens, env_timeout_s=600)
     engines = {
         "new": RolloutEngine(Sampler(model, params=params, stop_token_ids=renderer.stop_token_ids(),
-                                     prefill_chunk=args.prefill_chunk,
+                                     prefill_chunk=args.prefill_chunk, share_prefixes=args.share_prefixes,
                                      max_cache_len=rollout_cache_len(args.max_total_tokens)),
                              renderer, RolloutConfig(**base, decode_slots=args.slots)),
         "old": RolloutEngine(Sampler(model, params=params, stop_token_ids=renderer.stop_token_ids(),
-                                     prefill_chunk=16384), renderer, RolloutConfig(**base)),
+                                     prefill_chunk=16384, share_prefixes=False), renderer, RolloutConfig(**base)),
     }
     runs: dict[str, list[dict]] = {"new": [], "old": []}
     for repeat in range(args.repeats):
@@ -251,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-old", action="store_const", const="old", dest="skip_old", default="")
+    parser.add_argument("--no-share-prefixes", action="store_false", dest="share_prefixes",
+                        help="tau3 new engine: copy the siblings' prompt into each row (no prefix store)")
     parser.add_argument("--episodes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode-steps", type=int, default=4, help="synthetic: tokens per continuous decode call")

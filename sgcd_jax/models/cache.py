@@ -36,6 +36,10 @@ class KVCache:
     valid: jax.Array  # [B, S] bool: slot holds a real token
     end: jax.Array  # [B] int32: first free slot of each row
     extra: dict[str, jax.Array] = struct.field(default_factory=dict)  # [B, ...] per entry
+    prefix_k: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]: the shared-prefix store (see module doc)
+    prefix_v: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]
+    prefix_valid: jax.Array | None = None  # [P, S] bool
+    prefix_id: jax.Array | None = None  # [B] int32: row's store entry, -1 none (set with or without a store)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None,
@@ -65,16 +69,54 @@ class KVCache:
     def max_len(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def has_prefix_store(self) -> bool:
+        return self.prefix_valid is not None
+
+    @property
+    def num_prefixes(self) -> int:
+        return 0 if self.prefix_valid is None else self.prefix_valid.shape[0]
+
     def take_rows(self, row_indices: jax.Array) -> "KVCache":
-        """Gather rows, e.g. copy one shared-prefix prefill to the G siblings: take_rows(jnp.repeat(idx, G))."""
+        """Gather rows, e.g. copy one shared-prefix prefill to the G siblings: take_rows(jnp.repeat(idx, G)).
+        A prefix store is kept as it is (rows keep their prefix_id)."""
         row_indices = jnp.asarray(row_indices, jnp.int32)
-        return KVCache(
+        return self.replace(
             k=jnp.take(self.k, row_indices, axis=1),
             v=jnp.take(self.v, row_indices, axis=1),
             valid=jnp.take(self.valid, row_indices, axis=0),
             end=jnp.take(self.end, row_indices, axis=0),
             extra={name: jnp.take(state, row_indices, axis=0) for name, state in self.extra.items()},
+            prefix_id=None if self.prefix_id is None else jnp.take(self.prefix_id, row_indices, axis=0),
         )
+
+    def prefix_store(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None:
+        """(prefix_k, prefix_v, prefix_id, prefix_valid) for models/attention.attention, or None."""
+        return None if self.prefix_valid is None else (self.prefix_k, self.prefix_v, self.prefix_id,
+                                                       self.prefix_valid)
+
+    def row_prefix_valid(self) -> jax.Array:
+        """[B, S] bool: the key slots each row reads from the prefix store (all False without one)."""
+        if self.prefix_valid is None:
+            return jnp.zeros_like(self.valid)
+        ids = self.prefix_id
+        return jnp.take(self.prefix_valid, jnp.maximum(ids, 0), axis=0) & (ids >= 0)[:, None]
+
+    def as_prefix_store(self, lengths: jax.Array) -> "KVCache":
+        """This cache's rows (each holding one prompt prefix in slots [0, lengths[p])) moved into a prefix
+        store, with one sibling-template row per prefix: no valid slots of its own, end = lengths[p],
+        prefix_id = p, the row's `extra` states kept (a recurrent layer's state after the prefix).
+        take_rows(repeat(p, G)) then makes the G sibling rows. The templates' k/v are the store's arrays (no
+        new memory); copied into a sibling's row they are never read (not valid there)."""
+        rows = self.batch_size
+        lengths = jnp.asarray(lengths, jnp.int32)
+        return KVCache(k=self.k, v=self.v, valid=jnp.zeros_like(self.valid),
+                       end=lengths, extra=dict(self.extra), prefix_k=self.k, prefix_v=self.v,
+                       prefix_valid=self.valid, prefix_id=jnp.arange(rows, dtype=jnp.int32))
+
+    def without_prefix_store(self) -> "KVCache":
+        """The rows alone (prefix_id kept): a parked row does not hold the session's store alive."""
+        return self.replace(prefix_k=None, prefix_v=None, prefix_valid=None)
 
     def positions_for(self, token_mask: jax.Array) -> jax.Array:
         """Positions of a right-padded chunk appended to this cache: end[b] + t (count of valid tokens so far).

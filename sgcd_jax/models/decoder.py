@@ -131,8 +131,8 @@ class Attention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block,
-                                        layer), "attention_out")  # [B,T,H,Dh]
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block, layer,
+                                        None if cache is None else cache.prefix_store()), "attention_out")
         return self.o_proj(out.reshape(batch, steps, num_heads * head_dim)), cache
 
 
@@ -218,7 +218,8 @@ class Decoder(nnx.Module):
         rows = jnp.arange(tokens.shape[0])[:, None]
         write_slots = cache.end[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]  # [B, T]
         valid = cache.valid.at[rows, write_slots].set(token_mask, mode="drop")  # [B, S]
-        ctx = AttentionContext(positions, token_mask, valid, write_slots, cos, sin, write_slots)
+        prefix_valid = cache.row_prefix_valid() if cache.has_prefix_store else None
+        ctx = AttentionContext(positions, token_mask, valid, write_slots, cos, sin, write_slots, prefix_valid)
         for block in self.layers:
             x, cache = block(x, ctx, cache)
         cache = cache.replace(valid=valid, end=cache.end + token_mask.sum(axis=1, dtype=jnp.int32))

@@ -90,8 +90,8 @@ class GatedAttention(nnx.Module):
                 k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
                 v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
             k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
-        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block,
-                                        layer), "attention_out")  # [B,T,H,Dh]
+        out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block, layer,
+                                        None if cache is None else cache.prefix_store()), "attention_out")
         gated = out.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))
         return self.o_proj(gated.astype(x.dtype).reshape(batch, steps, num_heads * head_dim)), cache
 

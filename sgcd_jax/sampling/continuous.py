@@ -31,27 +31,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgcd_jax.models.cache import KVCache
-from sgcd_jax.sampling.kernels import decode_chunk, grow_cache, next_bucket
-from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, prefill_prefixes
+from sgcd_jax.sampling.kernels import attach_store, decode_chunk, grow_cache, next_bucket, split_store
+from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, compact_prefix_store, prefill_prefixes
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def put_row(cache: KVCache, slot: jax.Array, source: KVCache, source_row: jax.Array) -> KVCache:
-    """cache row `slot` ← source row `source_row` (same max_len), in place: one row copied, never the batch."""
+    """cache row `slot` ← source row `source_row` (same max_len), in place: one row copied, never the batch.
+    Rows only (kernels.split_store): a prefix store would be donated with them."""
     def put(dst, src, axis):
         row = jax.lax.dynamic_index_in_dim(src, source_row, axis, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(dst, row, slot, axis)
-    return KVCache(k=put(cache.k, source.k, 1), v=put(cache.v, source.v, 1), valid=put(cache.valid, source.valid, 0),
-                   end=put(cache.end, source.end, 0),
-                   extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra})
+    if cache.prefix_id is None:
+        prefix_id = None
+    elif source.prefix_id is None:  # a row without a prefix (fresh) in a cache with a store
+        prefix_id = cache.prefix_id.at[slot].set(-1)
+    else:  # source's prefix_id must already index the cache's store (see ContinuousSession._add_prefixes)
+        prefix_id = put(cache.prefix_id, source.prefix_id, 0)
+    return cache.replace(k=put(cache.k, source.k, 1), v=put(cache.v, source.v, 1),
+                         valid=put(cache.valid, source.valid, 0), end=put(cache.end, source.end, 0),
+                         extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra}, prefix_id=prefix_id)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
     """cache rows[i] ← source row i for distinct rows (a shrunk decode batch written back)."""
-    return KVCache(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
-                   valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
-                   extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra})
+    return cache.replace(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
+                         valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
+                         extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra},
+                         prefix_id=None if cache.prefix_id is None else cache.prefix_id.at[rows].set(source.prefix_id))
 
 
 @dataclasses.dataclass
@@ -154,7 +162,8 @@ class ContinuousSession:
         self._ensure_cache(source.max_len)
         source = grow_cache(source, self.cache.max_len)
         for slot, row in zip(slots, range(len(slots)) if source_rows is None else source_rows):
-            self.cache = put_row(self.cache, jnp.int32(slot), source, jnp.int32(row))
+            own, store = split_store(self.cache)
+            self.cache = attach_store(put_row(own, jnp.int32(slot), split_store(source)[0], jnp.int32(row)), store)
         self.cache = self.sampler.shard_cache(self.cache)
 
     def _free_slot(self) -> int | None:
@@ -165,7 +174,7 @@ class ContinuousSession:
         if not idle:
             return None
         slot = min(idle, key=lambda s: self.last_used[s])  # park the least recently used waiting episode
-        self.parked[self.owner[slot]] = self.cache.take_rows(jnp.asarray([slot], jnp.int32))
+        self.parked[self.owner[slot]] = self.cache.take_rows(jnp.asarray([slot], jnp.int32)).without_prefix_store()
         self.stats.parked += 1
         self.owner[slot] = None
         return slot
@@ -220,7 +229,12 @@ class ContinuousSession:
                     admitted[slot] = admitted[slot][-1:]
             self.prefill_stats.shared_prefix_tokens_saved += sum(
                 len(admitted_prefix) for admitted_prefix in sibling_prefixes) - sum(map(len, prefixes))
+            if self.sampler.share_prefixes:  # sibling rows refer to the prefix in the store instead of a copy
+                lengths = [len(p) for p in prefixes] + [0] * (prefix_cache.batch_size - len(prefixes))
+                prefix_cache = self._add_prefixes(prefix_cache.as_prefix_store(lengths))
             self._put(slots, prefix_cache, gather)
+            if self.sampler.share_prefixes:
+                self._compact_prefixes()
         empty_slots = [slot for key, slot in new_keys if slot not in slots]
         if empty_slots:
             template = self.cache if self.cache is not None else None
@@ -229,6 +243,41 @@ class ContinuousSession:
                 empty = empty.replace(extra={n: jnp.zeros((len(empty_slots),) + x.shape[1:], x.dtype)
                                              for n, x in template.extra.items()})
             self._put(empty_slots, empty)
+
+    def _compact_prefixes(self) -> None:
+        """Keep the store entries that slots with an owner or parked rows refer to (others dropped, ids remapped)."""
+        if self.cache is None or not self.cache.has_prefix_store:
+            return
+        ids = np.asarray(self.cache.prefix_id)
+        parked_ids = {key: int(np.asarray(row.prefix_id)[0]) for key, row in self.parked.items()
+                      if row.prefix_id is not None}
+        keep = sorted({int(ids[s]) for s in range(self.num_slots) if self.owner[s] is not None and ids[s] >= 0}
+                      | {i for i in parked_ids.values() if i >= 0})
+        self.cache, table = compact_prefix_store(self.cache, keep)
+        self.cache = self.sampler.shard_cache(self.cache)
+        for key, old in parked_ids.items():
+            new = int(table[old]) if old >= 0 else -1
+            self.parked[key] = self.parked[key].replace(prefix_id=jnp.asarray([new], jnp.int32))
+
+    def _add_prefixes(self, templates: KVCache) -> KVCache:
+        """Append the templates' store entries (KVCache.as_prefix_store) to the session store, after dropping
+        unreferenced entries; → the templates with prefix ids into the session store."""
+        self._compact_prefixes()
+        self._ensure_cache(templates.max_len)
+        templates = grow_cache(templates, self.cache.max_len)
+        cache = self.cache
+        if cache.has_prefix_store:
+            offset = cache.num_prefixes
+            cache = cache.replace(prefix_k=jnp.concatenate([cache.prefix_k, templates.prefix_k], 1),
+                                  prefix_v=jnp.concatenate([cache.prefix_v, templates.prefix_v], 1),
+                                  prefix_valid=jnp.concatenate([cache.prefix_valid, templates.prefix_valid], 0))
+        else:
+            offset = 0
+            cache = cache.replace(prefix_k=templates.prefix_k, prefix_v=templates.prefix_v,
+                                  prefix_valid=templates.prefix_valid,
+                                  prefix_id=jnp.full((cache.batch_size,), -1, jnp.int32))
+        self.cache = self.sampler.shard_cache(cache)
+        return templates.replace(prefix_id=templates.prefix_id + offset)
 
     def _decode_rows(self) -> np.ndarray:
         """Slot of each row of this decode call: every slot, or (tail) the active ones padded to a power of two."""
@@ -259,12 +308,15 @@ class ContinuousSession:
             cache, logits = sampler.shard_cache(self.cache.take_rows(index)), jnp.take(self.next_logits, index, 0)
         else:
             cache, logits = self.cache, self.next_logits
+        cache, store = split_store(cache)
         (cache, logits, active_dev, remaining_dev, _, tokens, token_logprobs, num_generated) = decode_chunk(
             sampler.graphdef, sampler.state, cache, logits, sampler.shard_rows(jnp.asarray(active)),
             sampler.shard_rows(jnp.asarray(self.remaining[rows])), keys, params=sampler.params, num_steps=steps,
-            stop_ids=sampler.stop_token_ids)
+            stop_ids=sampler.stop_token_ids, store=store)
+        cache = attach_store(cache, store)
         if shrunk:
-            self.cache = sampler.shard_cache(put_rows(self.cache, index, cache))
+            own, store = split_store(self.cache)
+            self.cache = sampler.shard_cache(attach_store(put_rows(own, index, split_store(cache)[0]), store))
             self.next_logits = self.next_logits.at[index].set(logits)
         else:
             self.cache, self.next_logits = cache, logits

@@ -2,7 +2,8 @@
 `decode_chunk` (a `lax.while_loop` of up to `num_steps` sampled tokens).
 
 Both take the model as (graphdef, state) from `nnx.split` and donate the cache so XLA updates it in
-place. Shapes are static per (batch bucket, cache length bucket, chunk length bucket); callers bucket.
+place. A cache's shared-prefix store (models/cache.py) is read-only here and outlives the call (parked rows
+and shrunk batches refer to it): pass it apart, undonated, as `store` (`split_store` / `attach_store`). Shapes are static per (batch bucket, cache length bucket, chunk length bucket); callers bucket.
 A row whose `active` flag is False in `decode_chunk` still rides along in the batch but feeds a masked
 token: its cache end does not move and nothing it "generates" is kept.
 """
@@ -19,24 +20,41 @@ from sgcd_jax.models.cache import KVCache
 from sgcd_jax.sampling.rules import SamplingParams, sample_tokens
 
 
+Store = tuple[jax.Array, jax.Array, jax.Array]  # (prefix_k, prefix_v, prefix_valid) of a KVCache
+
+
+def split_store(cache: KVCache) -> tuple[KVCache, Store | None]:
+    """(the rows with their prefix ids, the prefix store or None): the kernels donate the first only."""
+    if not cache.has_prefix_store:
+        return cache, None
+    return cache.without_prefix_store(), (cache.prefix_k, cache.prefix_v, cache.prefix_valid)
+
+
+def attach_store(cache: KVCache, store: Store | None) -> KVCache:
+    if store is None:
+        return cache
+    return cache.replace(prefix_k=store[0], prefix_v=store[1], prefix_valid=store[2])
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def append_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, tokens: jax.Array,
-                 token_mask: jax.Array) -> tuple[KVCache, jax.Array]:
+                 token_mask: jax.Array, store: Store | None = None) -> tuple[KVCache, jax.Array]:
     """Write a right-padded chunk tokens [B,T] at each row's cache end and return the logits [B,V] float32
-    that follow each row's last real token (garbage for rows with an empty chunk)."""
+    that follow each row's last real token (garbage for rows with an empty chunk). With `store`, the cache
+    comes and goes without it (split_store)."""
     model = nnx.merge(graphdef, state)
     positions = cache.end[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [B, T]
-    hidden, cache = model(tokens, positions, token_mask, cache)
+    hidden, cache = model(tokens, positions, token_mask, attach_store(cache, store))
     last = jnp.maximum(token_mask.sum(axis=1) - 1, 0)  # [B]
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
-    return cache, model.logits(last_hidden)[:, 0]
+    return split_store(cache)[0], model.logits(last_hidden)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "num_steps", "stop_ids"),
                    donate_argnames=("cache",))
 def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_logits: jax.Array,
                  active: jax.Array, remaining: jax.Array, key: jax.Array, *, params: SamplingParams,
-                 num_steps: int, stop_ids: tuple[int, ...]):
+                 num_steps: int, stop_ids: tuple[int, ...], store: Store | None = None):
     """Sample up to `num_steps` tokens per active row, feeding each into the cache.
 
     next_logits [B,V] float32: logits for each row's next token. active [B] bool. remaining [B] int32:
@@ -48,6 +66,7 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
     key: one key (split into per-row keys here) or per-row keys [B]. Row b's token at cache slot s is
     sampled with fold_in(key[b], s): a row's random stream depends only on its own key and position,
     never on the batch it shares, the chunking of the decode loop or the row's place in the batch.
+    With `store`, the cache comes and goes without it (split_store).
     """
     batch = active.shape[0]
     row_keys = jax.random.split(key, batch) if key.ndim == 0 else key  # [B]
@@ -64,7 +83,8 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, tokens, 0))
         out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprobs, 0.0))
         model = nnx.merge(graphdef, state)
-        hidden, cache = model(tokens[:, None], cache.end[:, None], active[:, None], cache)
+        hidden, cache = model(tokens[:, None], cache.end[:, None], active[:, None], attach_store(cache, store))
+        cache = split_store(cache)[0]
         logits = model.logits(hidden)[:, 0]
         num_generated = num_generated + active
         remaining = remaining - active
@@ -86,8 +106,12 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     if extra_slots <= 0:
         return cache
     pad_kv = [(0, 0), (0, 0), (0, extra_slots), (0, 0), (0, 0)]
+    pad_valid = [(0, 0), (0, extra_slots)]
+    if cache.has_prefix_store:  # the store shares the rows' slot axis
+        cache = cache.replace(prefix_k=jnp.pad(cache.prefix_k, pad_kv), prefix_v=jnp.pad(cache.prefix_v, pad_kv),
+                              prefix_valid=jnp.pad(cache.prefix_valid, pad_valid))
     return cache.replace(k=jnp.pad(cache.k, pad_kv), v=jnp.pad(cache.v, pad_kv),
-                         valid=jnp.pad(cache.valid, [(0, 0), (0, extra_slots)]))
+                         valid=jnp.pad(cache.valid, pad_valid))
 
 
 @jax.jit

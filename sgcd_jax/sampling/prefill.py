@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgcd_jax.models.cache import KVCache
-from sgcd_jax.sampling.kernels import append_chunk, grow_cache, next_bucket
+from sgcd_jax.sampling.kernels import append_chunk, attach_store, grow_cache, next_bucket, split_store
 
 
 @dataclasses.dataclass
@@ -37,15 +37,63 @@ class SessionStats:
 
 
 def concat_caches(caches: list[KVCache | None]) -> KVCache:
-    """Rows of all caches (None skipped) in order, grown to the longest max_len."""
+    """Rows of all caches (None skipped) in order, grown to the longest max_len. Prefix stores are
+    concatenated too (each cache's prefix ids offset by the entries before it; caches that all hold the same
+    store keep it and their ids); rows of a cache without a store get prefix_id -1."""
     caches = [c for c in caches if c is not None]
     if len(caches) == 1:
         return caches[0]
     max_len = max(c.max_len for c in caches)
     caches = [grow_cache(c, max_len) for c in caches]
-    return KVCache(k=jnp.concatenate([c.k for c in caches], 1), v=jnp.concatenate([c.v for c in caches], 1),
+    rows = KVCache(k=jnp.concatenate([c.k for c in caches], 1), v=jnp.concatenate([c.v for c in caches], 1),
                    valid=jnp.concatenate([c.valid for c in caches], 0), end=jnp.concatenate([c.end for c in caches], 0),
                    extra={n: jnp.concatenate([c.extra[n] for c in caches], 0) for n in caches[0].extra})
+    stores = [c for c in caches if c.has_prefix_store]
+    if not stores:
+        return rows
+    if len(stores) == len(caches) and all(c.prefix_k is stores[0].prefix_k for c in stores):  # one store
+        return rows.replace(prefix_k=stores[0].prefix_k, prefix_v=stores[0].prefix_v,
+                            prefix_valid=stores[0].prefix_valid, prefix_id=jnp.concatenate([c.prefix_id for c in caches]))
+    ids, offset = [], 0
+    for c in caches:
+        if c.has_prefix_store:
+            ids.append(jnp.where(c.prefix_id >= 0, c.prefix_id + offset, -1))
+            offset += c.num_prefixes
+        elif c.prefix_id is not None:
+            raise ValueError("concat_caches: rows with prefix ids but no prefix store (a parked row) cannot join")
+        else:
+            ids.append(jnp.full((c.batch_size,), -1, jnp.int32))
+    return rows.replace(prefix_k=jnp.concatenate([c.prefix_k for c in stores], 1),
+                        prefix_v=jnp.concatenate([c.prefix_v for c in stores], 1),
+                        prefix_valid=jnp.concatenate([c.prefix_valid for c in stores], 0),
+                        prefix_id=jnp.concatenate(ids, 0))
+
+
+def compact_prefix_store(cache: KVCache, keep: list[int] | None = None) -> tuple[KVCache, np.ndarray | None]:
+    """Drop store entries no row refers to; → (cache, table) with table[old id] = new id or -1.
+
+    `keep`: the entries to keep, in order (default: those the cache's rows refer to); rows referring to any
+    other entry get -1. The store is padded to a power of two of entries (empty ones) so the compiled shapes
+    stay few; an unchanged store is returned as it is. Without any entry left the store is dropped."""
+    if not cache.has_prefix_store:
+        return cache, None
+    ids = np.asarray(cache.prefix_id)
+    if keep is None:
+        keep = sorted(set(ids[ids >= 0].tolist()))
+    table = np.full(cache.num_prefixes, -1, np.int32)
+    table[np.asarray(keep, np.int64)] = np.arange(len(keep), dtype=np.int32)
+    if not keep:
+        return cache.replace(prefix_k=None, prefix_v=None, prefix_valid=None, prefix_id=None), table
+    capacity = next_bucket(len(keep), 1)
+    new_ids = np.where(ids >= 0, table[np.maximum(ids, 0)], -1).astype(np.int32)
+    if list(keep) == list(range(len(keep))) and capacity == cache.num_prefixes:
+        return cache.replace(prefix_id=jnp.asarray(new_ids)), table
+    order = jnp.asarray(list(keep) + [keep[0]] * (capacity - len(keep)), jnp.int32)
+    filled = jnp.asarray(np.arange(capacity) < len(keep))
+    return cache.replace(prefix_k=jnp.take(cache.prefix_k, order, axis=1),
+                         prefix_v=jnp.take(cache.prefix_v, order, axis=1),
+                         prefix_valid=jnp.take(cache.prefix_valid, order, axis=0) & filled[:, None],
+                         prefix_id=jnp.asarray(new_ids)), table
 
 
 def append_rows(sampler, cache: KVCache, append_ids: list[list[int]],
@@ -66,8 +114,10 @@ def append_rows(sampler, cache: KVCache, append_ids: list[list[int]],
         for row, ids in enumerate(pieces):
             tokens[row, :len(ids)] = ids
             mask[row, :len(ids)] = True
-        cache, logits = append_chunk(sampler.graphdef, sampler.state, cache,
-                                     sampler.shard_rows(jnp.asarray(tokens)), sampler.shard_rows(jnp.asarray(mask)))
+        rows, store = split_store(cache)
+        rows, logits = append_chunk(sampler.graphdef, sampler.state, rows,
+                                    sampler.shard_rows(jnp.asarray(tokens)), sampler.shard_rows(jnp.asarray(mask)), store)
+        cache = attach_store(rows, store)
         if next_logits is None:
             next_logits = logits
         else:  # rows whose ids ended in an earlier chunk keep that chunk's logits

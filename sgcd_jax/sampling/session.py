@@ -26,8 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgcd_jax.models.cache import KVCache
-from sgcd_jax.sampling.kernels import append_chunk, decode_chunk, grow_cache, next_bucket, truncate_rows
-from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, concat_caches, prefill_prefixes
+from sgcd_jax.sampling.kernels import (append_chunk, attach_store, decode_chunk, grow_cache, next_bucket, split_store,
+                                      truncate_rows)
+from sgcd_jax.sampling.prefill import (SessionStats, TurnOutput, append_rows, compact_prefix_store, concat_caches,
+                                      prefill_prefixes)
 from sgcd_jax.sampling.rules import SamplingParams
 
 
@@ -38,7 +40,7 @@ class Sampler:
                  stop_token_ids: Sequence[int] | None = None, decode_steps_per_chunk: int = 32,
                  min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
                  row_axes: str | tuple[str, ...] | None = None, decode_text: Callable[[Sequence[int]], str] | None = None,
-                 prefill_chunk: int = 512, max_cache_len: int | None = None):
+                 prefill_chunk: int = 512, max_cache_len: int | None = None, share_prefixes: bool = True):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
@@ -62,6 +64,9 @@ class Sampler:
         # cache-length buckets: powers of two from min_cache_len, the last one capped at max_cache_len (the
         # whole-conversation budget + one decode chunk): a fixed ladder chosen by the config
         self.max_cache_len = max_cache_len
+        # siblings' common prompt is kept once in the cache's prefix store (models/cache.py) instead of
+        # copied into each sibling's row: decoding reads it once per prefix; same values, same tokens
+        self.share_prefixes = share_prefixes
 
     def cache_bucket(self, needed: int, current: int = 0) -> int:
         """Cache length for `needed` slots: the next power of two (>= current), capped at max_cache_len."""
@@ -115,6 +120,8 @@ class Sampler:
     def shard_cache(self, cache: KVCache) -> KVCache:
         if self.mesh is None:
             return cache
+        if cache.prefix_id is not None:  # the store stays replicated (every row may read any entry)
+            cache = cache.replace(prefix_id=self.shard_rows(cache.prefix_id))
         return cache.replace(k=self.shard_rows(cache.k, 1), v=self.shard_rows(cache.v, 1),
                              valid=self.shard_rows(cache.valid), end=self.shard_rows(cache.end),
                              extra={n: self.shard_rows(s) for n, s in cache.extra.items()})
@@ -188,6 +195,9 @@ class GenerationSession:
         if prefix_cache is not None:
             saved = sum(len(chunks[k]) - 1 for k in new_keys if len(chunks[k]) > 1) - sum(map(len, prefix_rows))
             self.stats.shared_prefix_tokens_saved += saved
+            if sampler.share_prefixes:  # sibling rows refer to the prefix instead of copying it
+                lengths = [len(p) for p in prefix_rows] + [0] * (prefix_cache.batch_size - len(prefix_rows))
+                prefix_cache = prefix_cache.as_prefix_store(lengths)
 
         if self.compact or self.cache is None:
             keys = [key for key in chunks if key in old_row] + new_keys
@@ -234,6 +244,7 @@ class GenerationSession:
                         extra={n: jnp.zeros_like(x[:1]) for n, x in template.extra.items()})
                 sources.append(empty_row)
             cache = concat_caches(sources).take_rows(jnp.asarray(gather, jnp.int32))
+        cache = compact_prefix_store(cache)[0]  # prefixes of released rows (and padding rows) dropped
         self.cache = sampler.shard_cache(cache)
         self.row_keys = keys
         return append_ids
@@ -275,11 +286,13 @@ class GenerationSession:
                 rng, chunk_key = jax.random.split(rng)
             else:  # the same per-row keys every chunk: decode_chunk folds in each token's position
                 chunk_key = sampler.shard_rows(keys_by_row[np.maximum(np.asarray(work_rows), 0)])
-            (self.cache, next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
+            rows, store = split_store(self.cache)
+            (rows, next_logits, active_dev, remaining_dev, _, tokens, token_logprobs,
              num_generated) = decode_chunk(
-                sampler.graphdef, sampler.state, self.cache, next_logits, sampler.shard_rows(jnp.asarray(active)),
+                sampler.graphdef, sampler.state, rows, next_logits, sampler.shard_rows(jnp.asarray(active)),
                 sampler.shard_rows(jnp.asarray(remaining)), chunk_key, params=sampler.params, num_steps=steps,
-                stop_ids=sampler.stop_token_ids)
+                stop_ids=sampler.stop_token_ids, store=store)
+            self.cache = attach_store(rows, store)
             tokens, token_logprobs = np.asarray(tokens), np.asarray(token_logprobs)
             num_generated = np.asarray(num_generated)
             self.stats.decode_row_steps += len(work_rows) * int(num_generated.max())
@@ -302,7 +315,8 @@ class GenerationSession:
                             truncate_to = np.asarray(self.cache.end).copy() if truncate_to is None else truncate_to
                             truncate_to[pos] -= dropped
             if truncate_to is not None:
-                self.cache = truncate_rows(self.cache, jnp.asarray(truncate_to))
+                rows, store = split_store(self.cache)
+                self.cache = attach_store(truncate_rows(rows, jnp.asarray(truncate_to)), store)
             active = new_active
         if parked:
             self._unpark(work_rows, parked, num_rows)
