@@ -13,7 +13,8 @@ Per device, for the recommended mesh (data, fsdp, tp):
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
 - rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows,
-  tp heads), plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
+  tp heads) — with unsharded rows (data·fsdp = 1) one more row-sized prefix store entry per task (the
+  siblings' prompt, rollout.share_prefixes) — plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
   observations in chunks: activations [rows, chunk, ·] of one layer and one [chunk, attention_block] fp32
   score block per head of attention.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
 Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
@@ -115,6 +116,8 @@ HARDWARE = (
 class Workload:
     seq_len: int = 16384  # rollout.max_total_tokens: multi-turn tool-use conversations
     rollout_batch: int = 64  # trajectories decoded together (e.g. 8 tasks × G=8 siblings)
+    group_size: int = 8  # rollout.group_size: siblings per task
+    share_prefixes: bool = True  # rollout.share_prefixes: + one prompt store entry per task (unsharded rows only)
     micro_batch_rows: int = 1  # training rows per device per micro-step (grad accumulation)
     param_bytes: int = 4  # bytes of model.param_dtype (the copy the forward reads)
     optimizer_bytes: int = 4  # AdamW μ and ν dtype (4; 2 with optim.master_dtype='param')
@@ -236,11 +239,15 @@ def _plan_for_mesh(model: str, cfg: ModelConfig, hardware: Hardware, work: Workl
     data, fsdp, tp = mesh
     shard, rows = fsdp * tp, data * fsdp
     rollout_rows = math.ceil(work.rollout_batch / rows)
+    # the sampler's prefix store (sampling.Sampler share_prefixes): one entry per task, replicated, so only
+    # when rows are not split over devices; sized like a row (the store shares the rows' slot axis)
+    store_entries = math.ceil(rollout_rows / work.group_size) if work.share_prefixes and rows == 1 else 0
     p = Plan(model, hardware, mesh, work,
              params=param_bytes(cfg, work.param_bytes) / shard / GIB,
              optimizer=optimizer_bytes(cfg, work) / shard / GIB,
              activations=activation_bytes(cfg, work, tp) / GIB,
-             kv_cache=kv_cache_bytes(cfg, rollout_rows, work.seq_len, work.compute_bytes) / tp / GIB,
+             kv_cache=(kv_cache_bytes(cfg, rollout_rows, work.seq_len, work.compute_bytes)
+                       + kv_cache_bytes(cfg, store_entries, work.seq_len, work.compute_bytes)) / tp / GIB,
              prefill=prefill_bytes(cfg, work, rollout_rows, tp) / GIB,
              fits=False)
     return dataclasses.replace(p, fits=p.peak <= HBM_HEADROOM * hardware.hbm_gib)
@@ -306,6 +313,7 @@ def workload_from_recipe(path: str, base: Workload = Workload()) -> Workload:
         compute_bytes=2 if config.model.dtype == "bfloat16" else 4,
         seq_len=config.rollout.max_total_tokens,
         rollout_batch=config.rollout.tasks_per_iteration * config.rollout.group_size,
+        group_size=config.rollout.group_size, share_prefixes=config.rollout.share_prefixes,
         remat=config.model.remat_policy if config.model.remat_policy in REMAT_POLICY_NAMES else base.remat,
         attention="naive" if config.model.attention_impl == "xla" else "flash")
 
@@ -318,7 +326,8 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "(sgcd_jax/memory_plan.py: HF_CONFIGS); do not edit by hand.",
         "",
         f"Workload asked: rollout batch {work.rollout_batch} trajectories × {work.seq_len} tokens "
-        f"(KV cache), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
+        f"(KV cache; {'with' if work.share_prefixes else 'without'} a prompt store entry per task of "
+        f"{work.group_size} siblings where rows are not split over devices), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
         f"device, {describe_state(work)}, "
         f"{'bf16' if work.compute_bytes == 2 else f'{8 * work.compute_bytes}-bit'} activations and KV cache, "
         f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}, rollout prefill in "
@@ -363,8 +372,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory_plan.md"))
     parser.add_argument("--recipe", default="", help="a config file: its dtypes/lengths/batch set the workload "
                         "(explicit --flags below still override)")
+    def flag(text: str) -> bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+
     for field in dataclasses.fields(Workload):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=None)
+        kind = flag if isinstance(field.default, bool) else type(field.default)
+        parser.add_argument(f"--{field.name}", type=kind, default=None)
     args = parser.parse_args(argv)
     work = workload_from_recipe(args.recipe) if args.recipe else Workload()
     work = dataclasses.replace(work, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)

@@ -189,6 +189,8 @@ def test_sharded_rows_give_same_greedy_output(model):
     outs = session.step(dict(enumerate(PROMPTS)), max_new_tokens=6, rng=jax.random.key(0))
     assert session.cache.batch_size % 4 == 0
     assert len(session.cache.k.sharding.device_set) == 4
+    # a replicated prefix store would put every task's prompt on every device: rows split over devices copy it
+    assert not sharded_sampler.share_prefixes and not session.cache.has_prefix_store
     for i, out in enumerate(plain):
         assert outs[i].token_ids.tolist() == out.token_ids.tolist()
 

@@ -65,8 +65,10 @@ class Sampler:
         # whole-conversation budget + one decode chunk): a fixed ladder chosen by the config
         self.max_cache_len = max_cache_len
         # siblings' common prompt is kept once in the cache's prefix store (models/cache.py) instead of
-        # copied into each sibling's row: decoding reads it once per prefix; same values, same tokens
-        self.share_prefixes = share_prefixes
+        # copied into each sibling's row: decoding reads it once per prefix; same values, same tokens. Only
+        # with unsharded rows: the store is replicated, so with rows split over devices every device would
+        # hold every task's prompt (and the rows there copy theirs, as before)
+        self.share_prefixes = share_prefixes and self.batch_multiple == 1
 
     def cache_bucket(self, needed: int, current: int = 0) -> int:
         """Cache length for `needed` slots: the next power of two (>= current), capped at max_cache_len."""
