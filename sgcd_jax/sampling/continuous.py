@@ -14,7 +14,8 @@ a slot back, row restored, when its next turn is submitted. Each `step` first ap
 (chunked prefill, like GenerationSession), then runs one `decode_chunk` of `decode_steps_per_chunk` tokens
 over all slots, and returns the turns that ended in it. Per-row sampling keys (fold_in(rng, position))
 make a turn's tokens independent of which slot it ran in and of who shared the batch. New episodes whose
-prompts share everything but the last token (siblings) are prefilled once and the row copied. In the
+prompts share everything but the last token (siblings) are prefilled once; the prompt goes to the cache's
+prefix store, which their slots read (or, with Sampler(share_prefixes=False), is copied into each slot). In the
 tail of a rollout (at most half the slots decoding) the active rows decode as a smaller batch when rows
 are short enough that copying them is cheap (`shrink_row_bytes`).
 Stop strings are not supported here (use GenerationSession).

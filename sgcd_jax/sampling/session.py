@@ -11,8 +11,9 @@ A session keeps one KV cache whose rows are the live episodes. `step` receives, 
 token chunk that follows what the cache already holds: the whole prompt for a key it has not seen, the
 observation suffix for a key it has. Keys missing from a step are released and their rows dropped
 (compaction to the next power-of-two batch), so finished episodes stop costing compute. New keys
-whose prompts share everything but the last token (G siblings of a task) are prefilled once and the
-cache rows copied (`KVCache.take_rows`).
+whose prompts share everything but the last token (G siblings of a task) are prefilled once; the prompt
+is kept once in the cache's prefix store and read by the G rows (`share_prefixes`, models/cache.py), or
+copied into each row (`KVCache.take_rows`) when rows are split over devices.
 """
 
 from __future__ import annotations
