@@ -125,9 +125,7 @@ class RolloutSpec:
     top_k: int = 0
     prefill_chunk: int = 512  # prompts/observations appended in chunks of this many tokens (power of two >= 16)
     decode_slots: int = 0  # > 0: continuous batching over this many decode rows; 0: synchronous turns
-    # siblings' common prompt kept once in the KV cache's prefix store, not copied per row: decoding reads it
-    # once per task (same tokens either way); False copies it into each sibling's row
-    share_prefixes: bool = True
+    share_prefixes: bool = True  # siblings' prompt kept once in the KV cache (prefix store), not copied per row
     env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
