@@ -28,3 +28,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # default 1 s: most of ours are less
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the compiled programs of a finished test module (jax's in-memory caches; the disk cache above
+    keeps them for reuse). Every XLA CPU executable holds its own memory mappings; one process running the
+    whole suite kept ~700 tests' executables alive and segfaulted inside XLA while compiling or loading an
+    executable in tests/test_train_step.py, twice, ~660 tests in, on an AMD EPYC machine; that file alone
+    passes (vm.max_map_count is 65,530 here)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
