@@ -34,24 +34,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shared", type=int, default=0,
-                        help="the first SHARED filled slots come from a one-entry prefix store (siblings' prompt)")
+                        help="the first SHARED positions come from a one-entry prefix store (siblings' prompt); rows "
+                        "then hold CACHE - SHARED slots of their own")
     args = parser.parse_args()
 
     cfg = ModelConfig(**SMOLLM2_135M)
     graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
 
-    def filled_cache() -> KVCache:  # random k/v in the first `fill` slots of every row
-        cache = KVCache.init(cfg, args.batch, args.cache)
+    def filled_cache() -> KVCache:  # random k/v in the first `fill` positions of every row
+        own_fill, own_slots = args.fill - args.shared, args.cache - args.shared
+        cache = KVCache.init(cfg, args.batch, own_slots)
         shape = cache.k.shape[:2] + (args.fill,) + cache.k.shape[3:]
         k = jax.random.normal(jax.random.key(0), shape, cache.k.dtype)  # (numpy's normal took 5-7 min here)
-        cache = cache.replace(k=cache.k.at[:, :, :args.fill].set(k), v=cache.v.at[:, :, :args.fill].set(k),
-                              valid=cache.valid.at[:, :args.fill].set(True),
-                              end=jnp.full((args.batch,), args.fill, jnp.int32))
-        if args.shared:  # rows refer to one store entry for [0, shared) and hold [shared, fill) themselves
-            slots = jnp.arange(args.cache)
-            cache = cache.replace(prefix_k=cache.k[:, :1], prefix_v=cache.v[:, :1],
-                                  prefix_valid=(slots < args.shared)[None], valid=cache.valid & (slots >= args.shared),
-                                  prefix_id=jnp.zeros((args.batch,), jnp.int32))
+        cache = cache.replace(k=cache.k.at[:, :, :own_fill].set(k[:, :, args.shared:]),
+                              v=cache.v.at[:, :, :own_fill].set(k[:, :, args.shared:]),
+                              valid=cache.valid.at[:, :own_fill].set(True), end=jnp.full((args.batch,), own_fill, jnp.int32))
+        if args.shared:  # rows read [0, shared) from one store entry and hold the rest themselves
+            cache = cache.replace(prefix_k=k[:, :1, :args.shared], prefix_v=k[:, :1, :args.shared],
+                                  prefix_valid=jnp.ones((1, args.shared), bool),
+                                  prefix_id=jnp.zeros((args.batch,), jnp.int32),
+                                  prefix_len=jnp.full((args.batch,), args.shared, jnp.int32))
         return cache
 
     logits = jnp.zeros((args.batch, cfg.vocab_size), jnp.float32)

@@ -13,8 +13,9 @@ Per device, for the recommended mesh (data, fsdp, tp):
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
 - rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows,
-  tp heads) — with unsharded rows (data·fsdp = 1) one more row-sized prefix store entry per task (the
-  siblings' prompt, rollout.share_prefixes) — plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
+  tp heads) — with unsharded rows (data·fsdp = 1) and rollout.share_prefixes, the siblings' prompt
+  (``prompt_len`` tokens) is one prefix store entry per task and each row holds only the rest of its
+  budget (models/cache.py) — plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
   observations in chunks: activations [rows, chunk, ·] of one layer and one [chunk, attention_block] fp32
   score block per head of attention.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
 Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
@@ -117,7 +118,8 @@ class Workload:
     seq_len: int = 16384  # rollout.max_total_tokens: multi-turn tool-use conversations
     rollout_batch: int = 64  # trajectories decoded together (e.g. 8 tasks × G=8 siblings)
     group_size: int = 8  # rollout.group_size: siblings per task
-    share_prefixes: bool = True  # rollout.share_prefixes: + one prompt store entry per task (unsharded rows only)
+    share_prefixes: bool = True  # rollout.share_prefixes: one prompt store entry per task (unsharded rows only)
+    prompt_len: int = 4400  # the siblings' shared prompt (τ³ airline: system prompt + tool schemas, ~4.4k)
     micro_batch_rows: int = 1  # training rows per device per micro-step (grad accumulation)
     param_bytes: int = 4  # bytes of model.param_dtype (the copy the forward reads)
     optimizer_bytes: int = 4  # AdamW μ and ν dtype (4; 2 with optim.master_dtype='param')
@@ -239,15 +241,16 @@ def _plan_for_mesh(model: str, cfg: ModelConfig, hardware: Hardware, work: Workl
     data, fsdp, tp = mesh
     shard, rows = fsdp * tp, data * fsdp
     rollout_rows = math.ceil(work.rollout_batch / rows)
-    # the sampler's prefix store (sampling.Sampler share_prefixes): one entry per task, replicated, so only
-    # when rows are not split over devices; sized like a row (the store shares the rows' slot axis)
+    # the sampler's prefix store (sampling.Sampler share_prefixes): one prompt entry per task, replicated, so
+    # only when rows are not split over devices; each row then holds what follows the prompt
     store_entries = math.ceil(rollout_rows / work.group_size) if work.share_prefixes and rows == 1 else 0
+    prompt = min(work.prompt_len, work.seq_len) if store_entries else 0
     p = Plan(model, hardware, mesh, work,
              params=param_bytes(cfg, work.param_bytes) / shard / GIB,
              optimizer=optimizer_bytes(cfg, work) / shard / GIB,
              activations=activation_bytes(cfg, work, tp) / GIB,
-             kv_cache=(kv_cache_bytes(cfg, rollout_rows, work.seq_len, work.compute_bytes)
-                       + kv_cache_bytes(cfg, store_entries, work.seq_len, work.compute_bytes)) / tp / GIB,
+             kv_cache=(kv_cache_bytes(cfg, rollout_rows, work.seq_len - prompt, work.compute_bytes)
+                       + kv_cache_bytes(cfg, store_entries, prompt, work.compute_bytes)) / tp / GIB,
              prefill=prefill_bytes(cfg, work, rollout_rows, tp) / GIB,
              fits=False)
     return dataclasses.replace(p, fits=p.peak <= HBM_HEADROOM * hardware.hbm_gib)
@@ -326,8 +329,9 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
         "(sgcd_jax/memory_plan.py: HF_CONFIGS); do not edit by hand.",
         "",
         f"Workload asked: rollout batch {work.rollout_batch} trajectories × {work.seq_len} tokens "
-        f"(KV cache; {'with' if work.share_prefixes else 'without'} a prompt store entry per task of "
-        f"{work.group_size} siblings where rows are not split over devices), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
+        f"(KV cache; " + (f"where rows are not split over devices, the {work.prompt_len}-token prompt of each task's "
+                          f"{work.group_size} siblings is stored once and rows hold the rest" if work.share_prefixes
+                          else "every row holds its whole conversation") + f"), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
         f"device, {describe_state(work)}, "
         f"{'bf16' if work.compute_bytes == 2 else f'{8 * work.compute_bytes}-bit'} activations and KV cache, "
         f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}, rollout prefill in "

@@ -35,8 +35,8 @@ class AttentionContext(NamedTuple):
     rope_cos: jax.Array  # [B, T, rotary_dim // 2] float32
     rope_sin: jax.Array  # [B, T, rotary_dim // 2] float32
     write_slots: jax.Array | None  # [B, T] int32 cache slot of each token; None without cache
-    # [B, S] bool: key slots a row reads from the cache's shared-prefix store (models/cache.py), disjoint
-    # from key_valid; None without a store
+    # [B, S_p] bool: slots of the cache's shared-prefix store (models/cache.py) a row reads as keys before
+    # its own; None without a store
     prefix_key_valid: jax.Array | None = None
 
 
@@ -103,8 +103,72 @@ def _online_softmax_block(q, k, v, key_valid, key_slots, query_slots, carry):
 
 
 # blockwise_attention's store phase computes every row's queries against each store entry (rows of other
-# entries masked): P× the score work of the rows' own prefixes, worth it only for a store of a few entries
+# entries masked): P× the score work of the rows' own prefixes, worth it only for a store of a few entries;
+# with more, each row's entry block is gathered and attended per row
 SHARED_READ_MAX_PREFIXES = 2
+
+
+def _store_phase(qg: jax.Array, slots: jax.Array, carry: tuple, prefix: tuple, layer: int, block: int) -> tuple:
+    """The online softmax over a shared-prefix store (models/cache.py) before the row's own key blocks: every
+    valid slot of a row's entry precedes all of its own slots, so it is visible to each of the row's real
+    queries (slots >= 0; padded query rows have -1). qg [B,Tq,Hkv,G,Dh] pre-scaled, slots [B,Tq];
+    prefix = (prefix_k, prefix_v [L,P,S_p,Hkv,Dh], row_valid [B,S_p], prefix_id [B], entry_valid [P,S_p]).
+    With at most SHARED_READ_MAX_PREFIXES entries, each entry's block is read once and attended by all B·Tq
+    queries as one matrix product ([1, B·Tq] × [1, block], rows of other entries masked) instead of B thin
+    products over B copies: at τ³ size (8 rows, 4.4k shared slots) a decode step 0.41 → 0.20 s on 2 CPU cores."""
+    store_k, store_v, row_valid, ids, entry_valid = prefix
+    batch, q_rows, num_kv, groups, head_dim = qg.shape
+    num_prefixes, store_len = entry_valid.shape
+    key_block = min(block, store_len)
+    body_math = jax.checkpoint(_online_softmax_block)
+    zero_slots = jnp.zeros((key_block,), jnp.int32)  # before every real query (slot >= 0)
+
+    def read(store, start, first, count):  # [count, key_block, Hkv, Dh] entries [first, first + count)
+        return jax.lax.dynamic_slice(store, (layer, first, start, 0, 0),
+                                     (1, count, key_block, num_kv, head_dim))[0].astype(qg.dtype)
+
+    def block_at(index):  # (slot read from, fresh [key_block]: slots an earlier block did not cover)
+        start = index * key_block
+        read_from = jnp.minimum(start, store_len - key_block)
+        return read_from, read_from + jnp.arange(key_block, dtype=jnp.int32) >= start
+
+    if num_prefixes > SHARED_READ_MAX_PREFIXES:  # per row: its entry's block gathered by prefix_id
+        def gathered(c, index):
+            read_from, fresh = block_at(index)
+            valid = jax.lax.dynamic_slice_in_dim(row_valid, read_from, key_block, axis=1) & fresh[None]
+
+            def attend(c):
+                k_b, v_b = (jnp.take(read(store, read_from, 0, num_prefixes), jnp.maximum(ids, 0), axis=0)
+                            for store in (store_k, store_v))
+                return body_math(qg, k_b, v_b, valid, zero_slots, slots, c)
+
+            seen = jnp.any(valid[:, None, :] & (slots[:, :, None] >= 0))
+            return jax.lax.cond(seen, attend, lambda c: c, c), None
+
+        return jax.lax.scan(gathered, carry, jnp.arange(-(-store_len // key_block), dtype=jnp.int32))[0]
+
+    q_all = qg.reshape(1, batch * q_rows, num_kv, groups, head_dim)
+
+    def shared(c, index):
+        read_from, fresh = block_at(index)
+        for entry in range(num_prefixes):
+            valid = jax.lax.dynamic_slice_in_dim(entry_valid[entry], read_from, key_block)[None] & fresh[None]
+            entry_slots = jnp.where((ids == entry)[:, None], slots, -1).reshape(1, batch * q_rows)
+            seen = jnp.any(valid) & jnp.any(entry_slots >= 0)
+
+            def attend(c, entry=entry, valid=valid, entry_slots=entry_slots):
+                k_b, v_b = (read(store, read_from, entry, 1) for store in (store_k, store_v))
+                return body_math(q_all, k_b, v_b, valid, zero_slots, entry_slots, c)
+
+            c = jax.lax.cond(seen, attend, lambda c: c, c)
+        return c, None
+
+    # carries in the all-rows layout [1, Hkv, G, B·Tq(, Dh)] and back
+    flat = tuple(x.transpose(1, 2, 0, 3, *range(4, x.ndim)).reshape(1, num_kv, groups, batch * q_rows, *x.shape[4:])
+                 for x in carry)
+    flat, _ = jax.lax.scan(shared, flat, jnp.arange(-(-store_len // key_block), dtype=jnp.int32))
+    return tuple(x.reshape(num_kv, groups, batch, q_rows, *x.shape[4:]).transpose(2, 0, 1, 3, *range(4, x.ndim))
+                 for x in flat)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, query_slots: jax.Array,
@@ -122,14 +186,10 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
     With `layer`, k/v are the stacked cache [L,B,S,Hkv,Dh] (any dtype; cast per block to q's) and each key
     block is read from k[layer] in place, only when the block is not skipped: slicing k[layer] first would
     copy the layer's whole cache every call (2 × 41 MB per layer per decode step at τ³ size).
-    `prefix` = (prefix_k, prefix_v [L,P,S,Hkv,Dh], prefix_key_valid [B,S], prefix_id [B], prefix_valid [P,S])
-    with `layer`: the cache's shared-prefix store (models/cache.py). A key block holding some row's own keys
-    reads the rows' own k/v and, where a row's prefix covers a slot, that store entry's (gathered by
-    prefix_id): the same keys and mask as a cache whose rows hold copies of their prefix. With at most
-    SHARED_READ_MAX_PREFIXES entries, the blocks that hold no row's own keys (the siblings' common prompt)
-    are attended first, each entry's block read once for all B·Tq queries as one matrix product (rows of
-    other entries masked): at τ³ size (8 rows, 4.4k shared slots) a decode step 0.41 → 0.20 s on 2 CPU cores.
-    Same values up to fp32 summation order (in the tests: bitwise the same tokens and logprobs).
+    `prefix` = (prefix_k, prefix_v [L,P,S_p,Hkv,Dh], row_valid [B,S_p], prefix_id [B], entry_valid [P,S_p])
+    with `layer`: the cache's shared-prefix store, whose keys precede each row's own (`_store_phase`, run
+    first). Equal to a cache whose rows hold copies of their prefix up to fp32 summation order (a block
+    that would mix prompt and own keys is two blocks here).
     """
     batch, steps, num_heads, head_dim = q.shape
     slot_axis = 1 if layer is None else 2
@@ -139,24 +199,14 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
     kv_blocks = -(-kv_len // key_block)
     scale = 1.0 / math.sqrt(head_dim)
     body_math = jax.checkpoint(_online_softmax_block)
+    if prefix is not None and layer is None:
+        raise ValueError("blockwise_attention: a prefix store needs the stacked cache and its `layer`")
 
     def key_block_at(kv, start):  # [B, key_block, Hkv, Dh] in q's dtype
         if layer is None:
             return jax.lax.dynamic_slice_in_dim(kv, start, key_block, axis=1).astype(q.dtype)
         return jax.lax.dynamic_slice(kv, (layer, 0, start, 0, 0),
                                      (1, batch, key_block, num_kv, head_dim))[0].astype(q.dtype)
-
-    if prefix is not None and layer is None:
-        raise ValueError("blockwise_attention: a prefix store needs the stacked cache and its `layer`")
-    num_prefixes = 0 if prefix is None else prefix[0].shape[1]
-    # a store of a few entries: blocks no row holds own keys in are attended once per entry for all rows
-    shared_read = 0 < num_prefixes <= SHARED_READ_MAX_PREFIXES
-
-    def store_block_at(store, start):  # [B, key_block, Hkv, Dh]: the P store rows read once, then per row
-        num_prefixes = store.shape[1]
-        rows = jax.lax.dynamic_slice(store, (layer, 0, start, 0, 0),
-                                     (1, num_prefixes, key_block, num_kv, head_dim))[0]
-        return jnp.take(rows, jnp.maximum(prefix[3], 0), axis=0).astype(q.dtype)
 
     def one_query_block(q_block, slots):  # q_block [B,Tq,H,Dh], slots [B,Tq]
         q_rows = q_block.shape[1]
@@ -172,29 +222,6 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
             visible = key_slots[None, None, :] <= slots[:, :, None]  # [B, Tq, Sb]
             valid_b = jax.lax.dynamic_slice_in_dim(key_valid, read, key_block, axis=1) & fresh
             seen = jnp.any(valid_b[:, None, :] & visible)
-            if prefix is not None:
-                from_store = jax.lax.dynamic_slice_in_dim(prefix[2], read, key_block, axis=1) & fresh
-                seen_store = jnp.any(from_store[:, None, :] & visible)
-                mask_b = valid_b | from_store
-                if shared_read:  # blocks without any row's own keys were attended in the store phase
-                    own_any = jnp.any(valid_b)
-                    seen, seen_store = seen & own_any, seen_store & own_any
-
-                def attend(c, own: bool, store: bool):  # reads only the sources the block needs
-                    if own and store:
-                        pick = from_store[:, :, None, None]
-                        k_b = jnp.where(pick, store_block_at(prefix[0], read), key_block_at(k, read))
-                        v_b = jnp.where(pick, store_block_at(prefix[1], read), key_block_at(v, read))
-                    elif store:
-                        k_b, v_b = store_block_at(prefix[0], read), store_block_at(prefix[1], read)
-                    else:
-                        k_b, v_b = key_block_at(k, read), key_block_at(v, read)
-                    return body_math(qg, k_b, v_b, mask_b, key_slots, slots, c)
-
-                branches = [lambda c: c, lambda c: attend(c, True, False), lambda c: attend(c, False, True),
-                            lambda c: attend(c, True, True)]
-                which = seen.astype(jnp.int32) + 2 * seen_store.astype(jnp.int32)
-                return jax.lax.switch(which, branches, carry), None
             outside = None if layer is not None else (key_block_at(k, read), key_block_at(v, read))
 
             def attend(c):  # the cache path reads its block here, so a skipped block is never read
@@ -203,40 +230,11 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax
 
             return jax.lax.cond(seen, attend, lambda c: c, carry), None
 
-        def store_phase(index_carry, index):
-            """Key blocks holding no row's own keys, read from the store once per entry for all rows'
-            queries together ([1, B·Tq] × [1, block]: a matrix product instead of B thin ones)."""
-            start = index * key_block
-            read = jnp.minimum(start, kv_len - key_block)
-            key_slots = read + jnp.arange(key_block, dtype=jnp.int32)
-            fresh = key_slots >= start
-            own_any = jnp.any(jax.lax.dynamic_slice_in_dim(key_valid, read, key_block, axis=1) & fresh[None])
-            q_all = qg.reshape(1, batch * q_rows, num_kv, groups, head_dim)
-            carry = index_carry
-            for entry in range(num_prefixes):
-                entry_valid = jax.lax.dynamic_slice_in_dim(prefix[4][entry], read, key_block)[None] & fresh[None]
-                rows_in = prefix[3] == entry  # [B]
-                entry_slots = jnp.where(rows_in[:, None], slots, -1).reshape(1, batch * q_rows)
-                seen = jnp.any(entry_valid[:, None, :] & (key_slots[None, None, :] <= entry_slots[:, :, None]))
-
-                def attend(c, entry=entry, entry_valid=entry_valid, entry_slots=entry_slots):
-                    k_b, v_b = (jax.lax.dynamic_slice(kv, (layer, entry, read, 0, 0), (1, 1, key_block, num_kv,
-                                                                                       head_dim))[0].astype(q.dtype)
-                                for kv in (prefix[0], prefix[1]))
-                    return body_math(q_all, k_b, v_b, entry_valid, key_slots, entry_slots, c)
-
-                carry = jax.lax.cond(seen & ~own_any, attend, lambda c: c, carry)
-            return carry, None
-
         init = (jnp.full((batch, num_kv, groups, q_rows), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, num_kv, groups, q_rows), jnp.float32),
                 jnp.zeros((batch, num_kv, groups, q_rows, head_dim), jnp.float32))
-        if shared_read:  # carries in the all-rows layout [1, Hkv, G, B·Tq(, Dh)] and back
-            flat = tuple(x.transpose(1, 2, 0, 3, *range(4, x.ndim)).reshape(1, num_kv, groups, batch * q_rows,
-                                                                             *x.shape[4:]) for x in init)
-            flat, _ = jax.lax.scan(store_phase, flat, jnp.arange(kv_blocks, dtype=jnp.int32))
-            init = tuple(x.reshape(num_kv, groups, batch, q_rows, *x.shape[4:]).transpose(
-                2, 0, 1, 3, *range(4, x.ndim)) for x in flat)
+        if prefix is not None:
+            init = _store_phase(qg, slots, init, prefix, layer, block)
         (_, l, acc), _ = jax.lax.scan(body, init, jnp.arange(kv_blocks, dtype=jnp.int32))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, Hkv, G, Tq, Dh]
         return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_rows, num_heads, head_dim).astype(q.dtype)
@@ -333,8 +331,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
     blockwise with one. The others call `jax.nn.dot_product_attention` with the same mask (causal +
     padding, or the cache's valid slots); without a cache `is_causal=True` is passed too: redundant for
     XLA, lets cuDNN skip the upper triangle.
-    `prefix` = (prefix_k, prefix_v [L,P,S,Hkv,Dh], prefix_id [B]): the cache's shared-prefix store, read in
-    place by blockwise attention; the dot_product_attention paths merge it into the layer's k/v first.
+    `prefix` = (prefix_k, prefix_v [L,P,S_p,Hkv,Dh], prefix_id [B], prefix_valid [P,S_p]): the cache's
+    shared-prefix store, read in place by blockwise attention; the dot_product_attention paths put the row's
+    entry in front of the layer's k/v first.
     """
     no_cache = ctx.write_slots is None
     if impl == "splash" and no_cache:
@@ -351,12 +350,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttentionContext, i
         return blockwise_attention(q, k, v, ctx.key_valid, ctx.query_slots, block, layer, store)
     if layer is not None:
         k, v = k[layer].astype(q.dtype), v[layer].astype(q.dtype)
-    if prefix is not None:  # rows' prefix slots copied in from the store (these paths read whole rows anyway)
+    if prefix is not None:  # the row's store entry in front of its own slots (these paths read whole rows)
         ids = jnp.maximum(prefix[2], 0)
-        pick = ctx.prefix_key_valid[:, :, None, None]
-        k = jnp.where(pick, jnp.take(prefix[0][layer], ids, axis=0).astype(q.dtype), k)
-        v = jnp.where(pick, jnp.take(prefix[1][layer], ids, axis=0).astype(q.dtype), v)
-        ctx = ctx._replace(key_valid=ctx.key_valid | ctx.prefix_key_valid)
+        k = jnp.concatenate([jnp.take(prefix[0][layer], ids, axis=0).astype(q.dtype), k], axis=1)
+        v = jnp.concatenate([jnp.take(prefix[1][layer], ids, axis=0).astype(q.dtype), v], axis=1)
+        ctx = ctx._replace(key_valid=jnp.concatenate([ctx.prefix_key_valid, ctx.key_valid], axis=1),
+                           query_slots=ctx.query_slots + ctx.prefix_key_valid.shape[1])
     from sgcd_jax.models.accel import attention_implementation
     implementation = attention_implementation("xla" if impl == "dot_product_attention" else impl)
     return jax.nn.dot_product_attention(q, k, v, mask=full_attention_mask(ctx)[:, None],  # [B, 1, T, S]

@@ -2,7 +2,13 @@
 
 Row b holds its tokens in slots [0, end[b]); a call writes its chunk at slots end[b] + t and marks
 valid[b, slot] from the chunk's token_mask, then end[b] += number of real tokens. Padding written past
-end is overwritten by the next chunk. `extra` holds per-layer states of non-attention blocks (e.g. the
+end is overwritten by the next chunk.
+
+Prefix store (sibling rollouts): G siblings of a task share their ~4k-token prompt. The prompt's k/v is kept
+once, as store entry p ([L, P, S_p, Hkv, Dh], its own slot axis), and a sibling row with prefix_id p reads the
+entry's valid slots as the keys before its own slot 0: its own slots hold only what follows the prompt, and
+its tokens sit at positions prefix_len[b] + slot (`seq_end`). A row's own slot count is thus what it
+generates and appends, not the whole conversation (τ³: ~2.3k instead of ~6.7k slots per row). `extra` holds per-layer states of non-attention blocks (e.g. the
 recurrent state of a Gated DeltaNet layer) keyed by name; every array in it has batch on axis 0.
 """
 
@@ -38,8 +44,9 @@ class KVCache:
     extra: dict[str, jax.Array] = struct.field(default_factory=dict)  # [B, ...] per entry
     prefix_k: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]: the shared-prefix store (see module doc)
     prefix_v: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]
-    prefix_valid: jax.Array | None = None  # [P, S] bool
+    prefix_valid: jax.Array | None = None  # [P, S_p] bool
     prefix_id: jax.Array | None = None  # [B] int32: row's store entry, -1 none (set with or without a store)
+    prefix_len: jax.Array | None = None  # [B] int32: tokens the row reads from its entry (0 with none)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = None,
@@ -70,6 +77,11 @@ class KVCache:
         return self.valid.shape[1]
 
     @property
+    def seq_end(self) -> jax.Array:
+        """[B] int32: each row's sequence length, prefix included: the position of its next token."""
+        return self.end if self.prefix_len is None else self.end + self.prefix_len
+
+    @property
     def has_prefix_store(self) -> bool:
         return self.prefix_valid is not None
 
@@ -88,6 +100,7 @@ class KVCache:
             end=jnp.take(self.end, row_indices, axis=0),
             extra={name: jnp.take(state, row_indices, axis=0) for name, state in self.extra.items()},
             prefix_id=None if self.prefix_id is None else jnp.take(self.prefix_id, row_indices, axis=0),
+            prefix_len=None if self.prefix_len is None else jnp.take(self.prefix_len, row_indices, axis=0),
         )
 
     def prefix_store(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None:
@@ -96,32 +109,30 @@ class KVCache:
                                                        self.prefix_valid)
 
     def row_prefix_valid(self) -> jax.Array:
-        """[B, S] bool: the key slots each row reads from the prefix store (all False without one)."""
-        if self.prefix_valid is None:
-            return jnp.zeros_like(self.valid)
+        """[B, S_p] bool: the store slots each row reads as keys before its own (needs a store)."""
         ids = self.prefix_id
         return jnp.take(self.prefix_valid, jnp.maximum(ids, 0), axis=0) & (ids >= 0)[:, None]
 
-    def as_prefix_store(self, lengths: jax.Array) -> "KVCache":
+    def as_prefix_store(self, lengths: jax.Array, row_slots: int) -> "KVCache":
         """This cache's rows (each holding one prompt prefix in slots [0, lengths[p])) moved into a prefix
-        store, with one sibling-template row per prefix: no valid slots of its own, end = lengths[p],
-        prefix_id = p, the row's `extra` states kept (a recurrent layer's state after the prefix).
-        take_rows(repeat(p, G)) then makes the G sibling rows. The templates' k/v are the store's arrays (no
-        new memory); copied into a sibling's row they are never read (not valid there)."""
-        rows = self.batch_size
-        lengths = jnp.asarray(lengths, jnp.int32)
-        return KVCache(k=self.k, v=self.v, valid=jnp.zeros_like(self.valid),
-                       end=lengths, extra=dict(self.extra), prefix_k=self.k, prefix_v=self.v,
-                       prefix_valid=self.valid, prefix_id=jnp.arange(rows, dtype=jnp.int32))
+        store, with one sibling-template row per prefix: `row_slots` empty own slots, end 0, prefix_id p,
+        prefix_len lengths[p], the row's `extra` states kept (a recurrent layer's state after the prefix).
+        take_rows(repeat(p, G)) then makes the G sibling rows."""
+        num_layers, rows, _, num_kv, head_dim = self.k.shape
+        shape = (num_layers, rows, row_slots, num_kv, head_dim)
+        return KVCache(k=jnp.zeros(shape, self.k.dtype), v=jnp.zeros(shape, self.v.dtype),
+                       valid=jnp.zeros((rows, row_slots), jnp.bool_), end=jnp.zeros((rows,), jnp.int32),
+                       extra=dict(self.extra), prefix_k=self.k, prefix_v=self.v, prefix_valid=self.valid,
+                       prefix_id=jnp.arange(rows, dtype=jnp.int32), prefix_len=jnp.asarray(lengths, jnp.int32))
 
     def without_prefix_store(self) -> "KVCache":
-        """The rows alone (prefix_id kept): a parked row does not hold the session's store alive."""
+        """The rows alone (prefix_id, prefix_len kept): a parked row does not hold the session's store alive."""
         return self.replace(prefix_k=None, prefix_v=None, prefix_valid=None)
 
     def positions_for(self, token_mask: jax.Array) -> jax.Array:
-        """Positions of a right-padded chunk appended to this cache: end[b] + t (count of valid tokens so far).
+        """Positions of a right-padded chunk appended to this cache: seq_end[b] + t.
 
         Assumes the row has no holes (valid slots == [0, end)); the usual case for prefill/decode/append.
         """
         steps = jnp.arange(token_mask.shape[1], dtype=jnp.int32)[None, :]
-        return self.end[:, None] + steps  # [B, T]
+        return self.seq_end[:, None] + steps  # [B, T]

@@ -286,7 +286,7 @@ class RolloutEngine:
         cfg = self.config
         if cfg.stop_strings:
             raise ValueError("rollout stop strings need the synchronous engine (rollout.decode_slots=0)")
-        slots = self.generator.continuous(cfg.decode_slots)
+        slots = self.generator.continuous(cfg.decode_slots, prompts=-(-len(episodes) // group_size))
         index = {e.key: e.key[0] * group_size + e.key[1] for e in episodes}
         in_env: dict[Any, tuple[concurrent.futures.Future, float, float]] = {}  # key → (future, started, deadline)
         turn_started: dict[Any, float] = {}

@@ -33,7 +33,8 @@ import numpy as np
 
 from sgcd_jax.models.cache import KVCache
 from sgcd_jax.sampling.kernels import attach_store, decode_chunk, grow_cache, next_bucket, split_store
-from sgcd_jax.sampling.prefill import SessionStats, TurnOutput, append_rows, compact_prefix_store, prefill_prefixes
+from sgcd_jax.sampling.prefill import (SessionStats, TurnOutput, append_rows, compact_prefix_store, concat_stores,
+                                      prefill_prefixes)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -44,14 +45,15 @@ def put_row(cache: KVCache, slot: jax.Array, source: KVCache, source_row: jax.Ar
         row = jax.lax.dynamic_index_in_dim(src, source_row, axis, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(dst, row, slot, axis)
     if cache.prefix_id is None:
-        prefix_id = None
+        prefix_id = prefix_len = None
     elif source.prefix_id is None:  # a row without a prefix (fresh) in a cache with a store
-        prefix_id = cache.prefix_id.at[slot].set(-1)
+        prefix_id, prefix_len = cache.prefix_id.at[slot].set(-1), cache.prefix_len.at[slot].set(0)
     else:  # source's prefix_id must already index the cache's store (see ContinuousSession._add_prefixes)
-        prefix_id = put(cache.prefix_id, source.prefix_id, 0)
+        prefix_id, prefix_len = put(cache.prefix_id, source.prefix_id, 0), put(cache.prefix_len, source.prefix_len, 0)
     return cache.replace(k=put(cache.k, source.k, 1), v=put(cache.v, source.v, 1),
                          valid=put(cache.valid, source.valid, 0), end=put(cache.end, source.end, 0),
-                         extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra}, prefix_id=prefix_id)
+                         extra={n: put(cache.extra[n], source.extra[n], 0) for n in cache.extra}, prefix_id=prefix_id,
+                         prefix_len=prefix_len)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -60,7 +62,8 @@ def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
     return cache.replace(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
                          valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
                          extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra},
-                         prefix_id=None if cache.prefix_id is None else cache.prefix_id.at[rows].set(source.prefix_id))
+                         prefix_id=None if cache.prefix_id is None else cache.prefix_id.at[rows].set(source.prefix_id),
+                         prefix_len=None if cache.prefix_len is None else cache.prefix_len.at[rows].set(source.prefix_len))
 
 
 @dataclasses.dataclass
@@ -86,7 +89,7 @@ class ContinuousSession:
     """Fixed decode slots refilled across episodes; see the module docstring."""
 
     def __init__(self, sampler, num_slots: int, decode_steps: int | None = None,
-                 shrink_row_bytes: int = 64 * 2**20):
+                 shrink_row_bytes: int = 64 * 2**20, prompts: int = 1):
         if num_slots <= 0:
             raise ValueError(f"rollout.decode_slots must be positive, got {num_slots}")
         self.sampler = sampler
@@ -98,6 +101,9 @@ class ContinuousSession:
         # power-of-two batch (rows copied out and back) — only while a row's cache is at most this many bytes:
         # on CPU copying long rows costs more than the smaller batch saves (0 = never shrink)
         self.shrink_row_bytes = shrink_row_bytes
+        # prefix store entries: at least this many (a power of two), never fewer later in the session, so the
+        # compiled shapes do not depend on which episodes env timing lets share a step (one compile per bucket)
+        self.store_entries = next_bucket(max(prompts, 1), 1)
         self.prefill_stats = SessionStats()  # prefill tokens / calls, shared prefix tokens saved
         self.cache: KVCache | None = None
         self.next_logits: jax.Array | None = None
@@ -149,11 +155,17 @@ class ContinuousSession:
         except ValueError:
             return None
 
-    def _ensure_cache(self, max_len: int) -> None:
+    def _ensure_cache(self, max_len: int, exact: bool = False) -> None:
+        """A cache of at least `max_len` slots per row; a new one is the top bucket at once when the config caps
+        it (no growth copies later), or exactly `max_len` (sibling templates: Sampler.row_slots)."""
         sampler = self.sampler
-        if self.cache is None:  # the top bucket at once when the config caps it: no growth copies later
-            length = sampler.max_cache_len if sampler.max_cache_len and max_len <= sampler.max_cache_len else \
-                sampler.cache_bucket(max_len)
+        if self.cache is None:
+            if exact:
+                length = max_len
+            elif sampler.max_cache_len and max_len <= sampler.max_cache_len:
+                length = sampler.max_cache_len
+            else:
+                length = sampler.cache_bucket(max_len)
             self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, length))
             self.next_logits = sampler.shard_rows(jnp.zeros((self.num_slots, sampler.cfg.vocab_size), jnp.float32))
         elif max_len > self.cache.max_len:
@@ -232,7 +244,8 @@ class ContinuousSession:
                 len(admitted_prefix) for admitted_prefix in sibling_prefixes) - sum(map(len, prefixes))
             if self.sampler.share_prefixes:  # sibling rows refer to the prefix in the store instead of a copy
                 lengths = [len(p) for p in prefixes] + [0] * (prefix_cache.batch_size - len(prefixes))
-                prefix_cache = self._add_prefixes(prefix_cache.as_prefix_store(lengths))
+                row_slots = self.sampler.row_slots(min(map(len, prefixes)))
+                prefix_cache = self._add_prefixes(prefix_cache.as_prefix_store(lengths, row_slots))
             self._put(slots, prefix_cache, gather)
             if self.sampler.share_prefixes:
                 self._compact_prefixes()
@@ -254,7 +267,9 @@ class ContinuousSession:
                       if row.prefix_id is not None}
         keep = sorted({int(ids[s]) for s in range(self.num_slots) if self.owner[s] is not None and ids[s] >= 0}
                       | {i for i in parked_ids.values() if i >= 0})
-        self.cache, table = compact_prefix_store(self.cache, keep)
+        self.cache, table = compact_prefix_store(self.cache, keep, min_entries=self.store_entries)
+        if self.cache.has_prefix_store:
+            self.store_entries = self.cache.num_prefixes
         self.cache = self.sampler.shard_cache(self.cache)
         for key, old in parked_ids.items():
             new = int(table[old]) if old >= 0 else -1
@@ -264,19 +279,18 @@ class ContinuousSession:
         """Append the templates' store entries (KVCache.as_prefix_store) to the session store, after dropping
         unreferenced entries; → the templates with prefix ids into the session store."""
         self._compact_prefixes()
-        self._ensure_cache(templates.max_len)
+        self._ensure_cache(templates.max_len, exact=True)
         templates = grow_cache(templates, self.cache.max_len)
         cache = self.cache
         if cache.has_prefix_store:
             offset = cache.num_prefixes
-            cache = cache.replace(prefix_k=jnp.concatenate([cache.prefix_k, templates.prefix_k], 1),
-                                  prefix_v=jnp.concatenate([cache.prefix_v, templates.prefix_v], 1),
-                                  prefix_valid=jnp.concatenate([cache.prefix_valid, templates.prefix_valid], 0))
+            cache = cache.replace(**concat_stores([cache, templates]))
         else:
             offset = 0
             cache = cache.replace(prefix_k=templates.prefix_k, prefix_v=templates.prefix_v,
                                   prefix_valid=templates.prefix_valid,
-                                  prefix_id=jnp.full((cache.batch_size,), -1, jnp.int32))
+                                  prefix_id=jnp.full((cache.batch_size,), -1, jnp.int32),
+                                  prefix_len=jnp.zeros((cache.batch_size,), jnp.int32))
         self.cache = self.sampler.shard_cache(cache)
         return templates.replace(prefix_id=templates.prefix_id + offset)
 

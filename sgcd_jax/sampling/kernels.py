@@ -43,7 +43,7 @@ def append_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, token
     that follow each row's last real token (garbage for rows with an empty chunk). With `store`, the cache
     comes and goes without it (split_store)."""
     model = nnx.merge(graphdef, state)
-    positions = cache.end[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [B, T]
+    positions = cache.positions_for(token_mask)  # [B, T]: after the row's store prefix, if any
     hidden, cache = model(tokens, positions, token_mask, attach_store(cache, store))
     last = jnp.maximum(token_mask.sum(axis=1) - 1, 0)  # [B]
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
@@ -63,8 +63,8 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
     row is active. Returns (cache, next_logits, active, remaining, key, tokens [B,num_steps] int32,
     logprobs [B,num_steps] float32, num_generated [B] int32).
 
-    key: one key (split into per-row keys here) or per-row keys [B]. Row b's token at cache slot s is
-    sampled with fold_in(key[b], s): a row's random stream depends only on its own key and position,
+    key: one key (split into per-row keys here) or per-row keys [B]. Row b's token at position s
+    (cache.seq_end) is sampled with fold_in(key[b], s): a row's random stream depends only on its own key and position,
     never on the batch it shares, the chunking of the decode loop or the row's place in the batch.
     With `store`, the cache comes and goes without it (split_store).
     """
@@ -78,12 +78,12 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
 
     def body(carry):
         step, cache, logits, active, remaining, key, out_tokens, out_logprobs, num_generated = carry
-        sample_keys = jax.vmap(jax.random.fold_in)(row_keys, cache.end)  # [B]: (row, position)
+        sample_keys = jax.vmap(jax.random.fold_in)(row_keys, cache.seq_end)  # [B]: (row, position)
         tokens, logprobs = sample_tokens(logits, sample_keys, params)  # [B], [B]
         out_tokens = out_tokens.at[:, step].set(jnp.where(active, tokens, 0))
         out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprobs, 0.0))
         model = nnx.merge(graphdef, state)
-        hidden, cache = model(tokens[:, None], cache.end[:, None], active[:, None], attach_store(cache, store))
+        hidden, cache = model(tokens[:, None], cache.seq_end[:, None], active[:, None], attach_store(cache, store))
         cache = split_store(cache)[0]
         logits = model.logits(hidden)[:, 0]
         num_generated = num_generated + active
@@ -101,15 +101,13 @@ def decode_chunk(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, next_
 
 
 def grow_cache(cache: KVCache, max_len: int) -> KVCache:
-    """Pad the slot axis to `max_len` (free slots are invalid). No-op when already that long."""
+    """Pad the rows' slot axis to `max_len` (free slots are invalid; a prefix store has its own slot axis and
+    is kept). No-op when already that long."""
     extra_slots = max_len - cache.max_len
     if extra_slots <= 0:
         return cache
     pad_kv = [(0, 0), (0, 0), (0, extra_slots), (0, 0), (0, 0)]
     pad_valid = [(0, 0), (0, extra_slots)]
-    if cache.has_prefix_store:  # the store shares the rows' slot axis
-        cache = cache.replace(prefix_k=jnp.pad(cache.prefix_k, pad_kv), prefix_v=jnp.pad(cache.prefix_v, pad_kv),
-                              prefix_valid=jnp.pad(cache.prefix_valid, pad_valid))
     return cache.replace(k=jnp.pad(cache.k, pad_kv), v=jnp.pad(cache.v, pad_kv),
                          valid=jnp.pad(cache.valid, pad_valid))
 

@@ -38,8 +38,9 @@ class SessionStats:
 
 def concat_caches(caches: list[KVCache | None]) -> KVCache:
     """Rows of all caches (None skipped) in order, grown to the longest max_len. Prefix stores are
-    concatenated too (each cache's prefix ids offset by the entries before it; caches that all hold the same
-    store keep it and their ids); rows of a cache without a store get prefix_id -1."""
+    concatenated too (padded to the widest store, each cache's prefix ids offset by the entries before it;
+    caches that all hold the same store keep it and their ids); rows of a cache without a store get
+    prefix_id -1."""
     caches = [c for c in caches if c is not None]
     if len(caches) == 1:
         return caches[0]
@@ -48,9 +49,11 @@ def concat_caches(caches: list[KVCache | None]) -> KVCache:
     rows = KVCache(k=jnp.concatenate([c.k for c in caches], 1), v=jnp.concatenate([c.v for c in caches], 1),
                    valid=jnp.concatenate([c.valid for c in caches], 0), end=jnp.concatenate([c.end for c in caches], 0),
                    extra={n: jnp.concatenate([c.extra[n] for c in caches], 0) for n in caches[0].extra})
-    stores = [c for c in caches if c.has_prefix_store]
-    if not stores:
+    if all(c.prefix_id is None for c in caches):
         return rows
+    rows = rows.replace(prefix_len=jnp.concatenate([jnp.zeros((c.batch_size,), jnp.int32) if c.prefix_len is None
+                                                    else c.prefix_len for c in caches]))
+    stores = [c for c in caches if c.has_prefix_store]
     if len(stores) == len(caches) and all(c.prefix_k is stores[0].prefix_k for c in stores):  # one store
         return rows.replace(prefix_k=stores[0].prefix_k, prefix_v=stores[0].prefix_v,
                             prefix_valid=stores[0].prefix_valid, prefix_id=jnp.concatenate([c.prefix_id for c in caches]))
@@ -63,18 +66,29 @@ def concat_caches(caches: list[KVCache | None]) -> KVCache:
             raise ValueError("concat_caches: rows with prefix ids but no prefix store (a parked row) cannot join")
         else:
             ids.append(jnp.full((c.batch_size,), -1, jnp.int32))
-    return rows.replace(prefix_k=jnp.concatenate([c.prefix_k for c in stores], 1),
-                        prefix_v=jnp.concatenate([c.prefix_v for c in stores], 1),
-                        prefix_valid=jnp.concatenate([c.prefix_valid for c in stores], 0),
-                        prefix_id=jnp.concatenate(ids, 0))
+    return rows.replace(**concat_stores(stores), prefix_id=jnp.concatenate(ids, 0))
 
 
-def compact_prefix_store(cache: KVCache, keep: list[int] | None = None) -> tuple[KVCache, np.ndarray | None]:
+def concat_stores(caches: list[KVCache]) -> dict[str, jax.Array]:
+    """The caches' prefix stores as one (entries in order, slot axes padded to the widest):
+    {prefix_k, prefix_v, prefix_valid} for KVCache.replace."""
+    width = max(c.prefix_valid.shape[1] for c in caches)
+
+    def pad(x, axis):
+        return jnp.pad(x, [(0, width - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+
+    return dict(prefix_k=jnp.concatenate([pad(c.prefix_k, 2) for c in caches], 1),
+                prefix_v=jnp.concatenate([pad(c.prefix_v, 2) for c in caches], 1),
+                prefix_valid=jnp.concatenate([pad(c.prefix_valid, 1) for c in caches], 0))
+
+
+def compact_prefix_store(cache: KVCache, keep: list[int] | None = None,
+                         min_entries: int = 1) -> tuple[KVCache, np.ndarray | None]:
     """Drop store entries no row refers to; → (cache, table) with table[old id] = new id or -1.
 
     `keep`: the entries to keep, in order (default: those the cache's rows refer to); rows referring to any
-    other entry get -1. The store is padded to a power of two of entries (empty ones) so the compiled shapes
-    stay few; an unchanged store is returned as it is. Without any entry left the store is dropped."""
+    other entry get -1. The store is padded to a power of two of entries (empty ones, at least `min_entries`) so
+    the compiled shapes stay few; an unchanged store is returned as it is. Without any entry left the store is dropped."""
     if not cache.has_prefix_store:
         return cache, None
     ids = np.asarray(cache.prefix_id)
@@ -82,9 +96,9 @@ def compact_prefix_store(cache: KVCache, keep: list[int] | None = None) -> tuple
         keep = sorted(set(ids[ids >= 0].tolist()))
     table = np.full(cache.num_prefixes, -1, np.int32)
     table[np.asarray(keep, np.int64)] = np.arange(len(keep), dtype=np.int32)
-    if not keep:
-        return cache.replace(prefix_k=None, prefix_v=None, prefix_valid=None, prefix_id=None), table
-    capacity = next_bucket(len(keep), 1)
+    if not keep:  # no row reads a prefix (any prefix_len left is on rows nobody owns)
+        return cache.replace(prefix_k=None, prefix_v=None, prefix_valid=None, prefix_id=None, prefix_len=None), table
+    capacity = next_bucket(len(keep), min_entries)
     new_ids = np.where(ids >= 0, table[np.maximum(ids, 0)], -1).astype(np.int32)
     if list(keep) == list(range(len(keep))) and capacity == cache.num_prefixes:
         return cache.replace(prefix_id=jnp.asarray(new_ids)), table

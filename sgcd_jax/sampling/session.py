@@ -78,11 +78,20 @@ class Sampler:
             size = min(size, max(self.max_cache_len, current))
         return size
 
-    def continuous(self, num_slots: int, decode_steps: int | None = None):
-        """A ContinuousSession: `num_slots` decode rows refilled across episodes (sampling.continuous)."""
+    def row_slots(self, prefix_len: int) -> int:
+        """Own slots of a sibling row that reads a `prefix_len`-token prompt from the prefix store: what the
+        conversation budget leaves after the prompt (a multiple of min_cache_len; min_cache_len uncapped)."""
+        if self.max_cache_len is None:
+            return self.min_cache_len
+        room = max(self.max_cache_len - prefix_len, 1)
+        return -(-room // self.min_cache_len) * self.min_cache_len
+
+    def continuous(self, num_slots: int, decode_steps: int | None = None, prompts: int = 1):
+        """A ContinuousSession: `num_slots` decode rows refilled across episodes (sampling.continuous);
+        `prompts`: distinct prompts (tasks) the session will see, sizing the prefix store once."""
         from sgcd_jax.sampling.continuous import ContinuousSession
 
-        return ContinuousSession(self, num_slots, decode_steps)
+        return ContinuousSession(self, num_slots, decode_steps, prompts=prompts)
 
     @staticmethod
     def compiles() -> int:
@@ -124,7 +133,7 @@ class Sampler:
         if self.mesh is None:
             return cache
         if cache.prefix_id is not None:  # the store stays replicated (every row may read any entry)
-            cache = cache.replace(prefix_id=self.shard_rows(cache.prefix_id))
+            cache = cache.replace(prefix_id=self.shard_rows(cache.prefix_id), prefix_len=self.shard_rows(cache.prefix_len))
         return cache.replace(k=self.shard_rows(cache.k, 1), v=self.shard_rows(cache.v, 1),
                              valid=self.shard_rows(cache.valid), end=self.shard_rows(cache.end),
                              extra={n: self.shard_rows(s) for n, s in cache.extra.items()})
@@ -200,7 +209,7 @@ class GenerationSession:
             self.stats.shared_prefix_tokens_saved += saved
             if sampler.share_prefixes:  # sibling rows refer to the prefix instead of copying it
                 lengths = [len(p) for p in prefix_rows] + [0] * (prefix_cache.batch_size - len(prefix_rows))
-                prefix_cache = prefix_cache.as_prefix_store(lengths)
+                prefix_cache = prefix_cache.as_prefix_store(lengths, sampler.row_slots(min(map(len, prefix_rows))))
 
         if self.compact or self.cache is None:
             keys = [key for key in chunks if key in old_row] + new_keys
