@@ -2,14 +2,14 @@
 
 Row b holds its tokens in slots [0, end[b]); a call writes its chunk at slots end[b] + t and marks
 valid[b, slot] from the chunk's token_mask, then end[b] += number of real tokens. Padding written past
-end is overwritten by the next chunk.
+end is overwritten by the next chunk. `extra` holds per-layer states of non-attention blocks (e.g. the
+recurrent state of a Gated DeltaNet layer) keyed by name; every array in it has batch on axis 0.
 
 Prefix store (sibling rollouts): G siblings of a task share their ~4k-token prompt. The prompt's k/v is kept
 once, as store entry p ([L, P, S_p, Hkv, Dh], its own slot axis), and a sibling row with prefix_id p reads the
 entry's valid slots as the keys before its own slot 0: its own slots hold only what follows the prompt, and
 its tokens sit at positions prefix_len[b] + slot (`seq_end`). A row's own slot count is thus what it
-generates and appends, not the whole conversation (τ³: ~2.3k instead of ~6.7k slots per row). `extra` holds per-layer states of non-attention blocks (e.g. the
-recurrent state of a Gated DeltaNet layer) keyed by name; every array in it has batch on axis 0.
+generates and appends, not the whole conversation (τ³: ~2.3k instead of ~6.7k slots per row).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
                          valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
                          extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra},
                          prefix_id=None if cache.prefix_id is None else cache.prefix_id.at[rows].set(source.prefix_id),
-                         prefix_len=None if cache.prefix_len is None else cache.prefix_len.at[rows].set(source.prefix_len))
+                         prefix_len=None if cache.prefix_len is None else
+                         cache.prefix_len.at[rows].set(source.prefix_len))
 
 
 @dataclasses.dataclass

@@ -88,7 +88,8 @@ def compact_prefix_store(cache: KVCache, keep: list[int] | None = None,
 
     `keep`: the entries to keep, in order (default: those the cache's rows refer to); rows referring to any
     other entry get -1. The store is padded to a power of two of entries (empty ones, at least `min_entries`) so
-    the compiled shapes stay few; an unchanged store is returned as it is. Without any entry left the store is dropped."""
+    the compiled shapes stay few; an unchanged store is returned as it is. Without any entry left the store is
+    dropped."""
     if not cache.has_prefix_store:
         return cache, None
     ids = np.asarray(cache.prefix_id)

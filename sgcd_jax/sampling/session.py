@@ -133,7 +133,8 @@ class Sampler:
         if self.mesh is None:
             return cache
         if cache.prefix_id is not None:  # the store stays replicated (every row may read any entry)
-            cache = cache.replace(prefix_id=self.shard_rows(cache.prefix_id), prefix_len=self.shard_rows(cache.prefix_len))
+            cache = cache.replace(prefix_id=self.shard_rows(cache.prefix_id),
+                                  prefix_len=self.shard_rows(cache.prefix_len))
         return cache.replace(k=self.shard_rows(cache.k, 1), v=self.shard_rows(cache.v, 1),
                              valid=self.shard_rows(cache.valid), end=self.shard_rows(cache.end),
                              extra={n: self.shard_rows(s) for n, s in cache.extra.items()})
