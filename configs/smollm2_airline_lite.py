@@ -7,9 +7,11 @@ Memory: the learner pads rows to the batch's longest conversation (a power-of-tw
 tokens; airline_lite's longest first prompt is 497 SmolLM2 tokens), recomputes each block in the
 backward (remat 'full') and takes 2 rows per micro-batch: XLA attention keeps [rows, 9 heads, T, T]
 scores per layer, which without remat at 4 rows x 2,176 tokens asked for 60 GB.
-Not yet within 8 GB: peak RSS 10.4 GB in the SFT warm-up (fp32 params 0.5 GB + AdamW 1.0 GB, and
-4.9 GiB of XLA temp in the SFT update at 4 x 704 tokens; remat 'none' is 5.1 GiB, so the temp is
-parameter-sized gradient/optimizer buffers, not activations).
+Not yet within 8 GB (--config.sft.steps=3 --config.run.num_iterations=1, VmHWM polled, 2-core CPU): the
+SFT warm-up now peaks at 4.7 GB RSS (fp32 params 0.5 GB + AdamW 1.0 GB + 1.0 GiB XLA temp at 4 x 704 tokens;
+8.9 GB by the third update while the non-finite skip selected between new and old state, keeping both alive), the
+first checkpoint's save at 7.3 GB (a ~3 GB orbax transient), the rollout at 4-6.4 GB; the RL scoring pass
+then climbs to 12.0 GB (all 16 rows in one program: its student pass alone is 3.25 GiB XLA temp at 2,048 tokens).
 Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and nothing trains; a
 short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """

@@ -9,6 +9,7 @@ aggregation mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -295,28 +296,32 @@ class Learner:
 
     def _update_impl(self, params, master, opt_state, rest, inputs: StepInputs, step):
         loss, grads, metrics = loss_and_grads(params, self.graphdef, rest, inputs, self.spec)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        if jax.tree.leaves(master):  # fp32 master: AdamW on fp32, params = master cast to storage dtype
-            updates, new_opt_state = self.tx.update(grads, opt_state, master)
-            new_master = optax.apply_updates(master, updates)
-            new_params = jax.tree.map(lambda m, p: m.astype(p.dtype), new_master, params)
-            finite = finite & _all_finite(new_master)  # e.g. an inf/huge learning rate: finite grads, NaN params
-        else:
-            updates, new_opt_state = self.tx.update(grads, opt_state, params)
-            keys = jax.tree.unflatten(jax.tree.structure(params), list(jax.random.split(
-                jax.random.fold_in(jax.random.key(0x5EED), step), len(jax.tree.leaves(params)))))
-            new_params = jax.tree.map(
-                lambda p, u, k: stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, k),
-                params, updates, keys)
-            new_master = master
-        finite = finite & _all_finite(new_params)
-        keep = lambda new, old: jnp.where(finite, new, old).astype(old.dtype)  # noqa: E731
-        new_params = jax.tree.map(keep, new_params, params)
-        new_master = jax.tree.map(keep, new_master, master)
-        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        step_state = functools.partial(self._step_state, grads, params, master, opt_state, step)
+        new_params, new_master, _ = step_state()
+        checked = [grads, new_params] + ([new_master] if jax.tree.leaves(master) else [])
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([_all_finite(tree) for tree in checked]))
+        # The step runs twice: above only reduced to the flag (fused, never stored), here written into the
+        # donated buffers. A select(finite, new, old) kept old and new params, master and moments all alive.
+        state = (params, master, opt_state)
+        stored = lambda: jax.tree.map(lambda new, old: new.astype(old.dtype), step_state(), state)  # noqa: E731
+        new_params, new_master, new_opt_state = jax.lax.cond(finite, stored, lambda: state)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        skipped=1.0 - finite.astype(jnp.float32))
         return new_params, new_master, new_opt_state, metrics
+
+    def _step_state(self, grads, params, master, opt_state, step):
+        """(params, master, optimizer state) after one optimizer step, not yet checked for finiteness."""
+        if jax.tree.leaves(master):  # fp32 master: AdamW on fp32, params = master cast to storage dtype
+            updates, new_opt_state = self.tx.update(grads, opt_state, master)
+            new_master = optax.apply_updates(master, updates)
+            return jax.tree.map(lambda m, p: m.astype(p.dtype), new_master, params), new_master, new_opt_state
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        keys = jax.tree.unflatten(jax.tree.structure(params), list(jax.random.split(
+            jax.random.fold_in(jax.random.key(0x5EED), step), len(jax.tree.leaves(params)))))
+        new_params = jax.tree.map(
+            lambda p, u, k: stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), p.dtype, k),
+            params, updates, keys)
+        return new_params, master, new_opt_state
 
     def update(self, inputs: StepInputs) -> dict[str, float]:
         self._params, self.master, self.opt_state, metrics = self._update(
