@@ -163,7 +163,8 @@ def run_sync(sampler, work, keys, pool) -> tuple[dict, dict]:
 def run_continuous(sampler, work, keys, pool, slots_n: int, decode_steps: int) -> tuple[dict, dict]:
     from sgcd_jax.rollout.engine import turn_keys
 
-    slots = sampler.continuous(slots_n, decode_steps)
+    # one prefix store entry per distinct prompt, sized once (as the engine does with its tasks)
+    slots = sampler.continuous(slots_n, decode_steps, prompts=len({tuple(w["prompt"]) for w in work}))
     turn = {e: 0 for e in range(len(work))}
     tokens: dict[int, list[list[int]]] = {e: [] for e in range(len(work))}
 
