@@ -42,8 +42,8 @@ class KVCache:
     valid: jax.Array  # [B, S] bool: slot holds a real token
     end: jax.Array  # [B] int32: first free slot of each row
     extra: dict[str, jax.Array] = struct.field(default_factory=dict)  # [B, ...] per entry
-    prefix_k: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]: the shared-prefix store (see module doc)
-    prefix_v: jax.Array | None = None  # [L_kv, P, S, Hkv, Dh]
+    prefix_k: jax.Array | None = None  # [L_kv, P, S_p, Hkv, Dh]: the shared-prefix store (see module doc)
+    prefix_v: jax.Array | None = None  # [L_kv, P, S_p, Hkv, Dh]
     prefix_valid: jax.Array | None = None  # [P, S_p] bool
     prefix_id: jax.Array | None = None  # [B] int32: row's store entry, -1 none (set with or without a store)
     prefix_len: jax.Array | None = None  # [B] int32: tokens the row reads from its entry (0 with none)
