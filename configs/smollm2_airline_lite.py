@@ -32,6 +32,7 @@ def get_config():
     cfg.optim.learning_rate = 1e-6
     cfg.optim.warmup_steps = 5
     cfg.optim.micro_batch_size = 2
+    cfg.optim.score_micro_batch_size = 2  # the no-grad scoring pass in micro-batches too (16 rows x 2,048 at once: 3.25 GiB XLA temp)
     cfg.model.remat_policy = "full"
     cfg.eval.num_tasks = 16
     cfg.eval.at_start = False  # 16 greedy SmolLM2 episodes on 2 cores take minutes; enable for a baseline

@@ -47,6 +47,7 @@ def get_config():
     cfg.optim.learning_rate = 1e-6
     cfg.optim.warmup_steps = 10
     cfg.optim.micro_batch_size = 8
+    cfg.optim.score_micro_batch_size = 8  # the scoring pass per micro-batch, as the update
     cfg.optim.grad_clip = 1.0
     cfg.eval.num_tasks = 20
     cfg.eval.trials = 4

@@ -50,6 +50,7 @@ def get_config():
     cfg.optim.warmup_steps = 10
     cfg.optim.weight_decay = 0.01
     cfg.optim.micro_batch_size = 8
+    cfg.optim.score_micro_batch_size = 8  # the scoring pass per micro-batch, as the update
     cfg.eval.num_tasks = 20
     cfg.eval.trials = 4
     cfg.mesh.data = 4

@@ -215,9 +215,9 @@ class OptimSpec:
     b2: float = 0.999
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # trajectories per micro-batch (grad accumulation across them)
+    score_micro_batch_size: int = 0  # rows per forward of the no-grad student scoring pass (strided); 0 = all rows at once
     updates_per_iteration: int = 1
-    # RL updates only parameters whose path (e.g. 'layers/1/mlp/up_proj/kernel') matches this regex;
-    # "" = all. The SFT warm-up always trains everything.
+    # RL updates only parameters whose path (e.g. 'layers/1/mlp/up_proj/kernel') matches this regex; "" = all (SFT: all)
     trainable: str = ""
     master_dtype: str = "float32"  # fp32 master + moments when params are bf16 | "param": bf16-only, stochastic rounding
 
@@ -226,7 +226,7 @@ class OptimSpec:
                                               "(AdamW moves each weight by about lr per update)")
         _one_of("optim.master_dtype", self.master_dtype, ("float32", "param"))
         _one_of("optim.schedule", self.schedule, ("cosine", "constant"))
-        _check(self.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1")
+        _check(self.micro_batch_size >= 1 and self.score_micro_batch_size >= 0, "optim.micro_batch_size must be >= 1 and optim.score_micro_batch_size >= 0")
         _check(self.updates_per_iteration >= 1, "optim.updates_per_iteration must be >= 1")
         try:
             re.compile(self.trainable)

@@ -14,7 +14,7 @@ from flax import nnx
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.models import Decoder, ModelConfig
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.learner.scoring import ScoreSpec, pack, score, teacher_plan, to_device
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score, score_micro_rows, teacher_plan, to_device
 
 VOCAB = 61
 PROMPTS = {1: 3, 4: 12, 5: 9}  # row → teacher prompt length (shorter and longer than the student prompt)
@@ -88,7 +88,9 @@ def scored():
     specs = {"compact": dataclasses.replace(base, teacher_chunk_rows=8),  # one chunk: 3 rows + 5 fill slots, 192 tokens
              "compact_chunks": dataclasses.replace(base, teacher_chunk_rows=2, teacher_length_steps=8,
                                                  teacher_length_ratio=0.5),  # 2 chunks, 64 tokens
-             "uncompacted": dataclasses.replace(base, teacher_chunk_rows=0)}
+             "uncompacted": dataclasses.replace(base, teacher_chunk_rows=0),
+             # the student pass in 4 strided micro-batches of 2 rows (optim.score_micro_batch_size)
+             "student_micro": dataclasses.replace(base, teacher_chunk_rows=8, student_micro_rows=2)}
     features = {name: jax.tree.map(np.asarray, score(model, None, batch, spec)) for name, spec in specs.items()}
     return model, trajs, prompts, host, features
 
@@ -117,7 +119,7 @@ def test_the_batch_really_exercises_compaction(scored):
     assert teacher_plan(count, longest, 256, small) == (2, 64)  # second chunk: one reference row, one fill slot
 
 
-@pytest.mark.parametrize("name", ["compact", "compact_chunks", "uncompacted"])
+@pytest.mark.parametrize("name", ["compact", "compact_chunks", "uncompacted", "student_micro"])
 def test_features_match_one_forward_per_row(scored, name):
     model, trajs, prompts, host, features = scored
     feats = features[name]
@@ -143,6 +145,27 @@ def test_rows_without_reference_get_the_student_exactly(scored):
 
 def test_compact_equals_uncompacted(scored):
     features = scored[-1]
-    for name in ("compact", "compact_chunks"):
+    for name in ("compact", "compact_chunks", "student_micro"):
         for key, value in features["uncompacted"].items():
             np.testing.assert_allclose(features[name][key], value, atol=1e-5, rtol=1e-5, err_msg=f"{name} {key}")
+
+
+def test_score_micro_rows_divides_the_batch():
+    assert score_micro_rows(0, 16) == 0 and score_micro_rows(16, 16) == 0 and score_micro_rows(32, 16) == 0
+    assert score_micro_rows(4, 16) == 4 and score_micro_rows(3, 16) == 2 and score_micro_rows(5, 12) == 4
+
+
+def test_student_micro_batches_score_the_reference_model_too(scored):
+    """With a KL reference model, every micro-batch also runs the reference forward: its logprobs equal one pass's
+    (the reference here is a second random model, so a swapped or missing pass would differ by O(1))."""
+    model, trajs, prompts, host, _ = scored
+    ref = Decoder(model.cfg, rngs=nnx.Rngs(1))
+    batch = to_device(host)
+    spec = ScoreSpec(VocabConfig(chunk_size=32), with_teacher=False, with_reference=True)
+    one = jax.tree.map(np.asarray, score(model, ref, batch, spec))
+    micro = jax.tree.map(np.asarray, score(model, ref, batch, dataclasses.replace(spec, student_micro_rows=2)))
+    assert set(micro) == set(one) and "ref_logprobs" in micro
+    assert np.abs(one["ref_logprobs"] - one["student_logprobs"]).max() > 0.1
+    for key, value in one.items():
+        # measured max |diff| 4.8e-7 (fp32 matmuls of 2 vs 8 rows); the bound is the file's 1e-5
+        np.testing.assert_allclose(micro[key], value, atol=1e-5, rtol=1e-5, err_msg=key)

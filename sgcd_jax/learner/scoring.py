@@ -126,6 +126,14 @@ class ScoreSpec:
     teacher_chunk_rows: int = 4
     teacher_length_steps: int = 3
     teacher_length_ratio: float = 0.75
+    student_micro_rows: int = 0  # student (and reference) pass in strided micro-batches of this many rows; 0 = all
+
+
+def score_micro_rows(requested: int, rows: int) -> int:
+    """Rows per student micro-batch: the largest divisor of ``rows`` up to ``requested`` (0 = all rows, one pass)."""
+    if requested <= 0 or requested >= rows:
+        return 0
+    return max(d for d in range(1, requested + 1) if rows % d == 0)
 
 
 def teacher_plan(num_teacher_rows: int, longest: int, packed_length: int, spec: ScoreSpec) -> tuple[int, int]:
@@ -175,6 +183,9 @@ def _score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, 
     to "no reference" (teacher = student, KL 0) for ``_teacher_chunk`` to fill in."""
     targets = batch.tokens[:, 1:]
     mask = batch.target_mask
+    if not spec.with_teacher and 0 < spec.student_micro_rows < batch.tokens.shape[0]:
+        feats, student_hidden = _student_micro_batches(model, ref_model, batch, spec)
+        return _finish(feats, student_hidden, return_hidden)
     student_hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
     if spec.with_teacher:
         teacher_hidden = forward_hidden(model, batch.teacher_tokens, batch.teacher_mask)
@@ -191,6 +202,36 @@ def _score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, 
         ref_hidden = forward_hidden(ref_model, batch.tokens, batch.token_mask)[:, :-1]
         feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, mask,
                                             features=("student_logprobs",))["student_logprobs"]
+    return _finish(feats, student_hidden, return_hidden)
+
+
+def _student_features(model, ref_model, tokens, token_mask, target_mask, spec: ScoreSpec):
+    """Student (and reference) features and hidden states [n, T-1, D] of n rows."""
+    targets = tokens[:, 1:]
+    student_hidden = forward_hidden(model, tokens, token_mask)[:, :-1]
+    feats = token_stats(student_hidden, model.lm_head_kernel(), targets, spec.vocab, target_mask)
+    if spec.with_reference and ref_model is not None:
+        ref_hidden = forward_hidden(ref_model, tokens, token_mask)[:, :-1]
+        feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, target_mask,
+                                            features=("student_logprobs",))["student_logprobs"]
+    return feats, student_hidden
+
+
+def _student_micro_batches(model, ref_model, batch: PackedBatch, spec: ScoreSpec):
+    """The student pass as a ``lax.map`` over strided micro-batches of ``spec.student_micro_rows`` rows (micro-batch
+    m = rows m, m + R/micro, ...: rows sharded in contiguous blocks keep every device busy, as in the update), so
+    XLA's temp memory is one micro-batch's forward, not the whole batch's."""
+    rows, micro = batch.tokens.shape[0], spec.student_micro_rows
+    if rows % micro:
+        raise ValueError(f"score pass: {rows} rows is not a multiple of student_micro_rows={micro}")
+    split = lambda x: x.reshape((micro, rows // micro) + x.shape[1:]).swapaxes(0, 1)  # [R/micro, micro, ...]
+    merge = lambda x: x.swapaxes(0, 1).reshape((rows,) + x.shape[2:])
+    inputs = (split(batch.tokens), split(batch.token_mask), split(batch.target_mask))
+    out = jax.lax.map(lambda xs: _student_features(model, ref_model, *xs, spec), inputs)
+    return jax.tree.map(merge, out)
+
+
+def _finish(feats, student_hidden, return_hidden: bool):
     feats = jax.tree.map(jax.lax.stop_gradient, feats)
     if not return_hidden:
         return feats

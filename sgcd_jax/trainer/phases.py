@@ -34,7 +34,7 @@ from sgcd_jax.losses.credit import CreditBatch, CreditConfig
 from sgcd_jax.losses.registry import get
 from sgcd_jax.losses.vocab import VocabConfig
 from sgcd_jax.rollout.trajectory import Trajectory
-from sgcd_jax.learner.scoring import ScoreSpec, pack, score
+from sgcd_jax.learner.scoring import ScoreSpec, pack, score, score_micro_rows
 from sgcd_jax.data.store import RolloutStore
 from sgcd_jax.trainer.teacher_context import (build_annotation_queue, sibling_teacher, submit_annotation,  # noqa: F401
                                       teacher_prompts)
@@ -171,8 +171,9 @@ def score_and_update(trajectories: list[Trajectory], prompts: Sequence[np.ndarra
     batch = to_mesh(host_batch, learner)
     multi_device = learner.mesh is not None and learner.mesh.size > 1  # results resharded to the batch layout
     needs_teacher = config.loss.needs_teacher and any_process(any(p is not None for p in prompts))
-    spec = ScoreSpec(vocab=vocab_config(config),
-                     with_teacher=needs_teacher, with_reference=config.needs_reference)  # no reference: skip it
+    spec = ScoreSpec(vocab=vocab_config(config), with_teacher=needs_teacher,
+                     with_reference=config.needs_reference,  # no reference: skip it
+                     student_micro_rows=score_micro_rows(config.optim.score_micro_batch_size, host_batch.tokens.shape[0]))
     features = score(learner.model(), ref_model, batch, spec)
     if multi_device:  # the batch layout, whatever score returned
         features = distributed.shard_rows_on_mesh(features, learner.mesh)
