@@ -20,6 +20,7 @@ CONFIGS = [
     CreditConfig.preset("sgcd", beta_pos=3.0, beta_neg=0.5, eps_low_pos=0.1, eps_high_pos=0.3,
                         eps_low_neg=0.9, eps_high_neg=4.0, eta=1.0, entropy_gate="hard",
                         granularity="step"),
+    CreditConfig.preset("sgcd", granularity="action", eta=0.3),
     CreditConfig.preset("rlsd"),
 ]
 
@@ -147,6 +148,41 @@ def test_step_granularity_averages_weights_within_each_turn():
             sel = mask[row] & (ids[row] == turn)
             np.testing.assert_allclose(step.weights[row][sel], np.asarray(token.weights)[row][sel].mean(),
                                        rtol=1e-6)
+
+
+def test_action_granularity_weights_each_turn_by_its_summed_log_ratio():
+    """w of every token of a turn = clip(exp(β·σ·Σ_turn (δ − η·D))): the action's log-ratio as one unit."""
+    batch = _batch(11, advantages=np.array([1.0, -1.0, 0.5, -0.3]))
+    cfg = CreditConfig(renormalize=False, eta=0.2, beta_pos=0.7, beta_neg=1.3, granularity="action")
+    w = np.asarray(sgcd_credit(batch, cfg).weights)
+    mask, ids, adv = np.asarray(batch.loss_mask) > 0, np.asarray(batch.step_ids), np.asarray(batch.advantages)
+    s = (np.asarray(batch.teacher_logprobs) - np.asarray(batch.student_logprobs)
+         - 0.2 * np.asarray(batch.reverse_kl)) * np.sign(adv)[:, None]
+    for row in range(B):
+        beta, (low, high) = (0.7, (0.5, 2.0)) if adv[row] > 0 else (1.3, (0.5, 2.0))
+        for turn in set(ids[row][mask[row]]):
+            sel = mask[row] & (ids[row] == turn)
+            np.testing.assert_allclose(w[row][sel], np.clip(np.exp(beta * s[row][sel].sum()), low, high), rtol=1e-5)
+    assert np.all(w[~mask] == 1.0)
+
+
+def test_action_granularity_moves_a_whole_turn_for_one_decisive_token():
+    """One token of a failed turn at −8 nats (the teacher would not end the chat there): token granularity
+    raises that token alone, step granularity dilutes it below a turn of small disagreements, action granularity
+    gives the whole turn the most blame."""
+    student = np.full((1, 10), -0.5, np.float32)
+    teacher = student.copy()
+    teacher[0, 1] -= 8.0  # turn 0 (tokens 0-7): one decisive token
+    teacher[0, 8:] -= 0.3  # turn 1 (tokens 8-9): a small disagreement on both tokens
+    batch = CreditBatch(advantages=jnp.asarray([-1.0]), student_logprobs=jnp.asarray(student),
+                        teacher_logprobs=jnp.asarray(teacher), loss_mask=jnp.ones((1, 10), jnp.int32),
+                        step_ids=jnp.asarray([[0] * 8 + [1] * 2], jnp.int32))
+    weights = {g: np.asarray(sgcd_credit(batch, CreditConfig(renormalize=False, eta=0.0, granularity=g)).weights[0])
+               for g in ("token", "step", "action")}
+    assert weights["token"][0] == weights["token"][2] == 1.0 < weights["token"][8]  # the decisive turn's other tokens
+    assert weights["step"][0] < weights["step"][8]  # (2 + 7·1)/8 = 1.125 < e^0.3 = 1.35: diluted
+    np.testing.assert_allclose(weights["action"][:8], 2.0)  # clip(e^8) = 1 + eps_high for the whole turn
+    np.testing.assert_allclose(weights["action"][8:], math.exp(0.6), rtol=1e-5)
 
 
 def test_hard_entropy_gate_keeps_confident_tokens_at_one():

@@ -6,6 +6,9 @@ Per loss token t of trajectory i with sequence advantage A_i (σ = sign(A_i)):
     u_t = exp(β_σ · s_t)                                β_+ for A>0, β_− for A<0 ("decoupled")
     w_t = clip(u_t, 1 − ε_lo,σ, 1 + ε_hi,σ)
     [step]   w_t ← mean of w over the loss tokens of t's assistant turn (step_ids)
+    [action] s_t ← Σ of s over the loss tokens of t's turn before u and the clip: the turn's action as one unit,
+             log q_T(a_k) − log p_S(a_k) (a single decisive token, e.g. ``###STOP###`` where an answer was
+             due, moves its whole turn instead of being averaged away over the turn's other tokens)
     [renorm] w_t ← clip(c_i · w_t, bounds) with c_i solved (bisection) so the trajectory's mean
              over loss tokens is exactly 1: credit is redistributed within a trajectory, not created
     Ã_{i,t} = A_i · ((1 − λ) + λ · w_t)               λ = lam_schedule(step); all under stop_gradient
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 from sgcd_jax.losses.registry import register
 
 ENTROPY_GATES = ("none", "hard", "soft")
-GRANULARITIES = ("token", "step")
+GRANULARITIES = ("token", "step", "action")
 LAM_SCHEDULES = ("constant", "linear", "cosine")
 RENORM_BISECTION_ITERS = 40
 
@@ -52,7 +55,7 @@ class CreditConfig:
     entropy_gate: str = "none"  # none | hard | soft
     entropy_threshold: float = 0.5  # h0 in nats
     entropy_temperature: float = 0.1  # τ_H of the soft gate
-    granularity: str = "token"  # token | step (mean of w within each assistant turn)
+    granularity: str = "token"  # token | step (mean of w within each assistant turn) | action (Σ of s within it)
     renormalize: bool = True  # mean-1 per trajectory over loss tokens, within bounds
     lam: float = 1.0  # λ at step 0 (or for the whole run if constant)
     lam_schedule: str = "constant"  # constant | linear | cosine (decay from lam to lam_final)
@@ -138,17 +141,17 @@ def lam_at(step, cfg: CreditConfig) -> jax.Array:
     return cfg.lam + (cfg.lam_final - cfg.lam) * frac
 
 
-def _step_mean(weights, mask, step_ids):
-    """Replace each loss token's weight by the mean over its (row, assistant turn)."""
-    batch, length = weights.shape
+def _step_reduce(values, mask, step_ids, mean: bool = True):
+    """Replace each loss token's value by the mean (or sum) over its (row, assistant turn)."""
+    batch, length = values.shape
     in_step = (mask > 0) & (step_ids >= 0)
     segment = jnp.arange(batch)[:, None] * length + jnp.clip(step_ids, 0, length - 1)  # [B, T]
     segment = jnp.where(in_step, segment, batch * length).reshape(-1)  # dump slot for the rest
     num = batch * length + 1
-    sums = jax.ops.segment_sum(jnp.where(in_step, weights, 0.0).reshape(-1), segment, num)
-    counts = jax.ops.segment_sum(in_step.reshape(-1).astype(jnp.float32), segment, num)
-    means = (sums / jnp.maximum(counts, 1.0))[segment].reshape(batch, length)
-    return jnp.where(in_step, means, weights)
+    sums = jax.ops.segment_sum(jnp.where(in_step, values, 0.0).reshape(-1), segment, num)
+    if mean:
+        sums = sums / jnp.maximum(jax.ops.segment_sum(in_step.reshape(-1).astype(jnp.float32), segment, num), 1.0)
+    return jnp.where(in_step, sums[segment].reshape(batch, length), values)
 
 
 def _renormalize(weights, mask, low, high):
@@ -196,6 +199,10 @@ def sgcd_credit(batch: CreditBatch, cfg: CreditConfig, step=0) -> CreditOutput:
         else:
             gate = jax.nn.sigmoid((entropy - cfg.entropy_threshold) / cfg.entropy_temperature)
         score = score * gate
+    if cfg.granularity in ("step", "action") and batch.step_ids is None:
+        raise ValueError(f"CreditConfig.granularity={cfg.granularity!r} needs CreditBatch.step_ids")
+    if cfg.granularity == "action":
+        score = _step_reduce(score, mask, batch.step_ids, mean=False)
     beta = jnp.where(positive, cfg.beta_pos, cfg.beta_neg)
     low = jnp.where(positive, 1.0 - cfg.eps_low_pos, 1.0 - cfg.eps_low_neg)  # [B, 1]
     high = jnp.where(positive, 1.0 + cfg.eps_high_pos, 1.0 + cfg.eps_high_neg)
@@ -203,9 +210,7 @@ def sgcd_credit(batch: CreditBatch, cfg: CreditConfig, step=0) -> CreditOutput:
     log_u = jnp.clip(beta * score, jnp.log(low), jnp.log(high))
     weights = jnp.clip(jnp.exp(log_u), low, high)
     if cfg.granularity == "step":
-        if batch.step_ids is None:
-            raise ValueError("CreditConfig.granularity='step' needs CreditBatch.step_ids")
-        weights = _step_mean(weights, mask, batch.step_ids)
+        weights = _step_reduce(weights, mask, batch.step_ids)
     if cfg.renormalize:
         weights = _renormalize(weights, mask, low, high)
     weights = jnp.where(mask & (advantages != 0), weights, 1.0)
