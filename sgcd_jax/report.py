@@ -43,6 +43,7 @@ CURVES = (  # (metric key, phase, title)
     ("credit/frac_at_lower", "train", "credit weights at the lower bound (fraction)"),
     ("loss", "train", "policy loss"),
     ("time/iteration_s", "train", "iteration seconds"),
+    ("memory/peak_rss_gb", "train", "peak host memory per process (GB, VmHWM)"),
 )
 
 

@@ -42,12 +42,15 @@ class Trainer:
     ref_model: Any = None
     counters: parts.Counters = dataclasses.field(default_factory=parts.Counters)
     last_finish: float = dataclasses.field(default_factory=time.perf_counter)
+    rollout_memory: dict = dataclasses.field(default_factory=dict)
 
     def roll(self, index: int) -> parts.Rolled:
         """Iteration ``index``'s rollouts, selection and annotation submission (one key per call)."""
         self.rng, rollout_key = jax.random.split(self.rng)
-        return parts.rollout_phase(index, self.learner, self.stream, self.env_factory, self.chat, self.annotator,
-                                   rollout_key, self.config, self.counters)
+        rolled = parts.rollout_phase(index, self.learner, self.stream, self.env_factory, self.chat, self.annotator,
+                                     rollout_key, self.config, self.counters)
+        self.rollout_memory = memory_metrics("after_rollout")
+        return rolled
 
     def finish(self, rolled: parts.Rolled) -> tuple[dict[str, float], list]:
         """Score and update on ``rolled``; off-policy by a step when an update ran since it was sampled."""
@@ -56,6 +59,7 @@ class Trainer:
                                               sampler_is_old=self.counters.updates != rolled.updates_at_rollout)
         now = time.perf_counter()
         metrics["time/iteration_s"] = now - max(self.last_finish, rolled.started)
+        metrics.update({**self.rollout_memory, **memory_metrics("after_update")})
         self.last_finish = now
         return metrics, samples
 
@@ -71,6 +75,21 @@ class Trainer:
     def close(self) -> None:
         if self.annotator is not None:
             self.annotator.close(wait=False)
+
+
+def memory_metrics(when: str) -> dict[str, float]:
+    """This process's host memory now (``memory/rss_gb_<when>``), its peak so far (``memory/peak_rss_gb``, VmHWM)
+    and the bytes of the jax arrays alive (global sizes) (``memory/live_arrays_gb_<when>``): a gap between RSS and live arrays is
+    runtime, compiled programs and allocator caching, not buffers the run still holds. Linux /proc; else arrays only."""
+    out = {f"memory/live_arrays_gb_{when}": sum(x.nbytes for x in jax.live_arrays()) / 1e9}
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        out[f"memory/rss_gb_{when}"] = int(status["VmRSS"].split()[0]) * 1024 / 1e9
+        out["memory/peak_rss_gb"] = int(status["VmHWM"].split()[0]) * 1024 / 1e9
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def _replicated_key(key: jax.Array, mesh) -> jax.Array:

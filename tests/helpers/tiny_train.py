@@ -15,7 +15,7 @@ TINY_WORLD = {
 }
 # metrics that differ between equal runs: wall clock, and the jit-compile count (a resumed process compiles
 # the sampler again where an uninterrupted one reuses its cache)
-VOLATILE = ("time", "time/", "throughput/", "annotator/latency", "rollout/compiles")
+VOLATILE = ("time", "time/", "throughput/", "annotator/latency", "rollout/compiles", "memory/")  # memory: per process
 
 
 def coin_flip_rollout(rollout: Callable, on_trajectory: Callable | None = None) -> Callable:
