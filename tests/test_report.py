@@ -110,3 +110,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
                    capture_output=True)
     assert shot.exists() and shot.stat().st_size > 10_000  # a blank page is ~5 kB
     _ = json  # noqa
+
+
+def test_memory_metrics_count_the_arrays_a_process_holds():
+    import jax.numpy as jnp
+
+    from sgcd_jax.trainer.trainer import memory_metrics
+
+    before = memory_metrics("a")["memory/live_arrays_gb_a"]
+    held = jnp.ones((64, 1024, 1024), jnp.float32)  # 0.27 GB
+    after = memory_metrics("b")
+    assert after["memory/live_arrays_gb_b"] - before >= 0.26
+    assert after["memory/peak_rss_gb"] >= after["memory/rss_gb_b"] >= 0.26
+    del held

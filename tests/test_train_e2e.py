@@ -48,6 +48,10 @@ def test_tiny_sgcd_run_every_phase_then_kill9_resume_matches(tmp_path):
     for key in ("reward_mean", "success_rate", "selection/groups", "loss", "grad_norm", "time/rollout_s",
                 "time/score_s", "time/update_s", "credit/weight_mean", "count/episodes"):
         assert key in first, key
+    # host memory per iteration: the learner's params and AdamW moments are alive after the update, and the
+    # peak covers both phases' readings
+    assert first["memory/live_arrays_gb_after_update"] > 0
+    assert first["memory/peak_rss_gb"] >= max(first["memory/rss_gb_after_rollout"], first["memory/rss_gb_after_update"])
     baseline = [0] if cfg.eval.at_start else []  # step-0 eval of the post-SFT policy
     assert [r["step"] for r in records if r["phase"] == "eval"] == baseline + [2, 3]
     assert os.path.exists(summary["report"])
