@@ -7,11 +7,10 @@ Memory: the learner pads rows to the batch's longest conversation (a power-of-tw
 tokens; airline_lite's longest first prompt is 497 SmolLM2 tokens), recomputes each block in the
 backward (remat 'full') and takes 2 rows per micro-batch: XLA attention keeps [rows, 9 heads, T, T]
 scores per layer, which without remat at 4 rows x 2,176 tokens asked for 60 GB.
-Not yet within 8 GB (--config.sft.steps=3 --config.run.num_iterations=1, VmHWM polled, 2-core CPU): the
-SFT warm-up now peaks at 4.7 GB RSS (fp32 params 0.5 GB + AdamW 1.0 GB + 1.0 GiB XLA temp at 4 x 704 tokens;
-8.9 GB by the third update while the non-finite skip selected between new and old state, keeping both alive), the
-first checkpoint's save at 7.3 GB (a ~3 GB orbax transient), the rollout at 4-6.4 GB; the RL scoring pass
-then climbs to 12.0 GB (all 16 rows in one program: its student pass alone is 3.25 GiB XLA temp at 2,048 tokens).
+Not yet within 8 GB (--config.sft.steps=3 --config.run.num_iterations=1, VmHWM polled, 2-core CPU): the SFT
+warm-up peaks at 4.6 GB RSS; checkpoints no longer add ~3.9 GB (integrity fingerprint per leaf); the RL scoring pass,
+in micro-batches of 2 rows (optim.score_micro_batch_size), 12.0 -> 5.2 GB; the rollout's first turn over 32 rows
+(fp32 KV cache, 2,560-slot top bucket) peaks at 8.3 GB, the recipe's peak now.
 Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and nothing trains; a
 short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """
@@ -34,6 +33,9 @@ def get_config():
     cfg.optim.micro_batch_size = 2
     cfg.optim.score_micro_batch_size = 2  # the no-grad scoring pass in micro-batches too (16 rows x 2,048 at once: 3.25 GiB XLA temp)
     cfg.model.remat_policy = "full"
+    # An iteration whose groups are all-fail or all-success has no policy gradient; keeping it (annotation's "grpo")
+    # still ran the 32 x 2k-token update (~40 min on 2 cores) for a zero policy gradient. Dropped here: no update then.
+    cfg.annotation.non_mixed_groups = "drop"
     cfg.eval.num_tasks = 16
     cfg.eval.at_start = False  # 16 greedy SmolLM2 episodes on 2 cores take minutes; enable for a baseline
     cfg.sft.enabled = True  # warm-up on oracle demos: rewards are not all 0 (docstring)
