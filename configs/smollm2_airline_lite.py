@@ -8,9 +8,9 @@ tokens; airline_lite's longest first prompt is 497 SmolLM2 tokens), recomputes e
 backward (remat 'full') and takes 2 rows per micro-batch: XLA attention keeps [rows, 9 heads, T, T]
 scores per layer, which without remat at 4 rows x 2,176 tokens asked for 60 GB.
 Not yet within 8 GB (--config.sft.steps=3 --config.run.num_iterations=1, VmHWM polled, 2-core CPU): the SFT
-warm-up peaks at 4.6 GB RSS; checkpoints no longer add ~3.9 GB (integrity fingerprint per leaf); the RL scoring pass,
-in micro-batches of 2 rows (optim.score_micro_batch_size), 12.0 -> 5.2 GB; the rollout's first turn over 32 rows
-(fp32 KV cache, 2,560-slot top bucket) peaks at 8.3 GB, the recipe's peak now.
+warm-up peaks at 4.5 GiB RSS; checkpoints no longer add ~3.9 GB (integrity fingerprint per leaf); the RL scoring pass,
+in micro-batches of 2 rows (optim.score_micro_batch_size), 12.0 -> 5.1 GiB; the rollout's first turn over 32 rows
+(fp32 KV cache, 2,560-slot top bucket) peaks at 8.1 GiB, the recipe's peak now.
 Warm-up: without one SmolLM2 scores 0/24 here, so every group advantage is 0 and nothing trains; a
 short SFT on oracle demonstrations (cached in runs/sft_cache) gives it the tool-call format first.
 """
