@@ -181,13 +181,10 @@ def _score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, 
     """The student (and reference) pass; ``spec.with_teacher``: plus a teacher forward over all N rows.
     ``return_hidden``: also the student hidden states [N, T-1, D], with teacher features initialised
     to "no reference" (teacher = student, KL 0) for ``_teacher_chunk`` to fill in."""
-    targets = batch.tokens[:, 1:]
-    mask = batch.target_mask
-    if not spec.with_teacher and 0 < spec.student_micro_rows < batch.tokens.shape[0]:
-        feats, student_hidden = _student_micro_batches(model, ref_model, batch, spec)
-        return _finish(feats, student_hidden, return_hidden)
-    student_hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
+    rows = batch.tokens.shape[0]
     if spec.with_teacher:
+        targets, mask = batch.tokens[:, 1:], batch.target_mask
+        student_hidden = forward_hidden(model, batch.tokens, batch.token_mask)[:, :-1]
         teacher_hidden = forward_hidden(model, batch.teacher_tokens, batch.teacher_mask)
         teacher_hidden = gather_rows(teacher_hidden, batch.teacher_index)
         feats = pair_stats(student_hidden, teacher_hidden, model.lm_head_kernel(), targets, spec.vocab, mask,
@@ -196,24 +193,29 @@ def _score(model: nnx.Module, ref_model: nnx.Module | None, batch: PackedBatch, 
         keep = batch.has_teacher[:, None] > 0
         feats["teacher_logprobs"] = jnp.where(keep, feats["teacher_logprobs"], feats["student_logprobs"])
         feats["reverse_kl"] = jnp.where(keep, feats["reverse_kl"], 0.0)
+        if spec.with_reference and ref_model is not None:
+            feats["ref_logprobs"] = _reference_logprobs(ref_model, batch.tokens, batch.token_mask, mask, spec)
+    elif 0 < spec.student_micro_rows < rows:
+        feats, student_hidden = _student_micro_batches(model, ref_model, batch, spec)
     else:
-        feats = token_stats(student_hidden, model.lm_head_kernel(), targets, spec.vocab, mask)
-    if spec.with_reference and ref_model is not None:
-        ref_hidden = forward_hidden(ref_model, batch.tokens, batch.token_mask)[:, :-1]
-        feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, mask,
-                                            features=("student_logprobs",))["student_logprobs"]
+        feats, student_hidden = _student_features(model, ref_model, batch.tokens, batch.token_mask,
+                                                  batch.target_mask, spec)
     return _finish(feats, student_hidden, return_hidden)
+
+
+def _reference_logprobs(ref_model, tokens, token_mask, target_mask, spec: ScoreSpec):
+    """The KL reference model's log-probabilities [n, T-1] of the sampled tokens."""
+    ref_hidden = forward_hidden(ref_model, tokens, token_mask)[:, :-1]
+    return token_stats(ref_hidden, ref_model.lm_head_kernel(), tokens[:, 1:], spec.vocab, target_mask,
+                       features=("student_logprobs",))["student_logprobs"]
 
 
 def _student_features(model, ref_model, tokens, token_mask, target_mask, spec: ScoreSpec):
     """Student (and reference) features and hidden states [n, T-1, D] of n rows."""
-    targets = tokens[:, 1:]
     student_hidden = forward_hidden(model, tokens, token_mask)[:, :-1]
-    feats = token_stats(student_hidden, model.lm_head_kernel(), targets, spec.vocab, target_mask)
+    feats = token_stats(student_hidden, model.lm_head_kernel(), tokens[:, 1:], spec.vocab, target_mask)
     if spec.with_reference and ref_model is not None:
-        ref_hidden = forward_hidden(ref_model, tokens, token_mask)[:, :-1]
-        feats["ref_logprobs"] = token_stats(ref_hidden, ref_model.lm_head_kernel(), targets, spec.vocab, target_mask,
-                                            features=("student_logprobs",))["student_logprobs"]
+        feats["ref_logprobs"] = _reference_logprobs(ref_model, tokens, token_mask, target_mask, spec)
     return feats, student_hidden
 
 
