@@ -126,6 +126,7 @@ class RolloutSpec:
     prefill_chunk: int = 512  # prompts/observations appended in chunks of this many tokens (power of two >= 16)
     decode_slots: int = 0  # > 0: continuous batching over this many decode rows; 0: synchronous turns
     share_prefixes: bool = True  # siblings' prompt kept once in the KV cache (prefix store), not copied per row
+    kv_cache_dtype: str = ""  # "" = model.dtype | bfloat16 (halves an fp32 model's rollout cache) | float32
     env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
@@ -135,10 +136,9 @@ class RolloutSpec:
         _check(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 = off)")
         _check(0 < self.env_timeout_s < math.inf, "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
-        _check(self.temperature >= 0, "rollout.temperature must be >= 0")
-        _check(0 < self.top_p <= 1, "rollout.top_p must be in (0, 1]")
-        _check(self.max_new_tokens >= 1 and self.max_total_tokens > self.max_new_tokens,
-               "rollout.max_total_tokens must exceed rollout.max_new_tokens >= 1")
+        _check(self.temperature >= 0 and 0 < self.top_p <= 1, "rollout.temperature must be >= 0, rollout.top_p in (0, 1]")
+        _one_of("rollout.kv_cache_dtype", self.kv_cache_dtype, ("", "float32", "bfloat16"))
+        _check(self.max_new_tokens >= 1 and self.max_total_tokens > self.max_new_tokens, "rollout.max_total_tokens must exceed rollout.max_new_tokens >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,8 @@ Per device, for the recommended mesh (data, fsdp, tp):
   ("full": block inputs only + one block's working set; "dots": every matmul output; "none"),
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
-- rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in bf16) / (data·fsdp rows,
+- rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in rollout.kv_cache_dtype, default the
+  compute dtype) / (data·fsdp rows,
   tp heads) — with unsharded rows (data·fsdp = 1) and rollout.share_prefixes, the siblings' prompt
   (``prompt_len`` tokens) is one prefix store entry per task and each row holds only the rest of its
   budget (models/cache.py) — plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
@@ -20,8 +21,7 @@ Per device, for the recommended mesh (data, fsdp, tp):
   score block per head of attention.blockwise_attention, never [T, S]) and the next-token logits [rows, V]
 Peak = params + optimizer + max(activations, rollout): the cache is freed before the train step.
 The plan is the mesh with the smallest tp, then the largest data axis, that stays under 75% of HBM
-(else under 90%);
-if none fits, the rollout batch is halved (decoded in waves), then bf16-only state
+(else under 90%); if none fits, the rollout batch is halved (decoded in waves), then bf16-only state
 (optim.master_dtype='param': bf16 params and moments, stochastic rounding, no master copy).
 
 Also home of two accelerator knobs whose names configs use: ``remat_policy(name)`` (→ a
@@ -46,9 +46,7 @@ GIB = 1024**3
 HBM_HEADROOM = 0.9  # leave 10% for XLA scratch, fragmentation and the runtime
 COMFORT = 0.75  # prefer meshes that stay under this fraction (the activation model is approximate)
 
-# ----------------------------------------------------------------------------- accelerator knobs
-
-# The knobs live beside the model code (models/accel.py); re-exported here for existing callers.
+# The accelerator knobs live beside the model code (models/accel.py); re-exported here for existing callers.
 from sgcd_jax.models.accel import ATTENTION_IMPLS, REMAT_POLICY_NAMES, attention_implementation, remat_policy  # noqa: E402,F401
 
 
@@ -126,6 +124,7 @@ class Workload:
     master_bytes: int = 0  # fp32 master copy: 4 when param_bytes < 4 and optim.master_dtype='float32'
     grad_bytes: int = 4  # the gradient accumulator (fp32 for every param dtype)
     compute_bytes: int = 2  # bf16 activations / KV cache
+    kv_bytes: int = 0  # rollout.kv_cache_dtype's bytes (0: compute_bytes)
     vocab_chunk: int = 128  # tokens per chunk of the vocabulary math
     remat: str = "full"
     attention: str = "flash"  # flash (cuDNN / Splash) | blockwise (XLA online softmax) | naive ([T, T] scores)
@@ -249,8 +248,8 @@ def _plan_for_mesh(model: str, cfg: ModelConfig, hardware: Hardware, work: Workl
              params=param_bytes(cfg, work.param_bytes) / shard / GIB,
              optimizer=optimizer_bytes(cfg, work) / shard / GIB,
              activations=activation_bytes(cfg, work, tp) / GIB,
-             kv_cache=(kv_cache_bytes(cfg, rollout_rows, work.seq_len - prompt, work.compute_bytes)
-                       + kv_cache_bytes(cfg, store_entries, prompt, work.compute_bytes)) / tp / GIB,
+             kv_cache=(kv_cache_bytes(cfg, rollout_rows, work.seq_len - prompt, work.kv_bytes or work.compute_bytes)
+                       + kv_cache_bytes(cfg, store_entries, prompt, work.kv_bytes or work.compute_bytes)) / tp / GIB,
              prefill=prefill_bytes(cfg, work, rollout_rows, tp) / GIB,
              fits=False)
     return dataclasses.replace(p, fits=p.peak <= HBM_HEADROOM * hardware.hbm_gib)
@@ -314,6 +313,7 @@ def workload_from_recipe(path: str, base: Workload = Workload()) -> Workload:
         base, param_bytes=param, optimizer_bytes=param if bf16_only else 4,
         master_bytes=4 if param < 4 and not bf16_only else 0,
         compute_bytes=2 if config.model.dtype == "bfloat16" else 4,
+        kv_bytes={"": 0, "bfloat16": 2, "float32": 4}[config.rollout.kv_cache_dtype],
         seq_len=config.rollout.max_total_tokens,
         rollout_batch=config.rollout.tasks_per_iteration * config.rollout.group_size,
         group_size=config.rollout.group_size, share_prefixes=config.rollout.share_prefixes,
@@ -333,7 +333,7 @@ def render(plans: Sequence[Plan], work: Workload) -> str:
                           f"{work.group_size} siblings is stored once and rows hold the rest" if work.share_prefixes
                           else "every row holds its whole conversation") + f"), training micro-batch {work.micro_batch_rows} row × {work.seq_len} tokens per "
         f"device, {describe_state(work)}, "
-        f"{'bf16' if work.compute_bytes == 2 else f'{8 * work.compute_bytes}-bit'} activations and KV cache, "
+        f"{_dtype_name(work.compute_bytes)} activations, {_dtype_name(work.kv_bytes or work.compute_bytes)} KV cache, "
         f"remat={work.remat!r}, attention={work.attention!r}, vocab chunk {work.vocab_chunk}, rollout prefill in "
         f"chunks of {work.prefill_chunk} tokens with attention blocks of {work.attention_block}. "
         "GiB per device; mesh = (data, fsdp, tp); rollout = KV cache + chunked-prefill working set; "

@@ -167,7 +167,7 @@ class ContinuousSession:
                 length = sampler.max_cache_len
             else:
                 length = sampler.cache_bucket(max_len)
-            self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, length))
+            self.cache = sampler.shard_cache(KVCache.init(sampler.cfg, self.num_slots, length, sampler.cache_dtype))
             self.next_logits = sampler.shard_rows(jnp.zeros((self.num_slots, sampler.cfg.vocab_size), jnp.float32))
         elif max_len > self.cache.max_len:
             self.cache = sampler.shard_cache(grow_cache(self.cache, sampler.cache_bucket(max_len, self.cache.max_len)))
@@ -253,7 +253,8 @@ class ContinuousSession:
         empty_slots = [slot for key, slot in new_keys if slot not in slots]
         if empty_slots:
             template = self.cache if self.cache is not None else None
-            empty = KVCache.init(self.sampler.cfg, len(empty_slots), self.sampler.min_cache_len)
+            empty = KVCache.init(self.sampler.cfg, len(empty_slots), self.sampler.min_cache_len,
+                                  self.sampler.cache_dtype)
             if template is not None:
                 empty = empty.replace(extra={n: jnp.zeros((len(empty_slots),) + x.shape[1:], x.dtype)
                                              for n, x in template.extra.items()})

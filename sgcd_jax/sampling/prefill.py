@@ -147,7 +147,7 @@ def prefill_prefixes(sampler, prefixes: list[tuple[int, ...]], stats: SessionSta
     rows = next_bucket(len(prefixes), 1)
     rows = -(-rows // sampler.batch_multiple) * sampler.batch_multiple
     longest = max(map(len, prefixes))
-    cache = KVCache.init(sampler.cfg, rows, sampler.cache_bucket(longest + 1))
+    cache = KVCache.init(sampler.cfg, rows, sampler.cache_bucket(longest + 1), sampler.cache_dtype)
     padded = [list(p) for p in prefixes] + [[]] * (rows - len(prefixes))
     cache, _ = append_rows(sampler, sampler.shard_cache(cache), padded, stats)
     return cache

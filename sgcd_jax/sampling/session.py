@@ -19,6 +19,7 @@ copied into each row (`KVCache.take_rows`) when rows are split over devices.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ class Sampler:
                  stop_token_ids: Sequence[int] | None = None, decode_steps_per_chunk: int = 32,
                  min_cache_len: int = 256, min_chunk_len: int = 16, mesh: Mesh | None = None,
                  row_axes: str | tuple[str, ...] | None = None, decode_text: Callable[[Sequence[int]], str] | None = None,
-                 prefill_chunk: int = 512, max_cache_len: int | None = None, share_prefixes: bool = True):
+                 prefill_chunk: int = 512, max_cache_len: int | None = None, share_prefixes: bool = True,
+                 cache_dtype: Any = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.params = params
@@ -70,6 +72,9 @@ class Sampler:
         # with unsharded rows: the store is replicated, so with rows split over devices every device would
         # hold every task's prompt (and the rows there copy theirs, as before)
         self.share_prefixes = share_prefixes and self.batch_multiple == 1
+        # KV cache storage dtype (None: the model's compute dtype). bf16 halves an fp32 model's cache; attention
+        # reads it back in the compute dtype, and every token's k/v (the current one's too) passes through it
+        self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
 
     def cache_bucket(self, needed: int, current: int = 0) -> int:
         """Cache length for `needed` slots: the next power of two (>= current), capped at max_cache_len."""
@@ -251,7 +256,7 @@ class GenerationSession:
             sources = [self.cache, prefix_cache]
             if empty in gather:
                 template = self.cache if self.cache is not None else prefix_cache
-                empty_row = KVCache.init(sampler.cfg, 1, sampler.min_cache_len)
+                empty_row = KVCache.init(sampler.cfg, 1, sampler.min_cache_len, sampler.cache_dtype)
                 if template is not None:
                     empty_row = grow_cache(empty_row, template.max_len).replace(
                         extra={n: jnp.zeros_like(x[:1]) for n, x in template.extra.items()})
