@@ -33,7 +33,7 @@ def get_config():
     cfg.optim.micro_batch_size = 2
     cfg.optim.score_micro_batch_size = 2  # the no-grad scoring pass in micro-batches too (16 rows x 2,048 at once: 3.25 GiB XLA temp)
     cfg.model.remat_policy = "full"
-    cfg.rollout.kv_cache_dtype = "bfloat16"  # rollout KV cache of the fp32 model in bf16: 32 rows x 2,560 slots 3.8 -> 1.9 GB
+    cfg.rollout.reserve_kv_budget = False  # KV slots grown as conversations need: 32 rows x ~2.3k reserved slots were 3 GB
     # An iteration whose groups are all-fail or all-success has no policy gradient; keeping it (annotation's "grpo")
     # still ran the 32 x 2k-token update (~40 min on 2 cores) for a zero policy gradient. Dropped here: no update then.
     cfg.annotation.non_mixed_groups = "drop"

@@ -126,7 +126,7 @@ class RolloutSpec:
     prefill_chunk: int = 512  # prompts/observations appended in chunks of this many tokens (power of two >= 16)
     decode_slots: int = 0  # > 0: continuous batching over this many decode rows; 0: synchronous turns
     share_prefixes: bool = True  # siblings' prompt kept once in the KV cache (prefix store), not copied per row
-    kv_cache_dtype: str = ""  # "" = model.dtype | bfloat16 (halves an fp32 model's rollout cache) | float32
+    reserve_kv_budget: bool = True  # rows get KV slots for the whole budget at once; False: grown in powers of two
     env_timeout_s: float = 60.0  # per env reset / step / reward call (a user simulator included); then the episode ends "env_timeout"
 
     def __post_init__(self):
@@ -137,7 +137,6 @@ class RolloutSpec:
         _check(0 < self.env_timeout_s < math.inf, "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0 and 0 < self.top_p <= 1, "rollout.temperature must be >= 0, rollout.top_p in (0, 1]")
-        _one_of("rollout.kv_cache_dtype", self.kv_cache_dtype, ("", "float32", "bfloat16"))
         _check(self.max_new_tokens >= 1 and self.max_total_tokens > self.max_new_tokens, "rollout.max_total_tokens must exceed rollout.max_new_tokens >= 1")
 
 

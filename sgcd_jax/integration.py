@@ -105,7 +105,8 @@ def make_engine(model: nnx.Module, chat: ChatAdapter, config: TrainConfig, *, te
     params = SamplingParams(temperature=r.temperature if temperature is None else temperature,
                             top_p=r.top_p, top_k=r.top_k)
     sampler = Sampler(model, params=params, stop_token_ids=chat.renderer.stop_token_ids(), mesh=mesh,
-                      prefill_chunk=r.prefill_chunk, share_prefixes=r.share_prefixes, cache_dtype=r.kv_cache_dtype or None,
+                      prefill_chunk=r.prefill_chunk, share_prefixes=r.share_prefixes,
+                      reserve_budget=r.reserve_kv_budget,
                       max_cache_len=rollout_cache_len(r.max_total_tokens, block=model.cfg.attention_block))
     return RolloutEngine(sampler, chat.renderer, RolloutConfig(
         max_turns=config.env.max_turns, max_tokens_per_turn=r.max_new_tokens, max_total_tokens=r.max_total_tokens,

@@ -12,8 +12,8 @@ Per device, for the recommended mesh (data, fsdp, tp):
   ("full": block inputs only + one block's working set; "dots": every matmul output; "none"),
   attention through a flash kernel (cuDNN / Splash) or the naive XLA path that materialises
   [H, T, T] scores; logits are never materialised beyond one vocabulary chunk
-- rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in rollout.kv_cache_dtype, default the
-  compute dtype) / (data·fsdp rows,
+- rollout: the KV cache, rollout batch × ``max_total_tokens`` (2·L·S·Hkv·Dh in the compute dtype or
+  ``kv_bytes``) / (data·fsdp rows,
   tp heads) — with unsharded rows (data·fsdp = 1) and rollout.share_prefixes, the siblings' prompt
   (``prompt_len`` tokens) is one prefix store entry per task and each row holds only the rest of its
   budget (models/cache.py) — plus the prefill working set of one ``prefill_chunk`` (sampling.Sampler appends prompts and
@@ -124,7 +124,7 @@ class Workload:
     master_bytes: int = 0  # fp32 master copy: 4 when param_bytes < 4 and optim.master_dtype='float32'
     grad_bytes: int = 4  # the gradient accumulator (fp32 for every param dtype)
     compute_bytes: int = 2  # bf16 activations / KV cache
-    kv_bytes: int = 0  # rollout.kv_cache_dtype's bytes (0: compute_bytes)
+    kv_bytes: int = 0  # KV cache bytes per value (0: compute_bytes; Sampler(cache_dtype=bf16): 2)
     vocab_chunk: int = 128  # tokens per chunk of the vocabulary math
     remat: str = "full"
     attention: str = "flash"  # flash (cuDNN / Splash) | blockwise (XLA online softmax) | naive ([T, T] scores)
@@ -313,7 +313,6 @@ def workload_from_recipe(path: str, base: Workload = Workload()) -> Workload:
         base, param_bytes=param, optimizer_bytes=param if bf16_only else 4,
         master_bytes=4 if param < 4 and not bf16_only else 0,
         compute_bytes=2 if config.model.dtype == "bfloat16" else 4,
-        kv_bytes={"": 0, "bfloat16": 2, "float32": 4}[config.rollout.kv_cache_dtype],
         seq_len=config.rollout.max_total_tokens,
         rollout_batch=config.rollout.tasks_per_iteration * config.rollout.group_size,
         group_size=config.rollout.group_size, share_prefixes=config.rollout.share_prefixes,

@@ -382,3 +382,50 @@ def test_bf16_kv_cache_stores_bf16_and_samples_the_fp32_model(model, continuous)
     assert [half[i].token_ids.tolist() for i in range(3)] == [full[i].token_ids.tolist() for i in range(3)]
     err_half, err_full = max_logprob_error(half), max_logprob_error(full)
     assert err_full < 1e-4 and 1e-5 < err_half < 0.05, (err_half, err_full)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_kv_slots_grown_on_demand_sample_what_reserved_slots_do(continuous):
+    """Sampler(reserve_budget=False) (rollout.reserve_kv_budget=False): sibling rows / decode slots start with
+    min_cache_len own slots and grow to the next power of two as the conversation needs, instead of the whole
+    budget at once. Same keys → same tokens; logprobs equal up to fp32 summation order over more or fewer key
+    blocks (measured max |diff| 0 on an AMD EPYC, bound 1e-5 as in the prefix-store test); the cache holds
+    fewer slots than the reserved one, and more than it started with once the turns outgrow min_cache_len."""
+    cfg = ModelConfig(**{**CFG.__dict__, "attention_block": 16})
+    model = Decoder(cfg, rngs=nnx.Rngs(4))
+    prompts = {"a": list(range(3, 30)), "b": [9, 8] + list(range(20, 40))}
+    keys = {(task, g): jax.random.key(7 * i + g) for i, task in enumerate(prompts) for g in range(2)}
+
+    def run(reserve: bool):
+        sampler = Sampler(model, params=SAMPLE, decode_steps_per_chunk=4, min_cache_len=16, max_cache_len=256,
+                          reserve_budget=reserve)
+        outs, lengths = {}, []
+        if continuous:
+            slots = sampler.continuous(num_slots=2, decode_steps=4)
+            turns = {key: 0 for key in keys}
+            for key in keys:
+                slots.submit(key, prompts[key[0]], max_new_tokens=8, rng=keys[key])
+            while slots.has_work():
+                for key, out in slots.step().items():
+                    outs[key, turns[key]] = (out.token_ids.tolist(), out.logprobs.tolist())
+                    turns[key] += 1
+                    if turns[key] < 3:
+                        slots.submit(key, [5, 6, turns[key]], max_new_tokens=8, rng=keys[key])
+                    else:
+                        slots.release(key)
+                lengths.append(slots.cache.max_len)
+            return outs, lengths
+        session = sampler.session()
+        chunks = {key: prompts[key[0]] for key in keys}
+        for turn in range(3):
+            step = session.step(chunks, max_new_tokens=8, rng=dict(keys))
+            outs.update({(key, turn): (o.token_ids.tolist(), o.logprobs.tolist()) for key, o in step.items()})
+            lengths.append(session.cache.max_len)
+            chunks = {key: [5, 6, turn] for key in chunks}
+        return outs, lengths
+
+    (grown, grown_lengths), (reserved, reserved_lengths) = run(False), run(True)
+    assert {k: ids for k, (ids, _) in grown.items()} == {k: ids for k, (ids, _) in reserved.items()}
+    assert max(np.abs(np.subtract(grown[k][1], reserved[k][1])).max() for k in grown) < 1e-5
+    assert max(grown_lengths) < min(reserved_lengths)  # never the reserved budget
+    assert grown_lengths[-1] > grown_lengths[0] >= 16  # grew as the turns added tokens

@@ -30,6 +30,19 @@ from sgcd_jax.models.config import ModelConfig
 BLOCK_STATE_FACTORIES: dict[str, Callable[[ModelConfig, int, int], dict[str, jax.Array]]] = {}
 
 
+def scatter_set(buffer: jax.Array, index: Any, values: jax.Array, mode: str | None = None) -> jax.Array:
+    """``buffer.at[index].set(values, mode=mode)`` in the buffer's dtype. A 2-byte float buffer (a bf16 KV cache) is
+    written through its uint16 bits, same values: XLA's CPU scatter upcasts bf16 to f32 around the whole buffer
+    (writing one token into a [30, 32, 1024, 3, 64] cache: 3.8 s and +1.5 GB vs 0.009 s through the bits, 0.021 s
+    for the f32 cache; jax 0.10, AMD EPYC). Bitcasts are free and keep the update in place (donated buffers)."""
+    values = values.astype(buffer.dtype)
+    if jnp.issubdtype(buffer.dtype, jnp.floating) and buffer.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(buffer, jnp.uint16).at[index].set(
+            jax.lax.bitcast_convert_type(values, jnp.uint16), mode=mode)
+        return jax.lax.bitcast_convert_type(bits, buffer.dtype)
+    return buffer.at[index].set(values, mode=mode)
+
+
 def kv_layer_index(cfg: ModelConfig, layer_index: int) -> int:
     """Index into KVCache.k/v of layer `layer_index` (== layer_index unless stateful layer types precede it)."""
     return sum(kind not in BLOCK_STATE_FACTORIES for kind in cfg.layer_types[:layer_index])

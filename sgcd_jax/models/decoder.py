@@ -24,7 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sgcd_jax.models.attention import AttentionContext, attention
-from sgcd_jax.models.cache import KVCache
+from sgcd_jax.models.cache import KVCache, scatter_set
 from sgcd_jax.models.config import ModelConfig
 
 _INIT_STD = 0.02
@@ -128,8 +128,8 @@ class Attention(nnx.Module):
             rows = jnp.arange(batch)[:, None]
             layer = self.layer_index
             cache = cache.replace(
-                k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
+                k=scatter_set(cache.k, (layer, rows, ctx.write_slots), k, mode="drop"),
+                v=scatter_set(cache.v, (layer, rows, ctx.write_slots), v, mode="drop"))
             k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
         out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block, layer,
                                         None if cache is None else cache.prefix_store()), "attention_out")

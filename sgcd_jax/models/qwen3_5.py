@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from sgcd_jax.models.attention import AttentionContext, attention
-from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache, kv_layer_index
+from sgcd_jax.models.cache import BLOCK_STATE_FACTORIES, KVCache, kv_layer_index, scatter_set
 from sgcd_jax.models.config import ModelConfig
 from sgcd_jax.models.decoder import Linear, RMSNorm, SwiGLU, apply_rope, register_block
 from sgcd_jax.models.gated_deltanet import GatedDeltaNet, deltanet_state_shapes
@@ -87,8 +87,8 @@ class GatedAttention(nnx.Module):
         if cache is not None:
             rows, layer = jnp.arange(batch)[:, None], self.kv_index
             cache = cache.replace(
-                k=cache.k.at[layer, rows, ctx.write_slots].set(k.astype(cache.k.dtype), mode="drop"),
-                v=cache.v.at[layer, rows, ctx.write_slots].set(v.astype(cache.v.dtype), mode="drop"))
+                k=scatter_set(cache.k, (layer, rows, ctx.write_slots), k, mode="drop"),
+                v=scatter_set(cache.v, (layer, rows, ctx.write_slots), v, mode="drop"))
             k, v = cache.k, cache.v  # stacked [L,B,S,Hkv,Dh]: attention reads layer `layer` in place
         out = checkpoint_name(attention(q, k, v, ctx, self.attention_impl, self.attention_block, layer,
                                         None if cache is None else cache.prefix_store()), "attention_out")

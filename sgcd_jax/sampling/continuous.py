@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgcd_jax.models.cache import KVCache
+from sgcd_jax.models.cache import KVCache, scatter_set
 from sgcd_jax.sampling.kernels import attach_store, decode_chunk, grow_cache, next_bucket, split_store
 from sgcd_jax.sampling.prefill import (SessionStats, TurnOutput, append_rows, compact_prefix_store, concat_stores,
                                       prefill_prefixes)
@@ -59,7 +59,8 @@ def put_row(cache: KVCache, slot: jax.Array, source: KVCache, source_row: jax.Ar
 @functools.partial(jax.jit, donate_argnums=(0,))
 def put_rows(cache: KVCache, rows: jax.Array, source: KVCache) -> KVCache:
     """cache rows[i] ← source row i for distinct rows (a shrunk decode batch written back)."""
-    return cache.replace(k=cache.k.at[:, rows].set(source.k), v=cache.v.at[:, rows].set(source.v),
+    return cache.replace(k=scatter_set(cache.k, (slice(None), rows), source.k),
+                         v=scatter_set(cache.v, (slice(None), rows), source.v),
                          valid=cache.valid.at[rows].set(source.valid), end=cache.end.at[rows].set(source.end),
                          extra={n: cache.extra[n].at[rows].set(source.extra[n]) for n in cache.extra},
                          prefix_id=None if cache.prefix_id is None else cache.prefix_id.at[rows].set(source.prefix_id),
@@ -158,12 +159,13 @@ class ContinuousSession:
 
     def _ensure_cache(self, max_len: int, exact: bool = False) -> None:
         """A cache of at least `max_len` slots per row; a new one is the top bucket at once when the config caps
-        it (no growth copies later), or exactly `max_len` (sibling templates: Sampler.row_slots)."""
+        it and Sampler.reserve_budget (no growth copies later), or exactly `max_len` (sibling templates:
+        Sampler.row_slots)."""
         sampler = self.sampler
         if self.cache is None:
             if exact:
                 length = max_len
-            elif sampler.max_cache_len and max_len <= sampler.max_cache_len:
+            elif sampler.reserve_budget and sampler.max_cache_len and max_len <= sampler.max_cache_len:
                 length = sampler.max_cache_len
             else:
                 length = sampler.cache_bucket(max_len)
