@@ -137,7 +137,8 @@ class RolloutSpec:
         _check(0 < self.env_timeout_s < math.inf, "rollout.env_timeout_s must be a finite number > 0")
         _check(self.tasks_per_iteration >= 1, "rollout.tasks_per_iteration must be >= 1")
         _check(self.temperature >= 0 and 0 < self.top_p <= 1, "rollout.temperature must be >= 0, rollout.top_p in (0, 1]")
-        _check(self.max_new_tokens >= 1 and self.max_total_tokens > self.max_new_tokens, "rollout.max_total_tokens must exceed rollout.max_new_tokens >= 1")
+        _check(self.max_new_tokens >= 1 and self.max_total_tokens > self.max_new_tokens,
+               "rollout.max_total_tokens must exceed rollout.max_new_tokens >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
